@@ -1,0 +1,91 @@
+"""medflower's ClientApp: a hospital's side of the federation (``client.app:app``).
+
+What a reply carries is exactly: the model's arrays (train only), a MetricRecord of scalars, and
+the site's public name. No pixels, paths or DICOM tags ever enter a reply.
+
+Where the site's data comes from:
+* simulation: ``node_config["partition-id"]`` picks one simulated hospital of the experiment;
+* deployment: ``node_config["site-config"]`` names the hospital's site YAML (see ``client.site``).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.train import LocalHooks, make_loader, make_optimizer, train_epochs
+from medflower import keys
+from medflower.config import ExperimentConfig
+from medflower.modelspec import build_experiment_model
+from medflower.tasks import evaluate
+
+app = ClientApp()
+
+
+def experiment_of(msg: Message) -> ExperimentConfig:
+    cfg = msg.content[keys.CONFIG]
+    if keys.EXPERIMENT not in cfg:
+        raise ValueError(f"the server's message lacks config key {keys.EXPERIMENT!r} (protocol {keys.PROTOCOL})")
+    return ExperimentConfig.from_json(str(cfg[keys.EXPERIMENT]))
+
+
+def load_site(context: Context, exp: ExperimentConfig):
+    """The site's data: a simulated partition, or the hospital's own files in deployment."""
+    nc = context.node_config
+    if keys.NODE_SITE_CONFIG in nc and str(nc[keys.NODE_SITE_CONFIG]):
+        from client.site import load_site_data
+
+        return load_site_data(str(nc[keys.NODE_SITE_CONFIG]), exp)
+    if keys.NODE_PARTITION_ID not in nc:
+        raise ValueError(
+            f"node config has neither {keys.NODE_SITE_CONFIG!r} (a hospital's site YAML) nor "
+            f"{keys.NODE_PARTITION_ID!r} (a simulated site); start the SuperNode with "
+            f"--node-config \"{keys.NODE_SITE_CONFIG}='site.yaml'\""
+        )
+    from simulation.sites import build_sites
+
+    sites = build_sites(exp)
+    pid = int(nc[keys.NODE_PARTITION_ID])
+    if not 0 <= pid < len(sites):
+        raise ValueError(f"partition-id {pid} is out of range: the experiment has {len(sites)} sites")
+    return sites[pid]
+
+
+def _reply(msg: Message, site_name: str, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site_name})})
+    if arrays is not None:
+        content[keys.ARRAYS] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    exp = experiment_of(msg)
+    torch.set_num_threads(exp.train.num_threads)
+    site = load_site(context, exp)
+    model = build_experiment_model(exp)
+    model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
+    seed = exp.seed * 100003 + server_round * 101 + hash(site.name) % 97
+    torch.manual_seed(seed)
+    loader = make_loader(site.train, exp.train.batch_size, seed)
+    optimizer = make_optimizer(model, exp.train)
+    stats = train_epochs(model, loader, optimizer, epochs=exp.train.local_epochs, task=exp.task, hooks=LocalHooks())
+    metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss}
+    return _reply(msg, site.name, metrics, ArrayRecord(model.state_dict()))
+
+
+@app.evaluate()
+def evaluate_(msg: Message, context: Context) -> Message:
+    exp = experiment_of(msg)
+    torch.set_num_threads(exp.train.num_threads)
+    site = load_site(context, exp)
+    split_name = str(msg.content[keys.CONFIG].get(keys.EVAL_SPLIT, "val"))
+    split = site.split(split_name)
+    model = build_experiment_model(exp)
+    model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    res = evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size)
+    metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(split)}
+    metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
+    return _reply(msg, site.name, metrics, None)

@@ -1,0 +1,90 @@
+"""Local training at a site: the loop every strategy and the DP engine plug into.
+
+Kept small on purpose (fl4health's 1,300-line ``BasicClient`` is what we avoid): strategies add a
+loss term or a gradient correction through :class:`LocalHooks`, DP swaps the optimizer/loader.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medflower.config import TrainConfig
+from medflower.data import ArraySplit
+from medflower.tasks import logits_of, make_loss
+
+
+@dataclass
+class LocalHooks:
+    """Strategy-specific additions to the local objective.
+
+    ``extra_loss(model) -> Tensor`` is added to the task loss (FedProx's proximal term, Ditto's
+    regularizer); ``after_backward(model)`` may edit gradients before the step (SCAFFOLD's control
+    variate correction).
+    """
+
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
+    after_backward: Callable[[nn.Module], None] | None = None
+
+
+@dataclass
+class TrainStats:
+    num_examples: int  # samples seen in the last epoch (not batches)
+    num_steps: int  # optimizer steps over all epochs
+    loss: float  # mean task loss over the last epoch
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_loader(split: ArraySplit, batch_size: int, seed: int, *, shuffle: bool = True) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(split.to_torch(), batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    task: str,
+    hooks: LocalHooks | None = None,
+) -> TrainStats:
+    """Run ``epochs`` passes of ``loader``; returns sample counts and the last epoch's mean loss."""
+    hooks = hooks or LocalHooks()
+    loss_fn = make_loss(task)
+    model.train()
+    steps, last_n, last_loss = 0, 0, math.nan
+    for _ in range(epochs):
+        total, n = 0.0, 0
+        for x, y in loader:
+            if len(x) == 0:  # Poisson sampling (DP) may draw an empty batch
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(logits_of(model(x)), y)
+            objective = loss + hooks.extra_loss(model) if hooks.extra_loss else loss
+            objective.backward()
+            if hooks.after_backward:
+                hooks.after_backward(model)
+            optimizer.step()
+            steps += 1
+            total += float(loss.detach()) * len(x)
+            n += len(x)
+        last_n, last_loss = n, (total / n if n else math.nan)
+    if not np.isfinite(last_loss):
+        raise FloatingPointError(f"local training diverged (loss={last_loss}); lower train.lr")
+    return TrainStats(num_examples=last_n, num_steps=steps, loss=last_loss)

@@ -1,0 +1,109 @@
+"""The experiment config: one YAML file an administrator or researcher writes.
+
+Loaded with ``yaml.safe_load`` and validated once at the boundary into frozen dataclasses; the
+apps exchange it as JSON (``ExperimentConfig.to_json``) and convert to Flower records only at the
+edge. Every key is documented in the README's "Experiment YAML" section.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from medflower.config.data import DataConfig
+from medflower.config.model import ModelConfig
+from medflower.config.participation import ParticipationConfig
+from medflower.config.partition import PartitionConfig
+from medflower.config.privacy import PrivacyConfig
+from medflower.config.strategy import StrategyConfig
+from medflower.config.train import TrainConfig
+from medflower.schema import ConfigError, from_dict, rng_field, to_dict
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "ParticipationConfig",
+    "PartitionConfig",
+    "PrivacyConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "load_experiment",
+    "quickstart_experiment",
+]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = rng_field(0, min=0)
+    task: Literal["classification", "segmentation"] = "classification"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    # where relative data paths are resolved from (the YAML's folder); not a YAML key
+    base_dir: str = field(default="", compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, base_dir: str | Path = "") -> ExperimentConfig:
+        if isinstance(data, dict) and "base_dir" in data and base_dir == "":
+            base_dir = data["base_dir"]
+            data = {k: v for k, v in data.items() if k != "base_dir"}
+        elif isinstance(data, dict) and "base_dir" in data:
+            raise ConfigError("unknown key base_dir; it is set from the YAML file's location")
+        exp = from_dict(cls, data)
+        return replace(exp, base_dir=str(base_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExperimentConfig:
+        return cls.from_dict(json.loads(text))
+
+    def resolve_path(self, path: str | None) -> Path | None:
+        """Resolve a data path relative to the YAML file that named it."""
+        if path is None:
+            return None
+        p = Path(path).expanduser()
+        if not p.is_absolute() and self.base_dir:
+            p = Path(self.base_dir) / p
+        return p
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return ExperimentConfig.from_dict(data, base_dir=path.resolve().parent)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def quickstart_experiment() -> ExperimentConfig:
+    """The embedded quick start: synthetic data, 3 sites, a small CNN (runs in well under 2 min)."""
+    text = resources.files("medflower").joinpath("quickstart.yaml").read_text(encoding="utf-8")
+    return ExperimentConfig.from_dict(yaml.safe_load(text))

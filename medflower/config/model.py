@@ -1,0 +1,33 @@
+"""``model:`` — which network of the zoo to build (see :mod:`medflower.models`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from medflower.schema import rng_field
+
+ModelName = Literal[
+    "cnn", "resnet18", "resnet34", "densenet121", "efficientnet-b0", "vit",
+    "unet", "basicunet", "swinunetr",
+]
+NormName = Literal["group", "batch", "instance"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network choice. ``in_channels``/``out_channels`` come from the data set, not from here.
+
+    ``params`` holds extra keyword arguments of the chosen network; :func:`medflower.models.build_model`
+    validates them against that network and names any it does not accept.
+    """
+
+    name: ModelName = "cnn"
+    spatial_dims: Literal[2, 3] = 2
+    norm: NormName = "group"
+    params: dict[str, Any] = field(default_factory=dict)
+    # input/output sizes; None = read from the data set (simulation). A deployed coordinator that
+    # holds no data sets them here so that it can build the initial model.
+    in_channels: int | None = rng_field(None, min=1)
+    out_channels: int | None = rng_field(None, min=1)
+    img_size: tuple[int, ...] | None = None

@@ -1,0 +1,22 @@
+"""``train:`` — rounds and the local training recipe every site follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from medflower.schema import rng_field
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rounds: int = rng_field(5, min=1, max=10000)
+    local_epochs: int = rng_field(1, min=1, max=1000)
+    batch_size: int = rng_field(32, min=1, max=65536)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = rng_field(1e-3, min=0.0, exclusive_min=True, max=10.0)
+    momentum: float = rng_field(0.9, min=0.0, max=1.0)
+    weight_decay: float = rng_field(0.0, min=0.0, max=1.0)
+    eval_batch_size: int = rng_field(256, min=1)
+    # threads each site's torch uses (simulation runs sites side by side on few cores)
+    num_threads: int = rng_field(1, min=1, max=256)

@@ -1,0 +1,39 @@
+"""``load_dataset(experiment)``: the one entry point from a ``data:`` section to arrays."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from medflower.data.base import DatasetSplits
+
+if TYPE_CHECKING:
+    from medflower.config import ExperimentConfig
+
+
+def load_dataset(exp: ExperimentConfig) -> DatasetSplits:
+    """Load (and cache per process) the experiment's data set with its train/val/test splits."""
+    return _load(exp.to_json())
+
+
+@lru_cache(maxsize=4)
+def _load(exp_json: str) -> DatasetSplits:
+    from medflower.config import ExperimentConfig
+
+    exp = ExperimentConfig.from_json(exp_json)
+    d = exp.data
+    if d.kind == "synthetic":
+        from medflower.data.synthetic import synthetic_classification
+
+        return synthetic_classification(samples=d.synthetic_samples, num_classes=d.synthetic_classes,
+                                        size=d.synthetic_size, channels=d.synthetic_channels, seed=exp.seed)
+    if d.kind == "medmnist":
+        from medflower.data.medmnist import download_medmnist, load_medmnist
+
+        path = exp.resolve_path(d.path)
+        if path is None:
+            path = download_medmnist(d.name or "", d.root or "~/.medflower/data")
+        return load_medmnist(path)
+    from medflower.data.manifest import load_manifest_dataset  # manifest / decathlon
+
+    return load_manifest_dataset(exp)

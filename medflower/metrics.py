@@ -1,0 +1,59 @@
+"""Task metrics shared by the server's global evaluation and the sites' local evaluation.
+
+AUC comes from MONAI (``compute_roc_auc``, one-vs-rest macro average for more than two classes);
+Dice from MONAI's ``DiceMetric``. Accuracy and balanced accuracy are one line each, so they are
+written here rather than pulling in scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, compute_roc_auc
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, balanced accuracy and AUC from raw logits ``(N, C)`` and integer labels ``(N,)``.
+
+    AUC is NaN when the evaluated split holds a single class (it is undefined there); callers
+    aggregate with NaN-aware means.
+    """
+    if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"logits must be (N, C) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    n, c = logits.shape
+    if n == 0:
+        return {"accuracy": math.nan, "balanced-accuracy": math.nan, "auc": math.nan}
+    labels = labels.long()
+    pred = logits.argmax(dim=1)
+    acc = (pred == labels).float().mean().item()
+    recalls = [(pred[labels == k] == k).float().mean().item() for k in range(c) if (labels == k).any()]
+    bacc = float(np.mean(recalls))
+    probs = torch.softmax(logits.float(), dim=1)
+    present = torch.unique(labels)
+    if len(present) < 2:
+        auc = math.nan
+    elif c == 2:
+        auc = float(compute_roc_auc(probs[:, 1], labels))
+    else:
+        # one-vs-rest macro over classes present in this split (absent classes have no ROC)
+        onehot = torch.nn.functional.one_hot(labels, c)
+        aucs = [float(compute_roc_auc(probs[:, k], onehot[:, k])) for k in present.tolist()]
+        auc = float(np.mean(aucs))
+    return {"accuracy": acc, "balanced-accuracy": bacc, "auc": auc}
+
+
+def dice_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-image mean foreground Dice from logits ``(N, C, *spatial)`` and label maps ``(N, 1, *spatial)``.
+
+    An image with an empty ground truth and an empty prediction scores 1 (MONAI's
+    ``ignore_empty=False``), so that negative slices are rewarded for predicting nothing.
+    """
+    c = logits.shape[1]
+    pred = logits.argmax(dim=1, keepdim=True)
+    pred_oh = torch.nn.functional.one_hot(pred.squeeze(1).long(), c).movedim(-1, 1)
+    gt_oh = torch.nn.functional.one_hot(masks.squeeze(1).long(), c).movedim(-1, 1)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
+    per_class = metric(pred_oh, gt_oh)  # (N, C-1)
+    return per_class.nanmean(dim=1)

@@ -1,0 +1,37 @@
+"""The input/output sizes a model is built for, from the config or else from the data set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medflower.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    in_channels: int
+    out_channels: int
+    img_size: tuple[int, ...]
+
+
+def model_spec(exp: ExperimentConfig) -> ModelSpec:
+    m = exp.model
+    if m.in_channels is not None and m.out_channels is not None and m.img_size is not None:
+        return ModelSpec(m.in_channels, m.out_channels, tuple(m.img_size))
+    from medflower.data import load_dataset
+
+    ds = load_dataset(exp)
+    return ModelSpec(
+        m.in_channels if m.in_channels is not None else ds.in_channels,
+        m.out_channels if m.out_channels is not None else ds.num_classes,
+        tuple(m.img_size) if m.img_size is not None else tuple(ds.img_size),
+    )
+
+
+def build_experiment_model(exp: ExperimentConfig):
+    """The experiment's network, sized for its data: what both apps call."""
+    from medflower.models import build_model
+
+    spec = model_spec(exp)
+    return build_model(exp.model, in_channels=spec.in_channels, out_channels=spec.out_channels,
+                       img_size=spec.img_size, task=exp.task)

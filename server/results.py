@@ -1,0 +1,57 @@
+"""``summary.json``: what a run produced, in one file a researcher can load and compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from medflower.config import ExperimentConfig
+from server.loop import History
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN: write undefined metrics (e.g. AUC on a one-class split) as null."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> dict[str, Any]:
+    rounds = [{k: v for k, v in asdict(r).items()} for r in hist.rounds]
+    final = hist.rounds[-1].global_test if hist.rounds else {}
+    return _clean({
+        "experiment": exp.to_dict(),
+        "initial_global_test": hist.initial_global_test,
+        "rounds": rounds,
+        "final_global_test": final,
+        "sites_test": hist.sites_test,
+        "wall_seconds": wall_seconds,
+    })
+
+
+def write_summary(out_dir: Path, exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> Path:
+    path = Path(out_dir) / "summary.json"
+    atomic_write_text(path, json.dumps(summary_dict(exp, hist, wall_seconds=wall_seconds), indent=2))
+    return path

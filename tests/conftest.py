@@ -1,0 +1,35 @@
+"""Shared fixtures. ``shared_data`` is the ONE way tests reach ../shared/data (real public data)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("MEDFLOWER_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real public data folder (../shared/data or $MEDFLOWER_SHARED_DATA); skips if absent."""
+    path = _shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real test data not found at {path} (set MEDFLOWER_SHARED_DATA to its folder)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    import torch
+
+    torch.set_num_threads(1)
+    yield
