@@ -10,11 +10,15 @@ Where the site's data comes from:
 
 from __future__ import annotations
 
+import medflower._preload  # noqa: F401  (first: see its docstring)
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.train import LocalHooks, make_loader, make_optimizer, train_epochs
+from client.strategy_hooks import SiteStrategy
+from client.privacy import RoundPrivacy, client_dp_mod
+from client.train import make_loader, make_optimizer, train_epochs
 from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
@@ -59,21 +63,31 @@ def _reply(msg: Message, site_name: str, metrics: dict[str, float | int], arrays
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[client_dp_mod])  # Flower's client-side clipping when client-level DP asks for it
 def train(msg: Message, context: Context) -> Message:
     exp = experiment_of(msg)
     torch.set_num_threads(exp.train.num_threads)
     site = load_site(context, exp)
     model = build_experiment_model(exp)
     model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    local = SiteStrategy.for_message(msg, context, exp, model)  # strategy's client half (FedProx, SCAFFOLD, ...)
     server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
     seed = exp.seed * 100003 + server_round * 101 + hash(site.name) % 97
     torch.manual_seed(seed)
     loader = make_loader(site.train, exp.train.batch_size, seed)
     optimizer = make_optimizer(model, exp.train)
-    stats = train_epochs(model, loader, optimizer, epochs=exp.train.local_epochs, task=exp.task, hooks=LocalHooks())
-    metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss}
-    return _reply(msg, site.name, metrics, ArrayRecord(model.state_dict()))
+    dp = RoundPrivacy.start(exp, context, site=site.name, num_train=len(site.train), server_round=server_round)
+    if dp.refusal is not None:  # DP budget exhausted: the site says so and sends no weights
+        return _reply(msg, site.name, dp.refusal, None)
+    train_model, optimizer, loader = dp.wrap(model, optimizer, loader, local.hooks)  # Opacus (mode sample)
+    stats = train_epochs(train_model, loader, optimizer, epochs=exp.train.local_epochs, task=exp.task,
+                         hooks=local.hooks)
+    metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss} | dp.finish(stats)
+    arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)
+    reply = _reply(msg, site.name, metrics | extra_metrics, arrays)
+    for key, record in extra_records.items():  # e.g. SCAFFOLD's control variate change
+        reply.content[key] = record
+    return reply
 
 
 @app.evaluate()
@@ -85,7 +99,9 @@ def evaluate_(msg: Message, context: Context) -> Message:
     split = site.split(split_name)
     model = build_experiment_model(exp)
     model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+    local = SiteStrategy.for_message(msg, context, exp, model)  # FedBN: the site's own norm layers
     res = evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size)
     metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(split)}
     metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
+    metrics |= local.personal_metrics(split, split_name)  # Ditto: personal-<split>-<metric>
     return _reply(msg, site.name, metrics, None)

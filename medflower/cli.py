@@ -33,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output folder (default: runs/<name>-<time>)")
     p.add_argument("--verbose", action="store_true", help="show the clients' logs")
     p.set_defaults(func=_simulate)
+    from deploy.cli import add_parsers as add_deploy_parsers  # `deploy ...`, `node check`
+
+    add_deploy_parsers(sub)
+    from simulation.commands import add_parsers as add_shift_parsers  # `partition`, `compare`
+
+    add_shift_parsers(sub)
     return parser
 
 

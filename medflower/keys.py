@@ -27,3 +27,27 @@ RUN_OUTPUT = "output-dir"
 NODE_PARTITION_ID = "partition-id"  # simulation: which simulated site this node is
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_SITE_CONFIG = "site-config"  # deployment: path to the hospital's site YAML
+
+# strategies (see strategies/ and client/strategy_hooks.py); all optional, absent for FedAvg
+PROXIMAL_MU = "proximal-mu"  # ConfigRecord float: FedProx's mu (Flower's FedProx sends it)
+SCAFFOLD_C = "scaffold-c"  # ArrayRecord in train messages: SCAFFOLD's server control variate
+SCAFFOLD_DC = "scaffold-dc"  # ArrayRecord in train replies: the site's control variate change
+LOCAL_KEYS = "local-keys"  # ConfigRecord list[str]: state keys that stay at the site (FedBN)
+DITTO_LAMBDA = "ditto-lambda"  # ConfigRecord float: Ditto's pull toward the global model
+DITTO_EPOCHS = "ditto-personal-epochs"  # ConfigRecord int: epochs on the personal model
+DITTO_LR = "ditto-personal-lr"  # ConfigRecord float: personal model's learning rate
+PERSONAL_PREFIX = "personal-"  # MetricRecord prefix: metrics of a site's personal model (Ditto)
+
+# differential privacy (see client/privacy.py and strategies/privacy.py); absent when privacy.mode is none
+DP_EPSILON = "dp-epsilon"  # MetricRecord: epsilon spent so far (site ledger in mode sample; federation in client)
+DP_DELTA = "dp-delta"  # MetricRecord: the delta that epsilon is stated at
+DP_TARGET_EPSILON = "dp-target-epsilon"  # MetricRecord: the site's (strictest) budget
+DP_EPSILON_NEXT = "dp-epsilon-next"  # MetricRecord: epsilon after one more round of the same size
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # MetricRecord
+DP_STEPS = "dp-steps"  # MetricRecord: DP-SGD steps in the site's ledger (whole run)
+DP_EXHAUSTED = "dp-budget-exhausted"  # MetricRecord 0/1: 1 = the site refused to train (budget)
+DP_UNIT_WEIGHT = "dp-unit-weight"  # MetricRecord 1: uniform weights for client-level DP aggregation
+DP_CLIPPING_NORM = "dp-clipping-norm"  # MetricRecord (server, mode client): the clipping norm used
+NODE_DP_TARGET_EPSILON = "dp-target-epsilon"  # node_config: the hospital's own (stricter) epsilon
+NODE_DP_TARGET_DELTA = "dp-target-delta"  # node_config: the hospital's own (stricter) delta
+NODE_CHECKPOINT_DIR = "checkpoint-dir"  # node_config: where the site keeps its checkpoint (DP ledger)

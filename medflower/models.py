@@ -3,11 +3,21 @@
 Both sides build the same network from the experiment's ``model:`` section, so that the server's
 initial weights and the clients' state dicts agree key for key. GroupNorm is the default norm
 because BatchNorm's running statistics are incompatible with DP-SGD (and leak batch statistics).
+
+``model.params`` are the chosen MONAI network's own keyword arguments; they are checked against its
+signature (a typo is an error that lists the valid ones), and the input size is checked against
+what the network can take (e.g. SwinUNETR needs multiples of 32) before anything is built, so a
+bad combination fails with a message naming ``data.size``/``data.patch_size`` instead of a shape
+error deep inside a forward pass at a site.
+
+``vit`` is :class:`medflower.dpvit.DPViT`: MONAI's ViT (same arguments and blocks) restructured so
+that Opacus can train it; it is built for every privacy mode so that all sides hold one architecture.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,6 +31,7 @@ from medflower.schema import ConfigError
 CLASSIFIERS = ("cnn", "resnet18", "resnet34", "densenet121", "efficientnet-b0", "vit")
 SEGMENTERS = ("unet", "basicunet", "swinunetr")
 GROUPS = 8  # divides every channel width of the networks below
+SIZE_HINT = "set data.size (or data.patch_size for segmentation) accordingly"
 
 
 def _norm(name: str) -> Any:
@@ -65,6 +76,19 @@ class SmallCNN(nn.Module):
         return self.head(torch.flatten(self.features(x), 1))
 
 
+class WithHead(nn.Sequential):
+    """A MONAI segmenter with a 1x1 convolution to ``out_channels`` appended.
+
+    MONAI's U-Net normalises its last up-sampling output, whose width is ``out_channels``: with
+    GroupNorm(8) and 2 classes that cannot be built. The U-Net therefore ends at ``channels[0]``
+    features (a multiple of 8) and this plain 1x1 convolution maps them to the classes.
+    """
+
+    def __init__(self, body: nn.Module, *, spatial_dims: int, features: int, out_channels: int) -> None:
+        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
+        super().__init__(body, conv(features, out_channels, kernel_size=1))
+
+
 def _check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], fixed: Sequence[str]) -> None:
     sig = inspect.signature(fn)
     accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
@@ -76,6 +100,64 @@ def _check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], fix
             raise ConfigError(
                 f"model.params.{key}: not an argument of {name!r}; valid: " + ", ".join(sorted(valid))
             )
+
+
+def _ints(value: Any, nd: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * nd
+
+
+def check_input_size(name: str, img_size: Sequence[int], *, norm: str = "group", params: dict[str, Any] | None = None
+                     ) -> None:
+    """Raise :class:`ConfigError` if network ``name`` cannot take inputs of ``img_size``.
+
+    The limits come from each MONAI network's down-sampling: DenseNet-121 and EfficientNet-B0 reduce
+    every axis 32-fold, SwinUNETR needs multiples of 32, BasicUNet pools four times, U-Net needs
+    multiples of the product of its strides, ViT of its patch size. InstanceNorm additionally needs
+    more than one value per channel in the last feature map.
+    """
+    params = params or {}
+    size = tuple(int(s) for s in img_size)
+    nd = len(size)
+    label = f"{name!r} on inputs of size {list(size)}"
+    if name in ("densenet121", "efficientnet-b0", "resnet18", "resnet34"):
+        factor = 32
+        if name.startswith("resnet") and min(size) < 64:
+            factor = 8  # small inputs: built without the stem's down-sampling (see build_model)
+        elif min(size) < 32:
+            raise ConfigError(f"model.name: {label}: every axis must be >= 32 (it is reduced 32-fold); {SIZE_HINT}")
+        if norm == "instance" and math.prod(max(1, s // factor) for s in size) < 2:
+            raise ConfigError(f"model.norm: 'instance' with {label}: the last feature map has one value per "
+                              f"channel; use norm 'group' or larger inputs ({SIZE_HINT})")
+    elif name == "swinunetr":
+        if any(s % 32 for s in size):
+            raise ConfigError(f"model.name: {label}: SwinUNETR needs every axis to be a multiple of 32; {SIZE_HINT}")
+        if norm == "instance" and math.prod(s // 32 for s in size) < 2:
+            raise ConfigError(f"model.norm: 'instance' with {label}: the bottleneck has one value per channel; "
+                              f"use norm 'group' or larger inputs ({SIZE_HINT})")
+    elif name == "basicunet":
+        if min(size) < 16:
+            raise ConfigError(f"model.name: {label}: BasicUNet pools four times, every axis must be >= 16; {SIZE_HINT}")
+    elif name == "unet":
+        strides = params.get("strides", (2, 2, 2))
+        factor = math.prod(max(_ints(s, nd)) for s in strides)
+        if any(s % factor for s in size):
+            raise ConfigError(f"model.name: {label}: U-Net with strides {list(strides)} needs every axis to be a "
+                              f"multiple of {factor}; {SIZE_HINT}")
+    elif name == "vit":
+        patch = _ints(params.get("patch_size", default_vit_patch(size)), nd)
+        if len(patch) != nd or any(s % p for s, p in zip(size, patch)):
+            raise ConfigError(f"model.params.patch_size: {list(patch)} does not divide {label}; {SIZE_HINT}")
+
+
+def default_vit_patch(img_size: Sequence[int]) -> tuple[int, ...]:
+    """Per axis: 16 for large axes, else the largest of 8/4/2/1 that divides it (tokens stay few on CPU)."""
+    out = []
+    for s in img_size:
+        if s >= 128 and s % 16 == 0:
+            out.append(16)
+        else:
+            out.append(next(p for p in (8 if s > 64 else 4, 2, 1) if s % p == 0))
+    return tuple(out)
 
 
 def build_model(
@@ -98,6 +180,7 @@ def build_model(
         raise ConfigError(f"model.name: {name!r} is not a classifier; valid for classification: {', '.join(CLASSIFIERS)}")
     if task == "segmentation" and name not in SEGMENTERS:
         raise ConfigError(f"model.name: {name!r} is not a segmenter; valid for segmentation: {', '.join(SEGMENTERS)}")
+    check_input_size(name, img_size, norm=cfg.norm, params=params)
     norm = _norm(cfg.norm)
 
     def make(fn: Callable[..., nn.Module], fixed: dict[str, Any], defaults: dict[str, Any] | None = None) -> nn.Module:
@@ -134,30 +217,36 @@ def build_model(
              "in_channels": in_channels, "num_classes": out_channels, "norm": norm},
         )
     if name == "vit":
-        patch = 4 if max(img_size) <= 64 else 16
+        from medflower.dpvit import DPViT  # MONAI's ViT, restructured for DP-SGD (same network)
+
         return make(
-            nets.ViT,
+            DPViT,
             {"in_channels": in_channels, "img_size": tuple(img_size), "classification": True,
              "num_classes": out_channels, "spatial_dims": sd, "post_activation": None},
-            {"patch_size": patch, "hidden_size": 192, "mlp_dim": 384, "num_layers": 4, "num_heads": 4},
+            {"patch_size": default_vit_patch(img_size), "hidden_size": 192, "mlp_dim": 384, "num_layers": 4,
+             "num_heads": 4},
         )
     if name == "unet":
-        return make(
+        defaults = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1}
+        features = int((params.get("channels") or defaults["channels"])[0])
+        needs_head = cfg.norm == "group" and out_channels % GROUPS != 0
+        body = make(
             nets.UNet,
-            {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels, "norm": norm},
-            {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1},
+            {"spatial_dims": sd, "in_channels": in_channels, "norm": norm,
+             "out_channels": features if needs_head else out_channels},
+            defaults,
         )
+        return WithHead(body, spatial_dims=sd, features=features, out_channels=out_channels) if needs_head else body
     if name == "basicunet":
         return make(
             nets.BasicUNet,
             {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels, "norm": norm},
             {"features": (16, 16, 32, 64, 128, 16)},
         )
-    # swinunetr
+    # swinunetr (MONAI's argument is norm_name, and it takes no img_size since MONAI 1.5)
     return make(
         nets.SwinUNETR,
-        {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels,
-         "norm_name": norm if cfg.norm != "group" else ("group", {"num_groups": GROUPS})},
+        {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels, "norm_name": norm},
         {"feature_size": 24},
     )
 

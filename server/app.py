@@ -10,6 +10,8 @@ under ``flwr run``, or is bound directly by ``medflower simulate`` through :func
 
 from __future__ import annotations
 
+import medflower._preload  # noqa: F401  (first: see its docstring)
+
 import time
 from pathlib import Path
 
@@ -20,9 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
 from medflower.modelspec import build_experiment_model
-from server.loop import run_rounds
+from server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
+from server.loop import History, RoundAborted, run_rounds
+from server.participation import relax_availability, wait_for_sites
 from server.results import write_summary
 from strategies import build_strategy
+
+FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
 
 
 def experiment_from_run_config(context: Context) -> ExperimentConfig:
@@ -33,6 +39,12 @@ def experiment_from_run_config(context: Context) -> ExperimentConfig:
 def output_dir_from_run_config(context: Context, exp: ExperimentConfig) -> Path:
     out = str(context.run_config.get(keys.RUN_OUTPUT, "") or "")
     return Path(out) if out else Path("runs") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def checkpoint_dir_from_run_config(context: Context, out_dir: Path) -> Path:
+    """``run_config["checkpoint-dir"]``, else ``<output-dir>/checkpoint`` (resume = same output-dir)."""
+    ckpt = str(context.run_config.get(RUN_CHECKPOINT_DIR, "") or "")
+    return Path(ckpt) if ckpt else Path(out_dir) / "checkpoint"
 
 
 def make_global_evaluate(exp: ExperimentConfig):
@@ -52,8 +64,13 @@ def make_global_evaluate(exp: ExperimentConfig):
     return evaluate_fn
 
 
-def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: int | None = None) -> Path:
-    """Run the whole federation for ``exp`` and write ``out_dir/summary.json``; returns its path."""
+def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: int | None = None,
+               checkpoint_dir: Path | None = None) -> Path:
+    """Run the whole federation for ``exp`` and write ``out_dir/summary.json``; returns its path.
+
+    With ``checkpoint_dir`` every round is checkpointed there and a run that finds a checkpoint
+    resumes after its round (see ``server.checkpoint``).
+    """
     t0 = time.time()
     torch.manual_seed(exp.seed)
     torch.set_num_threads(max(1, exp.train.num_threads))
@@ -61,17 +78,30 @@ def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: i
     model = build_experiment_model(exp)
     strategy = build_strategy(exp, num_sites=num_sites)
     base = {keys.EXPERIMENT: exp.to_json()}
-    hist = run_rounds(
-        grid, strategy,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=exp.train.rounds,
-        train_config=ConfigRecord(base),
-        evaluate_config=ConfigRecord({**base, keys.EVAL_SPLIT: "val"}),
-        timeout=exp.participation.round_timeout,
-        min_sites=exp.participation.min_sites,
-        on_too_few=exp.participation.on_too_few,
-        evaluate_fn=make_global_evaluate(exp),
-    )
+    arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
+    if checkpoint_dir is not None:
+        start, arrays, hist, on_round_end = resume_or_start(checkpoint_dir, exp, strategy, arrays)
+    wait_for_sites(grid, expected=num_sites, policy=exp.participation)
+    relax_availability(strategy, exp.participation)  # later rounds go ahead without a dropped site
+    try:
+        hist = run_rounds(
+            grid, strategy,
+            initial_arrays=arrays,
+            num_rounds=exp.train.rounds,
+            train_config=ConfigRecord(base),
+            evaluate_config=ConfigRecord({**base, keys.EVAL_SPLIT: "val"}),
+            timeout=exp.participation.round_timeout,
+            min_sites=exp.participation.min_sites,
+            on_too_few=exp.participation.on_too_few,
+            evaluate_fn=make_global_evaluate(exp),
+            on_round_end=on_round_end, start_round=start, history=hist,
+        )
+    except RoundAborted:
+        write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)  # what ran is still reported
+        raise
+    if hist.arrays is not None:  # the final global model: `medflower compare` evaluates it on every site
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(hist.arrays.to_torch_state_dict(), Path(out_dir) / FINAL_MODEL_FILE)
     return write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)
 
 
@@ -83,7 +113,8 @@ def build_server_app(exp: ExperimentConfig | None = None, out_dir: str | Path | 
     def main(grid: Grid, context: Context) -> None:
         e = exp or experiment_from_run_config(context)
         out = Path(out_dir) if out_dir else output_dir_from_run_config(context, e)
-        run_server(grid, e, out)
+        ckpt = checkpoint_dir_from_run_config(context, out) if exp is None else None  # flwr run only
+        run_server(grid, e, out, checkpoint_dir=ckpt)
 
     return server_app
 

@@ -60,11 +60,15 @@ def site_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def split_replies(replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+def split_replies(replies: Iterable[Message], sent: Iterable[Message] = (),
+                  names: dict[int, str] | None = None) -> tuple[list[Message], list[dict[str, Any]]]:
+    """Valid replies and failures; ``sent`` attributes errors the SuperLink raised for a node."""
+    dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
     ok, failed = [], []
     for msg in replies:
         if msg.has_error():
-            failed.append({"site": site_of(msg), "node_id": int(msg.metadata.src_node_id),
+            nid = dst.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+            failed.append({"site": (names or {}).get(nid, f"node-{nid}"), "node_id": nid,
                            "reason": str(msg.error.reason)})
         else:
             ok.append(msg)
@@ -105,6 +109,7 @@ def run_rounds(
     """Run rounds ``start_round..num_rounds``; ``history`` continues a resumed run."""
     hist = history or History()
     arrays = initial_arrays
+    names: dict[int, str] = {}  # node id -> site name, learnt from replies (names who went silent)
     if evaluate_fn is not None and start_round == 1 and not hist.initial_global_test:
         hist.initial_global_test = evaluate_fn(0, arrays)
     for rnd in range(start_round, num_rounds + 1):
@@ -112,13 +117,21 @@ def run_rounds(
         rec = RoundRecord(round=rnd)
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
         replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
-        ok, rec.failures = split_replies(replies)
+        ok, rec.failures = split_replies(replies, msgs, names)
         for f in rec.failures:
             log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
-        missing = len(msgs) - len(replies)
-        if missing > 0:
-            rec.failures.append({"site": "?", "node_id": -1, "reason": f"{missing} site(s) did not reply within {timeout:.0f}s"})
-            log(WARNING, "round %d: %d sampled site(s) did not reply within %.0fs", rnd, missing, timeout)
+        names.update({int(m.metadata.src_node_id): site_of(m) for m in ok})
+        replied = {m.metadata.reply_to_message_id for m in replies}
+        for m in msgs:
+            nid = int(m.metadata.dst_node_id)
+            if m.metadata.message_id not in replied:
+                rec.failures.append({"site": names.get(nid, f"node-{nid}"), "node_id": nid,
+                                     "reason": f"no reply within round_timeout={timeout:.0f}s"})
+                log(WARNING, "round %d: %s did not reply within %.0fs", rnd, names.get(nid, f"node-{nid}"), timeout)
+        screen = getattr(strategy, "screen_train_replies", None)
+        if screen is not None:  # strategies.robust: a rejected update counts as a failure, with its reason
+            ok, rejected = screen(rnd, ok)
+            rec.failures += rejected
         rec.sites_train = per_site(ok)
         needed = min_sites if min_sites is not None else len(msgs)
         if len(ok) < max(needed, 1):
@@ -129,7 +142,7 @@ def run_rounds(
                 hist.rounds.append(rec)
                 raise RoundAborted(f"round {rnd}: {len(ok)} valid replies, participation.min_sites={needed}")
         else:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
             if new_arrays is None:
                 rec.aggregated = False
                 log(WARNING, "round %d: the strategy produced no model; global model unchanged", rnd)
@@ -139,6 +152,7 @@ def run_rounds(
         ev_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
         ev_replies = list(grid.send_and_receive(ev_msgs, timeout=timeout)) if ev_msgs else []
         ev_ok, ev_failed = split_replies(ev_replies)
+        names.update({int(m.metadata.src_node_id): site_of(m) for m in ev_ok})
         rec.sites_evaluate = per_site(ev_ok)
         if ev_ok:
             rec.evaluate = _metrics(strategy.aggregate_evaluate(rnd, ev_replies))

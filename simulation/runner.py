@@ -36,6 +36,13 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     from client.app import app as client_app
     from server.app import build_server_app
 
+    # Fail fast, before Ray starts, on bad data or an impossible partition (and warm the caches
+    # the in-process ServerApp reuses).
+    from medflower.modelspec import build_experiment_model
+    from simulation.sites import build_sites
+
+    build_sites(exp)
+    build_experiment_model(exp)
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
     if summary_path.exists():

@@ -1,15 +1,25 @@
-"""Turn an experiment's data set into simulated hospitals (partition, then per-site shift)."""
+"""Turn an experiment's data set into simulated hospitals: partition, then each site's scanner shift.
+
+Both steps are drawn once from the experiment's seed and applied to the train, val and test splits
+alike, so a site's test data come from the same case mix and the same scanner as its training data.
+Every process that calls :func:`build_sites` (the server, each Flower client, ``medflower compare``)
+gets byte-identical sites.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit, DatasetSplits, load_dataset
-from simulation.partition import assign, partition_proportions
+from simulation.partition import PartitionPlan, plan_partition
+from simulation.shift import site_scanners
+
+SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -20,6 +30,8 @@ class SiteData:
     train: ArraySplit
     val: ArraySplit
     test: ArraySplit
+    # what made this site: its natural group value (if any) and its scanner's resolved parameters
+    info: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> ArraySplit:
         return getattr(self, name)
@@ -34,21 +46,31 @@ def build_sites(exp: ExperimentConfig) -> list[SiteData]:
     return _build(exp.to_json())
 
 
+def partition_plan(exp: ExperimentConfig, ds: DatasetSplits | None = None) -> PartitionPlan:
+    """The experiment's partition, drawn from its training split (natural: from the groups)."""
+    ds = ds if ds is not None else load_dataset(exp)
+    num_classes = ds.num_classes if ds.task == "classification" else 1
+    return plan_partition(exp.partition, {n: ds.split(n) for n in SPLITS}, num_classes=num_classes, seed=exp.seed)
+
+
 @lru_cache(maxsize=4)
 def _build(exp_json: str) -> list[SiteData]:
     exp = ExperimentConfig.from_json(exp_json)
     ds: DatasetSplits = load_dataset(exp)
-    p = exp.partition
-    num_classes = ds.num_classes if ds.task == "classification" else 1
-    props = partition_proportions(
-        ds.train.partition_labels(), num_classes=num_classes, num_sites=p.num_sites, kind=p.kind,
-        alpha=getattr(p, "alpha", 0.5), min_site_size=p.min_site_size, seed=exp.seed,
-    )
-    parts = {}
-    for k, split_name in enumerate(("train", "val", "test")):
-        split = ds.split(split_name)
-        parts[split_name] = assign(split.partition_labels(), props, np.random.default_rng([exp.seed, k]))
+    plan = partition_plan(exp, ds)
+    parts = {n: plan.apply(ds.split(n), np.random.default_rng([exp.seed, k])) for k, n in enumerate(SPLITS)}
+    names = site_names(exp.partition.num_sites)
+    scanners = site_scanners(exp, ds, names)
     sites = []
-    for s, name in enumerate(site_names(p.num_sites)):
-        sites.append(SiteData(name, *(ds.split(n).subset(parts[n][s]) for n in ("train", "val", "test"))))
+    for s, name in enumerate(names):
+        splits = {}
+        for n in SPLITS:
+            sub = ds.split(n).subset(parts[n][s])
+            splits[n] = ArraySplit(scanners[s].apply(sub.images, n), sub.targets, sub.groups)
+        info: dict[str, Any] = {"scanner": scanners[s].describe()}
+        if exp.shift.sites.get(name) is not None:
+            info["preset"] = exp.shift.sites[name].preset
+        if plan.group_key is not None:
+            info["group"] = {plan.group_key: plan.group_values[s]}
+        sites.append(SiteData(name, splits["train"], splits["val"], splits["test"], info))
     return sites

@@ -33,3 +33,12 @@ def _torch_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def flower_identity():
+    """Flower 1.42 stamps Messages with a process-wide task identity; set one to build Messages in tests."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield TaskIdentity

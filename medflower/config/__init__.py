@@ -15,16 +15,19 @@ from typing import Any, Literal
 
 import yaml
 
+from medflower.config.attack import AttackConfig
 from medflower.config.data import DataConfig
 from medflower.config.model import ModelConfig
 from medflower.config.participation import ParticipationConfig
 from medflower.config.partition import PartitionConfig
 from medflower.config.privacy import PrivacyConfig
+from medflower.config.shift import ShiftConfig
 from medflower.config.strategy import StrategyConfig
 from medflower.config.train import TrainConfig
 from medflower.schema import ConfigError, from_dict, rng_field, to_dict
 
 __all__ = [
+    "AttackConfig",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -32,6 +35,7 @@ __all__ = [
     "ParticipationConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "ShiftConfig",
     "StrategyConfig",
     "TrainConfig",
     "load_experiment",
@@ -51,8 +55,13 @@ class ExperimentConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # SIMULATION-ONLY poisoning (research)
+    shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
     base_dir: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        self.shift.check_sites(self.partition.num_sites)  # a typo'd site name must not go unshifted
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: str | Path = "") -> ExperimentConfig:

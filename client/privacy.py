@@ -1,0 +1,435 @@
+"""Differential privacy at a hospital: DP-SGD with a privacy ledger that is honest for the whole run.
+
+What goes wrong elsewhere, and what this module does instead:
+
+* Flower's Opacus example builds a new ``PrivacyEngine`` every round, so the epsilon it reports
+  covers one round. Here the site's accountant (its *ledger*, :class:`PrivacyLedger`) lives for
+  the whole run in Flower's persistent ``context.state``, and in a file in the site's checkpoint
+  folder (node config ``checkpoint-dir``) so that a restarted node continues it. Each round's
+  ``PrivacyEngine`` is handed that same accountant object, so Opacus steps the run-long history.
+* The noise multiplier is derived from the whole planned run: ``train.rounds`` x local steps per
+  round at the Poisson sampling rate (:func:`plan_noise_multiplier`, Opacus'
+  ``get_noise_multiplier``), not from one round.
+* Before a round, the site projects the epsilon after it. If that exceeds the site's budget (the
+  strictest of the experiment's, the experiment's ``privacy.sites.<name>`` entry and the hospital's
+  node config ``dp-target-epsilon``), it refuses to train and says so in its reply
+  (``dp-budget-exhausted: 1``, no weights); :mod:`strategies.privacy` logs it and aggregates the
+  others. A site never exceeds its budget silently.
+* The ledger is written *before* training (write-ahead): a node that crashes mid-round is charged
+  for that whole round when it restarts. Steps the loop skips (an empty Poisson batch) are charged
+  too. Both err on the side of reporting more epsilon, never less.
+* Noise and Poisson sampling draw from generators seeded by the operating system, not from the
+  experiment's seed: a coordinator that knows the config must not be able to regenerate the noise.
+
+:func:`client_dp_mod` applies Flower's client-side clipping mods for client-level DP (mode
+``client`` with ``clipping_side: client``). Nothing here re-implements Opacus or Flower.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import secrets
+import tempfile
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.logger import log
+from torch import nn
+from torch.utils.data import DataLoader
+
+from client.train import LocalHooks, TrainStats
+from medflower import keys
+from medflower.config import ExperimentConfig
+from medflower.schema import ConfigError
+
+LEDGER_STATE_KEY = "dp-ledger"  # context.state ConfigRecord holding the ledger as JSON
+LEDGER_FORMAT = 1
+
+
+def _quiet_accountant(mechanism: str):
+    from opacus.accountants import create_accountant
+
+    return create_accountant(mechanism=mechanism)
+
+
+def _epsilon_of(mechanism: str, history: list[tuple[float, float, int]], delta: float) -> float:
+    if not history:
+        return 0.0
+    acc = _quiet_accountant(mechanism)
+    acc.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta))
+
+
+def _add_steps(history: list[tuple[float, float, int]], sigma: float, q: float, steps: int) -> None:
+    """Append ``steps`` at (sigma, q), merged into the last entry like Opacus' accountants do."""
+    if steps <= 0:
+        return
+    if history and history[-1][0] == sigma and history[-1][1] == q:
+        history[-1] = (sigma, q, int(history[-1][2]) + steps)
+    else:
+        history.append((sigma, q, steps))
+
+
+@lru_cache(maxsize=128)
+def plan_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
+                          total_steps: int, accountant: str) -> float:
+    """The noise multiplier that spends exactly the budget over ``total_steps`` (the whole run)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                              sample_rate=sample_rate, steps=total_steps,
+                                              accountant=accountant))
+        except ValueError as err:
+            raise ConfigError(
+                f"privacy.target_epsilon: {target_epsilon} at delta {target_delta} cannot be reached over "
+                f"{total_steps} DP-SGD steps at sampling rate {sample_rate:.4g} by any noise multiplier "
+                f"({err}); raise the epsilon, or lower train.rounds / train.local_epochs"
+            ) from err
+
+
+class PrivacyLedger:
+    """A site's privacy accountant for the whole run, with what was charged in which round.
+
+    ``accountant`` is an Opacus accountant (``rdp`` or ``prv``); its ``state_dict()`` /
+    ``load_state_dict()`` carry the history, and :meth:`save` / :meth:`load` put it in a file.
+    """
+
+    def __init__(self, *, site: str, mechanism: str) -> None:
+        self.site = site
+        self.mechanism = mechanism
+        self.accountant = _quiet_accountant(mechanism)
+        self.rounds: list[dict[str, Any]] = []  # {"round", "steps", "noise_multiplier", "sample_rate"}
+        self.pending: dict[str, Any] | None = None  # write-ahead record of a round in progress
+
+    # ---- what was spent
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [tuple(h) for h in self.accountant.history]  # type: ignore[misc]
+
+    @property
+    def steps(self) -> int:
+        return sum(int(h[2]) for h in self.accountant.history)
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first step)."""
+        return _epsilon_of(self.mechanism, self.history, delta)
+
+    def projected_epsilon(self, delta: float, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Epsilon after ``steps`` more steps at (noise_multiplier, sample_rate); the ledger is unchanged."""
+        history = self.history
+        _add_steps(history, noise_multiplier, sample_rate, steps)
+        return _epsilon_of(self.mechanism, history, delta)
+
+    # ---- write-ahead charging around a round
+    def begin(self, *, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+        self.settle_pending()
+        self.pending = {"round": server_round, "noise_multiplier": noise_multiplier,
+                        "sample_rate": sample_rate, "steps": steps, "steps_before": self.steps}
+
+    def commit(self) -> None:
+        """Close the pending round; steps Opacus did not take (empty batches) are charged anyway."""
+        if self.pending is None:
+            return
+        p, self.pending = self.pending, None
+        taken = self.steps - int(p["steps_before"])
+        if taken < p["steps"]:
+            history = self.history
+            _add_steps(history, p["noise_multiplier"], p["sample_rate"], p["steps"] - taken)
+            self.accountant.history = history
+        self.rounds.append({"round": p["round"], "steps": max(taken, p["steps"]),
+                            "noise_multiplier": p["noise_multiplier"], "sample_rate": p["sample_rate"]})
+
+    def settle_pending(self) -> None:
+        """A round that began but never committed (crash) is charged in full."""
+        if self.pending is not None:
+            self.pending["steps_before"] = min(int(self.pending["steps_before"]), self.steps)
+            self.commit()
+
+    @property
+    def charged_steps(self) -> int:
+        """Steps including a pending round (what :meth:`settle_pending` would make of it)."""
+        extra = 0
+        if self.pending is not None:
+            extra = max(0, int(self.pending["steps"]) - (self.steps - int(self.pending["steps_before"])))
+        return self.steps + extra
+
+    # ---- persistence
+    def state_dict(self) -> dict[str, Any]:
+        acc = self.accountant.state_dict()
+        return {"format": LEDGER_FORMAT, "site": self.site, "mechanism": acc["mechanism"],
+                "history": [list(h) for h in acc["history"]], "rounds": copy.deepcopy(self.rounds),
+                "pending": copy.deepcopy(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"privacy ledger of site {self.site!r}: format {state.get('format')!r} is not "
+                             f"supported (expected {LEDGER_FORMAT})")
+        if state.get("site") != self.site:
+            raise ValueError(f"privacy ledger: it belongs to site {state.get('site')!r}, not {self.site!r}")
+        try:
+            self.accountant.load_state_dict({"mechanism": state.get("mechanism"),
+                                             "history": [(float(s), float(q), int(n)) for s, q, n in state["history"]]})
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"privacy ledger of site {self.site!r}: malformed history ({err})") from err
+        except ValueError as err:
+            raise ValueError(
+                f"privacy ledger of site {self.site!r} was kept with the {state.get('mechanism')!r} accountant "
+                f"but privacy.accountant is {self.mechanism!r}: {err}"
+            ) from err
+        self.rounds = list(state.get("rounds", []))
+        self.pending = state.get("pending")
+
+    def to_json(self) -> str:
+        return json.dumps(self.state_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, *, site: str, mechanism: str) -> PrivacyLedger:
+        ledger = cls(site=site, mechanism=mechanism)
+        ledger.load_state_dict(json.loads(text))
+        return ledger
+
+    def save(self, path: str | Path) -> None:
+        """Atomically write the ledger (a crash never leaves half a ledger)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | Path, *, site: str, mechanism: str) -> PrivacyLedger:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"privacy ledger {path}: cannot be read: {err}") from err
+        try:
+            return cls.from_json(text, site=site, mechanism=mechanism)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"privacy ledger {path}: not valid JSON ({err}); refusing to start a new "
+                             "ledger over it") from err
+
+
+def ledger_path(context: Context, site: str) -> Path | None:
+    """``<checkpoint-dir>/privacy-ledger-<site>.json`` when the node config names a checkpoint folder."""
+    folder = str(context.node_config.get(keys.NODE_CHECKPOINT_DIR, "") or "")
+    if not folder:
+        return None
+    return Path(folder).expanduser() / f"privacy-ledger-{re.sub(r'[^A-Za-z0-9_.-]', '_', site)}.json"
+
+
+def load_ledger(context: Context, *, site: str, mechanism: str) -> PrivacyLedger:
+    """The site's ledger: from ``context.state`` or the checkpoint file, whichever has charged more."""
+    found = []
+    if LEDGER_STATE_KEY in context.state:
+        found.append(PrivacyLedger.from_json(str(context.state[LEDGER_STATE_KEY]["json"]), site=site,
+                                             mechanism=mechanism))
+    path = ledger_path(context, site)
+    if path is not None and path.is_file():
+        found.append(PrivacyLedger.load(path, site=site, mechanism=mechanism))
+    ledger = max(found, key=lambda led: led.charged_steps) if found else PrivacyLedger(site=site, mechanism=mechanism)
+    ledger.settle_pending()
+    return ledger
+
+
+def store_ledger(context: Context, ledger: PrivacyLedger) -> None:
+    context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
+    path = ledger_path(context, ledger.site)
+    if path is not None:
+        ledger.save(path)
+
+
+def _node_float(context: Context, key: str) -> float | None:
+    value = context.node_config.get(key)
+    if value is None or value == "":
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"node config {key}: expected a number, got {value!r}") from err
+    if not out > 0:
+        raise ConfigError(f"node config {key}: must be > 0, got {out}")
+    return out
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """A site's DP-SGD plan for the run, derived from its data size and the experiment."""
+
+    target_epsilon: float
+    target_delta: float
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_epoch: int
+    steps_per_round: int
+    planned_steps: int
+
+
+def site_plan(exp: ExperimentConfig, *, site: str, num_train: int, node_epsilon: float | None = None,
+              node_delta: float | None = None) -> SitePlan:
+    """Budget, sampling rate and noise multiplier of ``site`` for the whole planned run."""
+    p = exp.privacy
+    if num_train <= 0:
+        raise ValueError(f"site {site!r} has no training samples; it cannot train with DP-SGD")
+    eps, delta = p.site_budget(site, node_epsilon=node_epsilon, node_delta=node_delta)
+    if delta >= 1.0 / num_train:
+        raise ConfigError(
+            f"privacy.target_delta: {delta} is not below 1/n = {1.0 / num_train:.3g} for site {site!r} "
+            f"({num_train} training samples); a delta that large allows releasing a whole record — lower it"
+        )
+    steps_per_epoch = math.ceil(num_train / exp.train.batch_size)  # len() of the site's DataLoader
+    q = 1.0 / steps_per_epoch  # Opacus' convention: expected batch = num_train / steps_per_epoch
+    steps_round = exp.train.local_epochs * steps_per_epoch
+    planned = exp.train.rounds * steps_round
+    sigma = p.noise_multiplier or plan_noise_multiplier(
+        target_epsilon=eps, target_delta=delta, sample_rate=q, total_steps=planned, accountant=p.accountant)
+    return SitePlan(eps, delta, sigma, q, steps_per_epoch, steps_round, planned)
+
+
+def _secret_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+class RoundPrivacy:
+    """What ``client.app.train`` calls each round: start → (refusal | wrap → train → finish).
+
+    With ``privacy.mode`` ``none`` or ``client`` it is a pass-through (``client`` adds the unit
+    weight that uniform client-level DP aggregation needs).
+    """
+
+    def __init__(self, *, exp: ExperimentConfig, context: Context, site: str) -> None:
+        self.exp, self.context, self.site = exp, context, site
+        self.plan: SitePlan | None = None
+        self.ledger: PrivacyLedger | None = None
+        self.refusal: dict[str, float | int] | None = None
+        self._gsm: Any = None
+
+    @classmethod
+    def start(cls, exp: ExperimentConfig, context: Context, *, site: str, num_train: int,
+              server_round: int) -> RoundPrivacy:
+        rp = cls(exp=exp, context=context, site=site)
+        if exp.privacy.mode != "sample":
+            return rp
+        node_eps = _node_float(context, keys.NODE_DP_TARGET_EPSILON)
+        node_delta = _node_float(context, keys.NODE_DP_TARGET_DELTA)
+        if node_eps is not None and node_eps > exp.privacy.target_epsilon:
+            log(WARNING, "site %s: node config %s=%s is larger than the experiment's %s; a site may only be "
+                "stricter, so %s applies", site, keys.NODE_DP_TARGET_EPSILON, node_eps,
+                exp.privacy.target_epsilon, exp.privacy.target_epsilon)
+        rp.plan = plan = site_plan(exp, site=site, num_train=num_train, node_epsilon=node_eps, node_delta=node_delta)
+        rp.ledger = ledger = load_ledger(context, site=site, mechanism=exp.privacy.accountant)
+        after = ledger.projected_epsilon(plan.target_delta, noise_multiplier=plan.noise_multiplier,
+                                         sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+        if after > plan.target_epsilon:
+            spent = ledger.epsilon(plan.target_delta)
+            log(WARNING, "site %s refuses to train in round %d: its privacy budget is exhausted (epsilon %.4f of "
+                "%.4f spent at delta %g; this round would reach %.4f)", site, server_round, spent,
+                plan.target_epsilon, plan.target_delta, after)
+            rp.refusal = {keys.NUM_EXAMPLES: 0, **rp._metrics(spent, after, exhausted=1)}
+            store_ledger(context, ledger)  # a settled crash charge must be kept
+            return rp
+        ledger.begin(server_round=server_round, noise_multiplier=plan.noise_multiplier,
+                     sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+        store_ledger(context, ledger)  # write-ahead: charged even if this process dies mid-round
+        return rp
+
+    def _metrics(self, spent: float, after: float, *, exhausted: int) -> dict[str, float | int]:
+        plan, ledger = self.plan, self.ledger
+        assert plan is not None and ledger is not None  # internal invariant (mode 'sample' only)
+        return {keys.DP_EPSILON: spent, keys.DP_DELTA: plan.target_delta, keys.DP_TARGET_EPSILON: plan.target_epsilon,
+                keys.DP_EPSILON_NEXT: after, keys.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
+                keys.DP_STEPS: ledger.steps, keys.DP_EXHAUSTED: exhausted}
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+             hooks: LocalHooks | None = None) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+        """Opacus' DP model/optimizer/loader, stepping the run-long ledger (identity unless mode 'sample')."""
+        if self.plan is None:
+            return model, optimizer, loader
+        if hooks is not None and (hooks.extra_loss is not None or hooks.after_backward is not None):
+            raise ConfigError(
+                f"privacy.mode 'sample' cannot be combined with strategy {self.exp.strategy.name!r}: it edits the "
+                "local loss or gradients, which Opacus' DP optimizer would overwrite (use privacy.mode 'client')"
+            )
+        from opacus import PrivacyEngine
+        from opacus.data_loader import DPDataLoader
+
+        plan, ledger = self.plan, self.ledger
+        assert ledger is not None  # internal invariant: set with plan
+        if len(loader) != plan.steps_per_epoch:
+            raise RuntimeError(f"DP plan expects {plan.steps_per_epoch} batches per epoch, the loader has {len(loader)}")
+        if self.exp.privacy.poisson_sampling:
+            loader = DPDataLoader(loader.dataset, sample_rate=plan.sample_rate, generator=_secret_generator())
+            loader.batch_sampler.steps = plan.steps_per_epoch  # type: ignore[union-attr]  # Opacus rounds 1/(1/k) down
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "secure RNG turned off": we pass an OS-seeded generator
+            engine = PrivacyEngine(accountant=self.exp.privacy.accountant)
+            engine.accountant = ledger.accountant  # the whole run's history, not a fresh one per round
+            gsm, dp_opt, dp_loader = engine.make_private(
+                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=self.exp.privacy.max_grad_norm, poisson_sampling=False,
+                noise_generator=_secret_generator(),
+            )
+        if self.exp.privacy.poisson_sampling:
+            gsm.forbid_grad_accumulation()
+        self._gsm = gsm
+        return gsm, dp_opt, dp_loader
+
+    def finish(self, stats: TrainStats | None = None) -> dict[str, float | int]:
+        """Commit the round to the ledger; the metrics every reply of this mode carries."""
+        if self.exp.privacy.mode == "client":
+            return {keys.DP_UNIT_WEIGHT: 1}
+        if self.plan is None or self.ledger is None:
+            return {}
+        if self._gsm is not None:
+            self._gsm._close()  # remove Opacus' hooks and per-sample buffers from the model
+            self._gsm = None
+        ledger, plan = self.ledger, self.plan
+        ledger.commit()
+        store_ledger(self.context, ledger)
+        spent = ledger.epsilon(plan.target_delta)
+        after = ledger.projected_epsilon(plan.target_delta, noise_multiplier=plan.noise_multiplier,
+                                         sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+        log(INFO, "site %s: DP ledger epsilon %.4f of %.4f spent (delta %g) after %d steps; noise multiplier %.4f",
+            self.site, spent, plan.target_epsilon, plan.target_delta, ledger.steps, plan.noise_multiplier)
+        return self._metrics(spent, after, exhausted=0)
+
+
+def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's client-side clipping mod, when the coordinator asks for it (mode ``client``, side ``client``).
+
+    Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod`` fail any message without a clipping norm,
+    so they cannot sit on the ClientApp unconditionally; this dispatches to them only when the
+    server's DP wrapper sent the norm.
+    """
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    cfg = msg.content.config_records.get(keys.CONFIG)
+    if cfg is None or KEY_CLIPPING_NORM not in cfg:
+        return call_next(msg, context)
+    exp = ExperimentConfig.from_json(str(cfg[keys.EXPERIMENT]))
+    mod = adaptiveclipping_mod if exp.privacy.clipping == "adaptive" else fixedclipping_mod
+    return mod(msg, context, call_next)
