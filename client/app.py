@@ -22,7 +22,7 @@ from client.train import make_loader, make_optimizer, train_epochs
 from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
-from medflower.tasks import evaluate
+from medflower.tasks import evaluate, inference_roi
 
 app = ClientApp()
 
@@ -100,7 +100,7 @@ def evaluate_(msg: Message, context: Context) -> Message:
     model = build_experiment_model(exp)
     model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
     local = SiteStrategy.for_message(msg, context, exp, model)  # FedBN: the site's own norm layers
-    res = evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size)
+    res = evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp))
     metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(split)}
     metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
     metrics |= local.personal_metrics(split, split_name)  # Ditto: personal-<split>-<metric>

@@ -294,6 +294,12 @@ def site_plan(exp: ExperimentConfig, *, site: str, num_train: int, node_epsilon:
     p = exp.privacy
     if num_train <= 0:
         raise ValueError(f"site {site!r} has no training samples; it cannot train with DP-SGD")
+    if getattr(exp.data, "patch_size", None) is not None or getattr(exp.data, "slabs", 1) > 1:
+        raise ConfigError(
+            "data.patch_size / data.slabs: sample-level DP protects one training sample, and these cut each "
+            "image into several; the guarantee would cover a patch, not an image. Remove them (train on whole "
+            "images) or use privacy.mode 'client'"
+        )
     eps, delta = p.site_budget(site, node_epsilon=node_epsilon, node_delta=node_delta)
     if delta >= 1.0 / num_train:
         raise ConfigError(
@@ -316,8 +322,8 @@ def _secret_generator() -> torch.Generator:
 class RoundPrivacy:
     """What ``client.app.train`` calls each round: start → (refusal | wrap → train → finish).
 
-    With ``privacy.mode`` ``none`` or ``client`` it is a pass-through (``client`` adds the unit
-    weight that uniform client-level DP aggregation needs).
+    With ``privacy.mode`` ``none`` or ``client`` it is a pass-through (client-level DP is the
+    coordinator's: :mod:`strategies.privacy`).
     """
 
     def __init__(self, *, exp: ExperimentConfig, context: Context, site: str) -> None:
@@ -383,6 +389,8 @@ class RoundPrivacy:
         if self.exp.privacy.poisson_sampling:
             loader = DPDataLoader(loader.dataset, sample_rate=plan.sample_rate, generator=_secret_generator())
             loader.batch_sampler.steps = plan.steps_per_epoch  # type: ignore[union-attr]  # Opacus rounds 1/(1/k) down
+        # Opacus' hooks on the first layer (inputs need no grad) make torch warn on every backward
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "secure RNG turned off": we pass an OS-seeded generator
             engine = PrivacyEngine(accountant=self.exp.privacy.accountant)
@@ -399,8 +407,6 @@ class RoundPrivacy:
 
     def finish(self, stats: TrainStats | None = None) -> dict[str, float | int]:
         """Commit the round to the ledger; the metrics every reply of this mode carries."""
-        if self.exp.privacy.mode == "client":
-            return {keys.DP_UNIT_WEIGHT: 1}
         if self.plan is None or self.ledger is None:
             return {}
         if self._gsm is not None:

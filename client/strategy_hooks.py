@@ -37,7 +37,7 @@ from torch import nn
 from client.train import LocalHooks, TrainStats, make_loader, make_optimizer, train_epochs
 from medflower import keys
 from medflower.config import ExperimentConfig
-from medflower.tasks import evaluate
+from medflower.tasks import evaluate, inference_roi
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ STATE_PERSONAL = "strategy.ditto-personal"  # Ditto: the site's personal model
 
 
 def _to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(t.detach().cpu().numpy())) for k, t in tensors.items()})
+    return ArrayRecord({k: Array(np.array(t.detach().cpu().numpy(), order="C")) for k, t in tensors.items()})
 
 
 def _from_record(rec: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -189,7 +189,8 @@ class SiteStrategy:
         """
         if self.ditto is None:
             return {}
-        res = evaluate(self._personal_model(), split, task=self.exp.task, batch_size=self.exp.train.eval_batch_size)
+        res = evaluate(self._personal_model(), split, task=self.exp.task, batch_size=self.exp.train.eval_batch_size,
+                       roi_size=inference_roi(self.exp))
         p = keys.PERSONAL_PREFIX
         return {(f"{p}{keys.EVAL_LOSS}" if k == "loss" else f"{p}{split_name}-{k}"): v for k, v in res.items()}
 

@@ -145,7 +145,12 @@ def make_federation_certs(
     if not names and not ips:
         raise ValueError("give at least one --name or --ip: the address hospitals use to reach the coordinator")
     ca_crt, ca_key_path = out / "ca.crt", out / "ca.key"
-    reused = ca_crt.is_file() and ca_key_path.is_file()
+    if ca_crt.is_file() != ca_key_path.is_file():
+        have, lack = (ca_crt, ca_key_path) if ca_crt.is_file() else (ca_key_path, ca_crt)
+        raise ValueError(f"{have} exists but {lack} does not: put the CA's other half back to re-issue the "
+                         f"coordinator's certificate, or move {have} away to start a new CA (every hospital "
+                         "then needs the new ca.crt)")
+    reused = ca_crt.is_file()
     if reused:
         ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
         loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)

@@ -2,9 +2,9 @@
 network namespace, wired by veth pairs to a bridge inside the coordinator's namespace.
 
 It runs exactly the steps of deploy/README.md (the same ``medflower deploy``/``flwr`` commands and
-the same launch scripts the container images run), so an administrator can rehearse a deployment
-and the test suite can check it: TLS and node authentication on, real IP addresses, links that can
-be cut. Nothing is attached to the host's own network namespace, so no traffic leaves the lab.
+the same launch scripts the container images run), so that tests/test_deploy_netns.py (or an
+administrator rehearsing from Python) exercises a real deployment: TLS and node authentication on,
+real IP addresses, links that can be cut. Nothing is attached to the host's own network namespace, so no traffic leaves the lab.
 Needs root and ``ip netns`` (iproute2). Every command it runs is recorded in ``Lab.commands``.
 
 Flower has a local SuperLink for simulations but nothing that exercises its deployment transport
@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,12 @@ def _ns_pids(ns: str) -> list[int]:
     return [int(p) for p in res.stdout.split() if p.isdigit()]
 
 
-def _kill_ns_processes(ns: str, grace_s: float = 3.0) -> None:
+def _kill_ns_processes(*namespaces: str, grace_s: float = 3.0) -> None:
     """Every process inside a lab namespace was started by the lab: stop them, then force."""
-    pids = _ns_pids(ns)
+    def alive() -> list[int]:
+        return [pid for ns in namespaces for pid in _ns_pids(ns)]
+
+    pids = alive()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -82,7 +86,7 @@ def _kill_ns_processes(ns: str, grace_s: float = 3.0) -> None:
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (pids := _ns_pids(ns)):
+        while time.monotonic() < deadline and (pids := alive()):
             time.sleep(0.1)
         if not pids:
             return
@@ -213,8 +217,7 @@ class Lab:
 
     def down(self) -> None:
         """Stop every process in the lab's namespaces and delete them (idempotent)."""
-        for ns in reversed(self._namespaces):
-            _kill_ns_processes(ns)
+        _kill_ns_processes(*self._namespaces)
         for p in self.procs:
             if p.alive():
                 p.popen.kill()
@@ -273,10 +276,12 @@ class Lab:
         self.run(self.coord_ns, ["medflower", "deploy", "certs", "--out", str(self.certs),
                                  "--name", "coordinator", "--ip", self.coord_ip])
 
+    def coordinator_argv(self) -> list[str]:
+        return [str(DEPLOY / "start-coordinator.sh"), "--certs", str(self.certs), "--state", str(self.coord_state),
+                "--port", str(self.port)]
+
     def start_coordinator(self) -> Proc:
-        self.coordinator = self.spawn(self.coord_ns, [str(DEPLOY / "start-coordinator.sh"), "--certs", str(self.certs),
-                                                      "--state", str(self.coord_state), "--port", str(self.port)],
-                                      name="coordinator")
+        self.coordinator = self.spawn(self.coord_ns, self.coordinator_argv(), name="coordinator")
         self.wait_listening(self.coord_ns, self.coord_ip, self.port, proc=self.coordinator)
         return self.coordinator
 
@@ -294,17 +299,23 @@ class Lab:
         self.run(self.coord_ns, ["flwr", "supernode", "register", str(site.pub), CONNECTION, "--name", site.name],
                  home=self.admin_home, timeout=60)
 
-    def node_check(self, site: Site, node_config: str) -> subprocess.CompletedProcess:
+    @staticmethod
+    def data_args(data: str | Path) -> list[str]:
+        """A site YAML (a Path: the hospital's files) or a raw node config (a str: e.g. a simulated partition)."""
+        return ["--site-config", str(data)] if isinstance(data, Path) else ["--node-config", data]
+
+    def node_check(self, site: Site, data: str | Path) -> subprocess.CompletedProcess:
         return self.run(site.ns, ["medflower", "node", "check", "--coordinator", self.address, "--ca", str(site.ca),
-                                  "--key", str(site.key), "--pub", str(site.pub), "--node-config", node_config],
+                                  "--key", str(site.key), "--pub", str(site.pub), *self.data_args(data)],
                         check=False, timeout=60)
 
-    def start_hospital(self, site: Site, node_config: str, *, check: bool = False) -> Proc:
+    def hospital_argv(self, site: Site, data: str | Path, *, check: bool = False) -> list[str]:
         argv = [str(DEPLOY / "start-hospital.sh"), "--coordinator", self.address, "--ca", str(site.ca),
-                "--key", str(site.key), "--node-config", node_config, "--state", str(site.dir / "flwr-home")]
-        if not check:
-            argv.append("--no-check")
-        site.proc = self.spawn(site.ns, argv, name=site.name)
+                "--key", str(site.key), *self.data_args(data), "--state", str(site.dir / "flwr-home")]
+        return argv if check else [*argv, "--no-check"]  # setup() has just run `medflower node check`
+
+    def start_hospital(self, site: Site, node_config: str | Path, *, check: bool = False) -> Proc:
+        site.proc = self.spawn(site.ns, self.hospital_argv(site, node_config, check=check), name=site.name)
         return site.proc
 
     def flwr_run(self, run_config: dict[str, str], *, app: Path = REPO) -> int:
@@ -332,26 +343,34 @@ class Lab:
         return ""
 
     def stop_run(self, run_id: int) -> None:
-        self.run(self.coord_ns, ["flwr", "stop", str(run_id), CONNECTION], home=self.admin_home, timeout=60, check=False)
+        # check=False: the coordinator may already have marked a run whose ServerApp died as finished
+        self.run(self.coord_ns, ["flwr", "stop", str(run_id), CONNECTION], home=self.admin_home, timeout=60,
+                 check=False)
 
     def serverapp_pids(self) -> list[int]:
         """ServerApp processes Flower started in the coordinator's namespace."""
         return [p for p in _ns_pids(self.coord_ns) if any("flwr-serverapp" in a for a in cmdline(p)[:2])]
 
-    def setup(self, node_configs: list[str], *, check_nodes: bool = True) -> None:
+    def setup(self, node_configs: list[str | Path], *, check_nodes: bool = True) -> None:
         """Steps 1-6 of deploy/README.md for every hospital, then start the hospitals' nodes."""
         self.make_certs()
         self.start_coordinator()
         self.add_connection()
-        for site, cfg in zip(self.sites, node_configs, strict=True):
+
+        def onboard(site: Site, cfg: str | Path) -> None:  # hospitals onboard independently: in parallel
             self.node_key(site)
             self.register(site)
+            if isinstance(cfg, Path):  # a hospital with its own files reads every one of them once
+                self.run(site.ns, ["medflower", "site", "check", str(cfg)], timeout=300)
             if check_nodes:
                 res = self.node_check(site, cfg)
                 if res.returncode != 0:
                     raise LabError(f"node check failed for {site.name}:\n{res.stdout}\n{res.stderr}")
-        for site, cfg in zip(self.sites, node_configs, strict=True):
             self.start_hospital(site, cfg)
+
+        with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
+            for fut in [pool.submit(onboard, site, cfg) for site, cfg in zip(self.sites, node_configs, strict=True)]:
+                fut.result()
 
     def logs(self) -> str:
         return "\n".join(f"---- {p.name} ({'running' if p.alive() else f'exit {p.popen.returncode}'}) ----\n{p.tail()}"

@@ -20,13 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from cryptography import x509
 
 from deploy.certs import describe_cert, load_node_private_key, public_key_line
 
 EXPIRY_WARN_DAYS = 30
-PATH_KEYS = ("path", "dir", "root", "file", "folder", "csv")
 
 
 @dataclass(frozen=True)
@@ -53,7 +51,8 @@ def check_key(key_path: str | Path, pub_path: str | Path | None = None) -> Check
             return CheckResult("node key", "fail", f"{key_path} does not match public key {pub}")
     mode = os.stat(key_path).st_mode & 0o077
     if mode:
-        return CheckResult("node key", "warn", f"{key_path} (fingerprint {fp}) is readable by other users; chmod 600 it")
+        return CheckResult("node key", "warn",
+                           f"{key_path} (fingerprint {fp}) is readable by other users; chmod 600 it")
     return CheckResult("node key", "ok", f"{key_path} loads (EC {key.curve.name}, fingerprint {fp}); "
                        "the administrator must have registered its .pub")
 
@@ -71,12 +70,14 @@ def check_ca(ca_path: str | Path) -> CheckResult:
     except x509.ExtensionNotFound:
         is_ca = False
     if not is_ca:
-        return CheckResult("CA certificate", "fail", f"{p} is not a CA certificate (did you get coordinator.crt instead of ca.crt?)")
+        return CheckResult("CA certificate", "fail",
+                           f"{p} is not a CA certificate (did you get coordinator.crt instead of ca.crt?)")
     days = _days_left(cert.not_valid_after_utc)
     if days <= 0:
         return CheckResult("CA certificate", "fail", f"{p} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     status = "warn" if days < EXPIRY_WARN_DAYS else "ok"
-    return CheckResult("CA certificate", status, f"{p} valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)")
+    return CheckResult("CA certificate", status,
+                       f"{p} valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -127,13 +128,16 @@ def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0
             d = describe_cert(served)
             extra = (f"; the coordinator's certificate names {d['dns'] + d['ips']} and is valid "
                      f"{d['not_before']:%Y-%m-%d} to {d['not_after']:%Y-%m-%d}")
-        hint = ("ask the administrator to re-issue it with `medflower deploy certs --name/--ip` for the address you dial"
+        hint = ("ask the administrator to re-issue it with `medflower deploy certs --name/--ip` "
+                "for the address you dial"
                 if "mismatch" in str(err.verify_message).lower() or "ip address" in str(err.verify_message).lower()
                 else "check that --ca is the federation's ca.crt and the certificate has not expired")
-        return CheckResult(name, "fail", f"TLS verification of {host}:{port} failed: {err.verify_message}{extra}; {hint}")
+        return CheckResult(name, "fail",
+                           f"TLS verification of {host}:{port} failed: {err.verify_message}{extra}; {hint}")
     except (ssl.SSLError, OSError) as err:
         sock.close()
-        return CheckResult(name, "fail", f"TLS handshake with {host}:{port} failed ({err}); is this the coordinator's HTTPS port?")
+        return CheckResult(name, "fail",
+                           f"TLS handshake with {host}:{port} failed ({err}); is this the coordinator's HTTPS port?")
     cert = x509.load_der_x509_certificate(der)
     days = _days_left(cert.not_valid_after_utc)
     health = _health(host, port, ctx, timeout)
@@ -159,22 +163,6 @@ def parse_node_config(text: str) -> dict[str, object]:
     return dict(parse_config_args([text]))
 
 
-def _paths_in(data: object, prefix: str = "") -> list[tuple[str, str]]:
-    """(key path, value) for every string value whose key says it is a path."""
-    out: list[tuple[str, str]] = []
-    if isinstance(data, dict):
-        for k, v in data.items():
-            kp = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(v, str) and any(str(k).lower().endswith(s) for s in PATH_KEYS):
-                out.append((kp, v))
-            else:
-                out += _paths_in(v, kp)
-    elif isinstance(data, list):
-        for i, v in enumerate(data):
-            out += _paths_in(v, f"{prefix}[{i}]")
-    return out
-
-
 def check_data(node_config: str) -> CheckResult:
     name = "site data"
     try:
@@ -186,39 +174,37 @@ def check_data(node_config: str) -> CheckResult:
     if "partition-id" in cfg:
         pid, n = cfg.get("partition-id"), cfg.get("num-partitions")
         if not isinstance(pid, int) or not isinstance(n, int) or not 0 <= pid < n:
-            return CheckResult(name, "fail", f"partition-id={pid!r} num-partitions={n!r}: need integers with 0 <= id < n")
+            return CheckResult(name, "fail",
+                               f"partition-id={pid!r} num-partitions={n!r}: need integers with 0 <= id < n")
         return CheckResult(name, "ok", f"simulated partition {pid} of {n} (rehearsal data, generated by the ClientApp)")
     return CheckResult(name, "fail", "node config has neither site-config (the hospital's site YAML) nor partition-id")
 
 
+def _readable(p: Path) -> bool:
+    return p.exists() and os.access(p, os.R_OK | (os.X_OK if p.is_dir() else 0))
+
+
 def _check_site_yaml(path: Path) -> CheckResult:
+    """Validate the site YAML and list its images (without decoding them: that is `medflower site check`)."""
     name = "site data"
-    if not path.is_file():
-        return CheckResult(name, "fail", f"site config {path} not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        return CheckResult(name, "fail", f"{path}: unreadable YAML ({err})")
-    if not isinstance(data, dict):
-        return CheckResult(name, "fail", f"{path}: the top level must be a mapping")
+        from client.site import load_site_config
+        from medflower.data.base import DataError
+        from medflower.data.manifest import read_rows
+    except ImportError as err:
+        return CheckResult(name, "fail", f"cannot read site YAMLs: {err}")
     try:
-        import client.site as site_mod  # the site YAML's own validator, when present
-    except ImportError:
-        site_mod = None
-    if site_mod is not None and hasattr(site_mod, "load_site_config"):
-        try:
-            site_mod.load_site_config(path)
-        except Exception as err:  # noqa: BLE001 - the validator's message is the point
-            return CheckResult(name, "fail", f"{path}: {err}")
-    missing = []
-    for key, value in _paths_in(data):
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else path.parent / p
-        if not p.exists() or not os.access(p, os.R_OK):
-            missing.append(f"{key}={value}")
-    if missing:
-        return CheckResult(name, "fail", f"{path}: not found or unreadable: {', '.join(missing)}")
-    return CheckResult(name, "ok", f"{path} readable; {len(_paths_in(data))} data path(s) present")
+        site = load_site_config(path)
+        rows = read_rows(site.data, site.data_path(), site.task).rows
+    except (ValueError, DataError, OSError) as err:  # ConfigError is a ValueError
+        return CheckResult(name, "fail", str(err))
+    bad = [r.where for r in rows
+           if not _readable(r.image) or (isinstance(r.label, Path) and not _readable(r.label))]
+    if bad:
+        return CheckResult(name, "fail", f"{path}: {len(bad)} of {len(rows)} listed file(s) missing or unreadable, "
+                           f"e.g. {', '.join(bad[:3])}")
+    return CheckResult(name, "ok", f"{path}: site {site.name!r}, {len(rows)} image(s) listed, all readable "
+                       f"(to decode every file: medflower site check {path})")
 
 
 def run_checks(*, coordinator: str, ca: str | Path, key: str | Path, node_config: str,

@@ -37,6 +37,7 @@ if [ -n "$SITE" ] && [ -n "$NODECFG" ]; then
   echo "start-hospital.sh: give --site-config or --node-config, not both" >&2; exit 2
 fi
 if [ -n "$SITE" ]; then
+  [ -f "$SITE" ] || { echo "start-hospital.sh: --site-config $SITE: file not found" >&2; exit 2; }
   SITE="$(cd "$(dirname "$SITE")" && pwd)/$(basename "$SITE")"  # the ClientApp runs elsewhere
   NODECFG="site-config='$SITE'"
 fi

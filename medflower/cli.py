@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     from simulation.commands import add_parsers as add_shift_parsers  # `partition`, `compare`
 
     add_shift_parsers(sub)
+    from client.site import add_parsers as add_site_parsers  # `site check`
+
+    add_site_parsers(sub)
     return parser
 
 

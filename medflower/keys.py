@@ -46,7 +46,7 @@ DP_EPSILON_NEXT = "dp-epsilon-next"  # MetricRecord: epsilon after one more roun
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # MetricRecord
 DP_STEPS = "dp-steps"  # MetricRecord: DP-SGD steps in the site's ledger (whole run)
 DP_EXHAUSTED = "dp-budget-exhausted"  # MetricRecord 0/1: 1 = the site refused to train (budget)
-DP_UNIT_WEIGHT = "dp-unit-weight"  # MetricRecord 1: uniform weights for client-level DP aggregation
+DP_UNIT_WEIGHT = "dp-unit-weight"  # MetricRecord 1, set by the coordinator: uniform client-level DP weights
 DP_CLIPPING_NORM = "dp-clipping-norm"  # MetricRecord (server, mode client): the clipping norm used
 NODE_DP_TARGET_EPSILON = "dp-target-epsilon"  # node_config: the hospital's own (stricter) epsilon
 NODE_DP_TARGET_DELTA = "dp-target-delta"  # node_config: the hospital's own (stricter) delta

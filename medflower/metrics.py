@@ -1,7 +1,7 @@
 """Task metrics shared by the server's global evaluation and the sites' local evaluation.
 
 AUC comes from MONAI (``compute_roc_auc``, one-vs-rest macro average for more than two classes);
-Dice from MONAI's ``DiceMetric``. Accuracy and balanced accuracy are one line each, so they are
+Dice from MONAI's ``DiceMetric``, HD95 from its ``HausdorffDistanceMetric``. Accuracy and balanced accuracy are one line each, so they are
 written here rather than pulling in scikit-learn.
 """
 
@@ -57,3 +57,32 @@ def dice_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     per_class = metric(pred_oh, gt_oh)  # (N, C-1)
     return per_class.nanmean(dim=1)
+
+
+def hd95_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-image mean foreground 95th-percentile Hausdorff distance (in voxels of the prepared grid).
+
+    MONAI's ``HausdorffDistanceMetric(percentile=95)`` on the argmax prediction. MONAI returns NaN when
+    the prediction or the ground truth of a class is empty; here both empty scores 0 (the same case
+    Dice scores 1) and exactly one empty scores the grid's diagonal, the largest distance possible, so
+    a model that predicts nothing is penalised instead of silently left out of the mean.
+    """
+    import warnings
+
+    from monai.metrics import HausdorffDistanceMetric
+
+    c = logits.shape[1]
+    pred = logits.argmax(dim=1)
+    gt = masks.squeeze(1).long()
+    pred_oh = torch.nn.functional.one_hot(pred.long(), c).movedim(-1, 1)
+    gt_oh = torch.nn.functional.one_hot(gt, c).movedim(-1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns on every empty class; handled below
+        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pred_oh, gt_oh)
+    spatial = pred_oh.shape[2:]
+    diagonal = float(math.sqrt(sum(s * s for s in spatial)))
+    pred_any = pred_oh[:, 1:].flatten(2).any(-1)
+    gt_any = gt_oh[:, 1:].flatten(2).any(-1)
+    hd = torch.where(~pred_any & ~gt_any, torch.zeros_like(hd), hd)
+    hd = torch.where(pred_any ^ gt_any, torch.full_like(hd, diagonal), hd)
+    return hd.float().nanmean(dim=1)

@@ -38,5 +38,5 @@ def build_experiment_model(exp: ExperimentConfig):
     if exp.privacy.mode == "sample":  # DP-SGD: both sides must hold the same (Opacus-compatible) net
         from medflower.dpcompat import make_dp_compatible
 
-        model = make_dp_compatible(model, exp.model)
+        model = make_dp_compatible(model, exp.model, in_channels=spec.in_channels, img_size=spec.img_size)
     return model

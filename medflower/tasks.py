@@ -7,7 +7,7 @@ same computation on different data.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,12 +15,24 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from medflower.data.base import ArraySplit
-from medflower.metrics import classification_metrics, dice_score
+from medflower.metrics import classification_metrics, dice_score, hd95_score
+
+if TYPE_CHECKING:
+    from medflower.config import ExperimentConfig
 
 
 def logits_of(output: Any) -> torch.Tensor:
     """MONAI's ViT returns ``(logits, hidden_states)``; everything else returns logits."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def inference_roi(exp: ExperimentConfig) -> tuple[int, ...] | None:
+    """The sliding-window size for a segmentation experiment: ``data.patch_size`` (what the model was
+    trained on), else None (the model sees whole images). Both the server's and the sites'
+    evaluation call this, so they infer identically."""
+    if exp.task != "segmentation" or exp.data.patch_size is None:
+        return None
+    return tuple(int(v) for v in exp.data.patch_size)
 
 
 def make_loss(task: str) -> nn.Module:
@@ -40,14 +52,16 @@ def _batches(split: ArraySplit, batch_size: int):
 @torch.no_grad()
 def predict(model: nn.Module, split: ArraySplit, *, batch_size: int = 256, task: str = "classification",
             roi_size: tuple[int, ...] | None = None) -> torch.Tensor:
-    """Logits for a whole split. With ``roi_size`` (3D segmentation), MONAI sliding-window inference."""
+    """Logits for a whole split. With ``roi_size`` (segmentation trained on patches), MONAI's
+    ``sliding_window_inference`` covers each whole image with overlapping windows of that size."""
     model.eval()
     outs = []
     for x, _ in _batches(split, batch_size):
         if roi_size is not None and task == "segmentation":
             from monai.inferers import sliding_window_inference
 
-            out = sliding_window_inference(x, roi_size, sw_batch_size=4, predictor=lambda t: logits_of(model(t)))
+            out = sliding_window_inference(x, roi_size, sw_batch_size=4, overlap=0.25,
+                                           predictor=lambda t: logits_of(model(t)))
         else:
             out = logits_of(model(x))
         outs.append(out.float())
@@ -55,14 +69,22 @@ def predict(model: nn.Module, split: ArraySplit, *, batch_size: int = 256, task:
 
 
 def evaluate(model: nn.Module, split: ArraySplit, *, task: str, batch_size: int = 256,
-             roi_size: tuple[int, ...] | None = None) -> dict[str, float]:
-    """Loss and task metrics of ``model`` on ``split`` (NaN metrics for an empty split)."""
+             roi_size: tuple[int, ...] | None = None, hd95: bool = True) -> dict[str, float]:
+    """Loss and task metrics of ``model`` on ``split`` (NaN metrics for an empty split).
+
+    Segmentation reports ``dice`` and, with ``hd95``, ``hd95`` (voxels; see :func:`hd95_score`):
+    means over the split's images.
+    """
     if len(split) == 0:
-        return {"loss": math.nan} | ({"dice": math.nan} if task == "segmentation"
+        seg = {"dice": math.nan} | ({"hd95": math.nan} if hd95 else {})
+        return {"loss": math.nan} | (seg if task == "segmentation"
                                      else {"accuracy": math.nan, "balanced-accuracy": math.nan, "auc": math.nan})
     logits = predict(model, split, batch_size=batch_size, task=task, roi_size=roi_size)
     targets = torch.from_numpy(np.ascontiguousarray(split.targets))
     loss = float(make_loss(task)(logits, targets).item())
     if task == "classification":
         return {"loss": loss, **classification_metrics(logits, targets)}
-    return {"loss": loss, "dice": float(dice_score(logits, targets).nanmean().item())}
+    out = {"loss": loss, "dice": float(dice_score(logits, targets).nanmean().item())}
+    if hd95:
+        out["hd95"] = float(hd95_score(logits, targets).nanmean().item())
+    return out

@@ -27,6 +27,7 @@ from server.loop import History, RoundAborted, run_rounds
 from server.participation import relax_availability, wait_for_sites
 from server.results import write_summary
 from strategies import build_strategy
+from strategies.privacy import wrap_privacy
 
 FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
 
@@ -50,7 +51,7 @@ def checkpoint_dir_from_run_config(context: Context, out_dir: Path) -> Path:
 def make_global_evaluate(exp: ExperimentConfig):
     """Server-side evaluation on the data set's held-out test split (None if there is none)."""
     from medflower.data import load_dataset
-    from medflower.tasks import evaluate
+    from medflower.tasks import evaluate, inference_roi
 
     test = load_dataset(exp).test
     if len(test) == 0:
@@ -59,7 +60,8 @@ def make_global_evaluate(exp: ExperimentConfig):
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, test, task=exp.task, batch_size=exp.train.eval_batch_size)
+        return evaluate(model, test, task=exp.task, batch_size=exp.train.eval_batch_size,
+                        roi_size=inference_roi(exp))
 
     return evaluate_fn
 
@@ -76,7 +78,7 @@ def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: i
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
-    strategy = build_strategy(exp, num_sites=num_sites)
+    strategy = wrap_privacy(build_strategy(exp, num_sites=num_sites), exp, num_sites=num_sites)  # DP: strategies/privacy.py
     base = {keys.EXPERIMENT: exp.to_json()}
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:

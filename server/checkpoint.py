@@ -68,7 +68,7 @@ def _encode(obj: Any, path: str) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj))}
+        return {"__ndarray__": torch.from_numpy(np.array(obj, order="C"))}
     if isinstance(obj, torch.Tensor):
         return {"__tensor__": obj.detach().cpu()}
     if isinstance(obj, ArrayRecord):
@@ -107,19 +107,23 @@ def _decode(obj: Any) -> Any:
 
 
 def _arrays_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(a.numpy())) for k, a in arrays.items()}
+    return {k: torch.from_numpy(np.array(a.numpy(), order="C")) for k, a in arrays.items()}
 
 
 def _history_to_dict(hist: History) -> dict[str, Any]:
     return {"rounds": [asdict(r) for r in hist.rounds], "initial_global_test": dict(hist.initial_global_test),
-            "sites_test": {k: dict(v) for k, v in hist.sites_test.items()}}
+            "sites_test": {k: dict(v) for k, v in hist.sites_test.items()},
+            "site_names": {int(k): str(v) for k, v in getattr(hist, "site_names", {}).items()}}
 
 
 def _history_from_dict(d: dict[str, Any]) -> History:
     names = {f.name for f in fields(RoundRecord)}
     rounds = [RoundRecord(**{k: v for k, v in r.items() if k in names}) for r in d.get("rounds", [])]
-    return History(rounds=rounds, initial_global_test=dict(d.get("initial_global_test", {})),
+    hist = History(rounds=rounds, initial_global_test=dict(d.get("initial_global_test", {})),
                    sites_test=dict(d.get("sites_test", {})))
+    if hasattr(hist, "site_names"):
+        hist.site_names.update({int(k): str(v) for k, v in d.get("site_names", {}).items()})
+    return hist
 
 
 # ---- strategy state: provided by the strategies package when it can export it ----

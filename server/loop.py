@@ -47,6 +47,7 @@ class History:
     initial_global_test: dict[str, float] = field(default_factory=dict)
     sites_test: dict[str, dict[str, float]] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
+    site_names: dict[int, str] = field(default_factory=dict)  # node id -> site name (names silent sites)
 
 
 def _metrics(rec: MetricRecord | None) -> dict[str, float]:
@@ -109,7 +110,7 @@ def run_rounds(
     """Run rounds ``start_round..num_rounds``; ``history`` continues a resumed run."""
     hist = history or History()
     arrays = initial_arrays
-    names: dict[int, str] = {}  # node id -> site name, learnt from replies (names who went silent)
+    names = hist.site_names  # learnt from replies; kept in checkpoints so a resumed run still knows them
     if evaluate_fn is not None and start_round == 1 and not hist.initial_global_test:
         hist.initial_global_test = evaluate_fn(0, arrays)
     for rnd in range(start_round, num_rounds + 1):
@@ -154,7 +155,8 @@ def run_rounds(
         ev_ok, ev_failed = split_replies(ev_replies)
         names.update({int(m.metadata.src_node_id): site_of(m) for m in ev_ok})
         rec.sites_evaluate = per_site(ev_ok)
-        if ev_ok:
+        # sites with an empty validation split report 0 examples: Flower's weighted mean would divide by 0
+        if ev_ok and sum(m.get(keys.NUM_EXAMPLES, 0) for m in rec.sites_evaluate.values()) > 0:
             rec.evaluate = _metrics(strategy.aggregate_evaluate(rnd, ev_replies))
         if evaluate_fn is not None:
             rec.global_test = evaluate_fn(rnd, arrays)

@@ -41,5 +41,9 @@ def wait_for_sites(grid: Grid, *, expected: int, policy: ParticipationConfig, po
 
 def relax_availability(strategy: Strategy, policy: ParticipationConfig) -> None:
     """After the start, a round needs only ``min_sites`` connected sites (not all of them)."""
-    if hasattr(strategy, "min_available_nodes"):
-        strategy.min_available_nodes = max(1, policy.min_sites or 1)
+    s, seen = strategy, set()
+    while s is not None and id(s) not in seen:  # wrappers (e.g. the update screen) hold the real one
+        seen.add(id(s))
+        if "min_available_nodes" in getattr(s, "__dict__", {}):
+            s.min_available_nodes = max(1, policy.min_sites or 1)
+        s = getattr(s, "__dict__", {}).get("strategy")

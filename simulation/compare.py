@@ -21,7 +21,6 @@ They are trained without differential privacy even when ``privacy:`` is set (rep
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Sequence
@@ -130,7 +129,8 @@ def comparison_table(derived: dict[str, Any], site_names: Sequence[str]) -> str:
 
 
 def plot_matrix(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequence[str], metrics: Sequence[str],
-                path: Path, title: str) -> Path:
+                path: Path, title: str, labels: dict[str, str] | None = None) -> Path:
+    """One heat map per metric: rows are models, columns test splits; ``labels`` renames sites (e.g. with their scanner)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,8 +148,10 @@ def plot_matrix(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequenc
                 v = data[i, j]
                 ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if not math.isnan(v) and v < np.nanmean(data) else "black")
-        ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-        ax.set_yticks(range(len(models)), models)
+        lab = labels or {}
+        ax.set_xticks(range(len(columns)), [lab.get(c, c) for c in columns], rotation=30, ha="right")
+        ax.set_yticks(range(len(models)), [m.split(":")[0] + ":" + lab.get(m.split(":", 1)[1], m.split(":", 1)[1])
+                                           if ":" in m else m for m in models])
         ax.set_xlabel("evaluated on (test split)")
         ax.set_ylabel("model (trained on)")
         ax.set_title(metric)
@@ -228,8 +230,9 @@ def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = F
     print("\n" + report)
     write_json(out_dir / "compare.json", result)
     (out_dir / "compare.md").write_text(report + "\n", encoding="utf-8")
+    labels = {s.name: f"{s.name} ({s.info['preset']})" for s in sites if s.info.get("preset")}
     plot_matrix(matrix, columns, metrics[:2], out_dir / "compare.png",
-                f"{exp.name}: every model on every site's test split (budget {epochs} epochs)")
+                f"{exp.name}: every model on every site's test split (budget {epochs} epochs)", labels)
     print(f"\nwritten: {out_dir / 'compare.json'}, {out_dir / 'compare.md'}, {out_dir / 'compare.png'}")
     return result
 
@@ -259,7 +262,3 @@ def render(result: dict[str, Any], names: Sequence[str]) -> str:
         lines += [f"- {f}" for f in facts] + ["", comparison_table(d, names), "",
                                               matrix_table(result["matrix"], list(names) + [POOLED_TEST], metric)]
     return "\n".join(lines)
-
-
-def load_result(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -89,14 +89,15 @@ class InProcessGrid(Grid):
         return replies
 
 
-def simulate_inprocess(exp: Any, out_dir: Any) -> dict[str, Any]:
-    """Run ``exp`` through ``server.app.run_server`` on an :class:`InProcessGrid`; returns the summary."""
+def simulate_inprocess(exp: Any, out_dir: Any, *, grid: InProcessGrid | None = None) -> dict[str, Any]:
+    """Run ``exp`` through ``server.app.run_server`` on an :class:`InProcessGrid` (a new one with
+    ``client.app:app`` unless given); returns the summary."""
     import json
     from pathlib import Path
 
     from client.app import app as client_app
     from server.app import run_server
 
-    grid = InProcessGrid(client_app, num_sites=exp.partition.num_sites)
+    grid = grid or InProcessGrid(client_app, num_sites=exp.partition.num_sites)
     path = run_server(grid, exp, Path(out_dir))
     return json.loads(Path(path).read_text())

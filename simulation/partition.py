@@ -253,6 +253,8 @@ class PartitionPlan:
     def apply(self, split: ArraySplit, rng: np.random.Generator) -> list[np.ndarray]:
         """Indices of ``split`` per site."""
         if self.group_key is not None:
+            if len(split) == 0:  # an empty split may carry no group arrays at all
+                return [np.empty(0, dtype=np.int64) for _ in self.group_values]
             groups = natural_groups(split, self.group_key)
             return [np.flatnonzero(groups == v).astype(np.int64) for v in self.group_values]
         if self.proportions is None:

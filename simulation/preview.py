@@ -234,6 +234,9 @@ def preview(exp: ExperimentConfig, out_dir: str | Path, *, identifiability: bool
     from simulation.measure import measure_shift
     from simulation.sites import build_sites
 
+    import torch
+
+    torch.set_num_threads(max(1, exp.train.num_threads))  # as `compare` does: same identifiability numbers
     out_dir = Path(out_dir)
     ds = load_dataset(exp)
     sites = build_sites(exp)

@@ -26,4 +26,27 @@ def print_summary(summary: dict[str, Any]) -> None:
         print("\nsite          n  " + "  ".join(f"{n:>17}" for n in cols))
         for name, m in sorted(sites.items()):
             print(f"{name:<10} {int(m.get('num-examples', 0)):>4}  " + "  ".join(f"{_f(m.get('test-' + n)):>17}" for n in cols))
+    print_privacy(summary)
     print(f"\nwall time: {summary.get('wall_seconds', 0):.1f}s")
+
+
+def print_privacy(summary: dict[str, Any]) -> None:
+    """The privacy ledgers: each site's epsilon spent (mode sample) or the federation's (mode client)."""
+    rounds = summary.get("rounds", [])
+    last: dict[str, dict[str, Any]] = {}
+    refused: dict[str, int] = {}
+    for r in rounds:
+        for site, m in (r.get("sites_train") or {}).items():
+            if m.get("dp-epsilon") is not None:
+                last[site] = m
+                refused[site] = refused.get(site, 0) + int(m.get("dp-budget-exhausted") or 0)
+    if last:
+        print("\nprivacy ledger  epsilon spent  budget   delta   steps  rounds refused")
+        for site, m in sorted(last.items()):
+            print(f"{site:<14}  {_f(m.get('dp-epsilon')):>13}  {_f(m.get('dp-target-epsilon')):>6}  "
+                  f"{m.get('dp-delta', 0):6.0e}  {int(m.get('dp-steps') or 0):>6}  {refused[site]:>14}")
+        return
+    eps = [(r["round"], r["train"]["dp-epsilon"]) for r in rounds if (r.get("train") or {}).get("dp-epsilon") is not None]
+    if eps:
+        print(f"\nclient-level DP: epsilon {_f(eps[-1][1])} spent after round {eps[-1][0]} "
+              f"(delta {rounds[-1]['train'].get('dp-delta', 0):.0e})")

@@ -130,4 +130,7 @@ def build_strategy(exp: ExperimentConfig, *, num_sites: int) -> Strategy:
     strategy = build_base_strategy(exp, num_sites=num_sites)
     # Client-level DP wrappers (strategies/privacy.py) belong here, inside the update screen, so
     # that a non-finite update is rejected before it is clipped and noised.
+    from strategies.privacy import wrap_client_dp
+
+    strategy = wrap_client_dp(strategy, exp, num_sites=num_sites)  # unchanged unless privacy.mode is client
     return RobustStrategy(strategy, max_update_norm=exp.strategy.max_update_norm)

@@ -129,7 +129,8 @@ class SiteLedgerScreen(_Delegating):
         else:
             log(WARNING, "round %d: every site that replied refused to train (privacy budgets exhausted); "
                 "global model unchanged", server_round)
-        out = MetricRecord(dict(metrics or {}))
+        # a weighted mean of per-site ledgers means nothing: keep the strategy's other metrics only
+        out = MetricRecord({k: v for k, v in (metrics or {}).items() if not k.startswith("dp-")})
         if eps:
             out[keys.DP_EPSILON] = max(eps)  # the FedAvg mean of epsilons means nothing: report the worst site
         out[DP_SITES_REFUSED] = len(refused)
@@ -307,9 +308,17 @@ def wrap_client_dp(strategy: Strategy, exp: ExperimentConfig, *, num_sites: int)
     else:
         cls = (fl.DifferentialPrivacyServerSideAdaptiveClipping if p.clipping_side == "server"
                else fl.DifferentialPrivacyClientSideAdaptiveClipping)
-        wrapped = cls(strategy, sigma, num_sampled, initial_clipping_norm=p.clipping_norm,
-                      target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
-                      clipped_count_stddev=p.clipped_count_stddev)
+        try:
+            wrapped = cls(strategy, sigma, num_sampled, initial_clipping_norm=p.clipping_norm,
+                          target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
+                          clipped_count_stddev=p.clipped_count_stddev)
+        except ValueError as err:  # the count noise must be > sigma/2 for the update noise to exist
+            std = p.clipped_count_stddev if p.clipped_count_stddev is not None else num_sampled / 20
+            raise ConfigError(
+                f"privacy.clipped_count_stddev: {std:g} (None = Flower's default num_sampled/20) is too low for "
+                f"adaptive clipping at noise multiplier {sigma:.4f}; it must exceed noise_multiplier/2 = "
+                f"{sigma / 2:.4f} (Flower: {err})"
+            ) from err
         own = True
     log(INFO, "client-level DP: %s, noise multiplier %.4f for %d rounds of %d of %d sites (budget epsilon %s, "
         "delta %g)", type(wrapped).__name__, sigma, exp.train.rounds, num_sampled, num_sites,
@@ -332,6 +341,12 @@ def find_client_dp(strategy: Strategy) -> ClientLevelDP | None:
 def wrap_privacy(strategy: Strategy, exp: ExperimentConfig, *, num_sites: int) -> Strategy:
     """The ServerApp's last step: the site-ledger screen (mode sample), a check (mode client)."""
     if exp.privacy.mode == "sample":
+        name = exp.strategy.name
+        if name == "scaffold" or (name == "fedprox" and exp.strategy.typed_params().proximal_mu > 0):
+            raise ConfigError(
+                f"privacy.mode 'sample' cannot be combined with strategy.name {name!r}: it edits the sites' local "
+                "loss or gradients, which Opacus' DP optimizer would overwrite; use privacy.mode 'client'"
+            )
         return SiteLedgerScreen(strategy)
     if exp.privacy.mode == "client" and find_client_dp(strategy) is None:
         raise RuntimeError("privacy.mode is 'client' but the strategy carries no client-level DP wrapper "

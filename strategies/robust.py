@@ -282,5 +282,5 @@ class RobustStrategy(Strategy):
                 return arrays, f"array {k!r} is not finite"
             if str(x.dtype) != dtype:
                 x = (np.rint(x) if np.dtype(dtype).kind in "iub" else x).astype(dtype)
-            out[k] = Array(np.ascontiguousarray(x))
+            out[k] = Array(np.array(x, order="C"))  # not ascontiguousarray: it turns 0-d into (1,)
         return ArrayRecord(out), None

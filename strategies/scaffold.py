@@ -94,7 +94,7 @@ class Scaffold(FedAvg):
         if self.c is None:
             self.c = {k: np.zeros_like(self.current[k]) for k in self.param_keys}
         msgs = list(super().configure_train(server_round, arrays, config, grid))
-        c_record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in self.c.items()})
+        c_record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in self.c.items()})
         for msg in msgs:  # FedAvg's messages share one RecordDict; setting it per message is idempotent
             msg.content[keys.SCAFFOLD_C] = c_record
         return msgs
@@ -122,4 +122,4 @@ class Scaffold(FedAvg):
             mean_dc = np.mean(np.stack([dc[k].numpy() for dc in dcs]), axis=0)
             self.c[k] = (self.c[k] + frac * mean_dc).astype(self.c[k].dtype)
         metrics = self.train_metrics_aggr_fn(models, self.weighted_by_key)
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in new.items()}), metrics

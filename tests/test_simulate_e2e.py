@@ -40,3 +40,18 @@ def test_bad_experiment_exits_with_a_named_error(tmp_path: Path) -> None:
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "bad.yaml: train.rounds: must be >= 1, got -1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_batchnorm_model_federates(tmp_path: Path) -> None:
+    """BatchNorm's 0-d int64 `num_batches_tracked` survives aggregation, screening and reloading."""
+    from medflower.config import ExperimentConfig
+    from simulation.runner import simulate
+
+    exp = ExperimentConfig.from_dict({
+        "name": "bn", "data": {"kind": "synthetic", "synthetic_samples": 200},
+        "partition": {"num_sites": 2, "alpha": 5.0}, "model": {"name": "cnn", "norm": "batch"},
+        "train": {"rounds": 2}})
+    summary = simulate(exp, tmp_path / "bn")
+    assert [r["aggregated"] for r in summary["rounds"]] == [True, True], summary["rounds"][-1]["failures"]
+    assert all(not r["failures"] for r in summary["rounds"])

@@ -24,8 +24,8 @@ Intensity = Literal["minmax", "zscore", "window", "none"]
 
 # keys that say how an image becomes a tensor; a site YAML inherits the ones it omits from the experiment
 PREPARATION_KEYS = (
-    "channels", "orientation", "spacing", "intensity", "window", "size", "fit", "patch_size", "slabs",
-    "classes", "num_classes", "mask_values",
+    "channels", "orientation", "spacing", "intensity", "window", "size", "fit", "patch_size",
+    "patch_sampling", "patches_per_image", "slabs", "classes", "num_classes", "mask_values",
 )
 
 
@@ -69,10 +69,14 @@ class DataConfig:
     orientation: str | None = None  # e.g. "RAS" (3D): reorient every volume to these axis codes
     spacing: tuple[float, ...] | None = None  # resample to this voxel size (mm), e.g. [1.0, 1.0, 2.5]
     intensity: Intensity = "minmax"
-    window: tuple[float, float] | None = None  # intensity: window; e.g. CT HU [-1000, 400], PNG [0, 255]
+    window: tuple[float, ...] | None = None  # intensity: window; e.g. CT HU [-1000, 400], PNG [0, 255]
     size: tuple[int, ...] | None = None  # every image is brought to this size ([H, W] or [X, Y, Z])
     fit: Literal["resize", "pad_crop"] = "resize"  # how `size` is reached
-    patch_size: tuple[int, ...] | None = None  # segmentation: train on grid patches, infer by sliding window
+    patch_size: tuple[int, ...] | None = None  # segmentation: train on patches, infer by sliding window
+    # grid: non-overlapping patches covering each training image; balanced: MONAI's
+    # RandCropByPosNegLabel, patches_per_image crops per image, half centred on foreground (seeded)
+    patch_sampling: Literal["grid", "balanced"] = "grid"
+    patches_per_image: int = rng_field(4, min=1, max=1000)
     slabs: int = rng_field(1, min=1, max=64)  # 3D: cut each volume into slabs along its last axis
     classes: tuple[str, ...] | None = None  # classification: class names in label order
     num_classes: int | None = rng_field(None, min=2, max=1000)  # segmentation: label values incl. background
@@ -85,8 +89,8 @@ class DataConfig:
             raise ConfigError("data.path: required when data.kind is 'medmnist' (or set data.name to download)")
         if self.intensity == "window" and self.window is None:
             raise ConfigError("data.window: required when data.intensity is 'window' (e.g. [-1000, 400] for CT)")
-        if self.window is not None and not self.window[0] < self.window[1]:
-            raise ConfigError(f"data.window: low must be below high, got {list(self.window)}")
+        if self.window is not None and (len(self.window) != 2 or not self.window[0] < self.window[1]):
+            raise ConfigError(f"data.window: expected [low, high] with low < high, got {list(self.window)}")
         for key in ("size", "patch_size", "spacing"):
             value = getattr(self, key)
             if value is not None and (len(value) not in (2, 3) or min(value) <= 0):

@@ -28,7 +28,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medflower.data.base import ArraySplit, DataError, DatasetSplits, split_indices
-from medflower.data.readers import SUPPORTED, Prepared, cut_slabs, grid_patches, prepare
+from medflower.data.readers import (
+    SUPPORTED, Prepared, balanced_patches, cut_slabs, grid_patches, prepare, segmentation_classes,
+)
 
 if TYPE_CHECKING:
     from medflower.config import ExperimentConfig
@@ -294,7 +296,8 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
     """Read and prepare every row (raising :class:`DataError` naming the first bad file)."""
     samples, prepared = [], []
     for r, row in enumerate(rows.rows):
-        prep = prepare(row.image, row.label if isinstance(row.label, Path) else None, cfg)
+        prep = prepare(row.image, row.label if isinstance(row.label, Path) else None, cfg,
+                       num_classes=segmentation_classes(cfg, rows.num_classes))
         prepared.append(prep)
         imgs = cut_slabs(prep.image, cfg.slabs, row.image)
         targets = cut_slabs(prep.mask, cfg.slabs, row.image) if prep.mask is not None else None
@@ -310,19 +313,20 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
 
 
 def _stack(samples: list[Sample], idx: list[int], rows: RowList, task: str, like: Sample) -> ArraySplit:
-    if not idx:
-        tshape = like.image.shape[1:]
-        images = np.zeros((0, *like.image.shape), np.float32)
-        targets = np.zeros((0, 1, *tshape), np.int64) if task == "segmentation" else np.zeros(0, np.int64)
-        return ArraySplit(images, targets)
-    images = np.stack([samples[i].image for i in idx]).astype(np.float32)
-    if task == "segmentation":
-        targets = np.stack([samples[i].target for i in idx]).astype(np.int64)  # type: ignore[misc]
+    """One split's arrays, with per-sample groups (also on an empty split, so partitioners find the keys)."""
+    if idx:
+        images = np.stack([samples[i].image for i in idx]).astype(np.float32)
+        if task == "segmentation":
+            targets = np.stack([samples[i].target for i in idx]).astype(np.int64)  # type: ignore[misc]
+        else:
+            targets = np.array([samples[i].target for i in idx], dtype=np.int64)
     else:
-        targets = np.array([samples[i].target for i in idx], dtype=np.int64)
+        images = np.zeros((0, *like.image.shape), np.float32)
+        targets = (np.zeros((0, 1, *like.image.shape[1:]), np.int64) if task == "segmentation"
+                   else np.zeros(0, np.int64))
     groups = {"row": np.array([samples[i].row for i in idx], dtype=np.int64)}
     for col in rows.rows[0].groups:
-        groups[col] = np.array([rows.rows[samples[i].row].groups[col] for i in idx])
+        groups[col] = np.array([rows.rows[samples[i].row].groups[col] for i in idx], dtype=str)
     if rows.has_patients:
         # pseudonymous integer codes: the IDs themselves stay in the manifest
         codes = {p: k for k, p in enumerate(dict.fromkeys(r.patient for r in rows.rows))}
@@ -330,11 +334,16 @@ def _stack(samples: list[Sample], idx: list[int], rows: RowList, task: str, like
     return ArraySplit(images, targets, groups)
 
 
-def _patchify(split: ArraySplit, patch_size: tuple[int, ...]) -> ArraySplit:
+def _patchify(split: ArraySplit, cfg: DataConfig, seed: int) -> ArraySplit:
+    patch_size = tuple(cfg.patch_size or ())
     if len(split) == 0:
         return ArraySplit(np.zeros((0, split.images.shape[1], *patch_size), np.float32),
-                          np.zeros((0, 1, *patch_size), np.int64))
-    images, masks = grid_patches(split.images, split.targets, patch_size)
+                          np.zeros((0, 1, *patch_size), np.int64), dict(split.groups))
+    if cfg.patch_sampling == "balanced":
+        images, masks = balanced_patches(split.images, split.targets, patch_size, per_image=cfg.patches_per_image,
+                                         seed=seed)
+    else:
+        images, masks = grid_patches(split.images, split.targets, patch_size)
     per = len(images) // len(split)
     return ArraySplit(images, masks, {k: np.repeat(v, per) for k, v in split.groups.items()})
 
@@ -354,14 +363,9 @@ def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name
                     "(test scores are not patient-independent)", path)
     parts = {k: _stack(samples, v, rows, task, samples[0]) for k, v in by_split.items()}
     if task == "segmentation":
-        stored_max = max(int(p.target.max()) for p in samples)  # type: ignore[union-attr]
-        num_classes = cfg.num_classes or (len(cfg.mask_values) if cfg.mask_values else None) \
-            or rows.num_classes or max(2, stored_max + 1)
-        if stored_max >= num_classes:
-            raise DataError(f"{path}: masks hold class {stored_max} but there are only {num_classes} classes "
-                            "(data.num_classes / data.mask_values / dataset.json labels)")
+        num_classes = segmentation_classes(cfg, rows.num_classes)  # masks were checked against it
         if cfg.patch_size is not None:
-            parts["train"] = _patchify(parts["train"], tuple(cfg.patch_size))
+            parts["train"] = _patchify(parts["train"], cfg, seed)
     else:
         if cfg.patch_size is not None:
             raise DataError("data.patch_size: applies to segmentation only (classification resizes with data.size)")

@@ -161,7 +161,7 @@ def _adapt_channels(img: Any, channels: int | None, path: Path) -> Any:
                     "grey<->RGB(A)")
 
 
-def _mask_to_classes(mask: np.ndarray, cfg: DataConfig, path: Path) -> np.ndarray:
+def _mask_to_classes(mask: np.ndarray, cfg: DataConfig, num_classes: int, path: Path) -> np.ndarray:
     values = np.unique(mask)
     if not np.allclose(values, np.round(values)):
         raise DataError(f"{path}: mask holds non-integer values; a mask must hold label values")
@@ -175,15 +175,25 @@ def _mask_to_classes(mask: np.ndarray, cfg: DataConfig, path: Path) -> np.ndarra
         for v, i in lut.items():
             out[mask == v] = i
         return out
-    if mask.min() < 0 or (cfg.num_classes is not None and mask.max() >= cfg.num_classes):
-        hi = f"{cfg.num_classes - 1}" if cfg.num_classes else "..."
-        raise DataError(f"{path}: mask values {np.unique(mask).tolist()[:10]} fall outside 0..{hi}; "
-                        "set data.mask_values to map stored values (e.g. [0, 255]) to classes")
+    if mask.min() < 0 or mask.max() >= num_classes:
+        raise DataError(f"{path}: mask values {np.unique(mask).tolist()[:10]} fall outside the class indices "
+                        f"0..{num_classes - 1}; set data.mask_values to map stored values (e.g. [0, 255]) to "
+                        "classes, or data.num_classes")
     return mask
 
 
-def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig) -> Prepared:
-    """Read ``image_path`` (and its mask) and apply the configured preparation with MONAI transforms."""
+def segmentation_classes(cfg: DataConfig, listed: int | None = None) -> int:
+    """Class count of a segmentation set: ``num_classes``, else ``mask_values``, else the count the
+    data set lists (``dataset.json`` labels), else 2 (binary masks)."""
+    return cfg.num_classes or (len(cfg.mask_values) if cfg.mask_values else None) or listed or 2
+
+
+def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_classes: int | None = None
+            ) -> Prepared:
+    """Read ``image_path`` (and its mask) and apply the configured preparation with MONAI transforms.
+
+    Mask values must be class indices below ``num_classes`` (default :func:`segmentation_classes`).
+    """
     from monai import transforms as mt
 
     img = read_image(image_path)
@@ -234,7 +244,8 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig) -> Prepar
     x = np.ascontiguousarray(torch.as_tensor(img).numpy(), dtype=np.float32)
     m = None
     if mask is not None:
-        m = _mask_to_classes(np.asarray(torch.as_tensor(mask).numpy()), cfg, mask_path or image_path)
+        m = _mask_to_classes(np.asarray(torch.as_tensor(mask).numpy()), cfg,
+                             num_classes or segmentation_classes(cfg), mask_path or image_path)
     return Prepared(x, m, raw_shape, raw_channels, spacing, stored_values)
 
 
@@ -257,6 +268,39 @@ def grid_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, .
     grid = GridPatch(patch_size=patch_size, pad_mode="constant")
     xs, ys = [], []
     for x, y in zip(images, masks):
-        xs.append(np.asarray(grid(torch.from_numpy(x))))
-        ys.append(np.asarray(grid(torch.from_numpy(y))))
-    return (np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64))
+        xs.append(_numpy(grid(torch.from_numpy(x))))
+        ys.append(_numpy(grid(torch.from_numpy(y))))
+    return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
+
+
+def balanced_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, ...], *, per_image: int,
+                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """MONAI ``RandCropByPosNegLabel``: ``per_image`` crops per image, centred on foreground and
+    background voxels in equal proportion (only background where an image has no foreground).
+
+    Small lesions fill few grid patches; balanced crops keep them in about half of the training
+    patches. Seeded, so every process that loads the data set draws the same patches.
+    """
+    from monai.transforms import RandCropByPosNegLabel
+
+    crop = RandCropByPosNegLabel(spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=per_image,
+                                 allow_smaller=True)
+    crop.set_random_state(seed=seed)
+    xs, ys = [], []
+    for x, y in zip(images, masks):
+        fg = torch.from_numpy((y > 0).astype(np.int64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI warns when an image has no foreground
+            xi = crop(torch.from_numpy(x), label=fg)
+            yi = crop(torch.from_numpy(y), label=fg, randomize=False)
+        xs += [_numpy(t) for t in xi]
+        ys += [_numpy(t) for t in yi]
+    shapes = {a.shape[1:] for a in xs}
+    if shapes != {tuple(patch_size)}:
+        raise DataError(f"data.patch_size: {list(patch_size)} exceeds the prepared images {sorted(shapes)}")
+    return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int64)
+
+
+def _numpy(t: Any) -> np.ndarray:
+    """A MetaTensor or tensor as a plain numpy array (metadata dropped)."""
+    return np.asarray(torch.as_tensor(t).detach().cpu().numpy())

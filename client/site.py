@@ -1,0 +1,284 @@
+"""A hospital's site YAML: its public name and where its images are; ``medflower site check``.
+
+The IT team of a hospital writes this file once, next to its data::
+
+    name: st-mary-radiology        # public: the only thing about the site the federation sees
+    task: segmentation             # classification (labels) or segmentation (mask files)
+    data:
+      kind: manifest               # manifest (CSV) | decathlon (dataset.json) | folders
+      path: /data/fl/manifest.csv  # relative paths resolve from this YAML's folder
+      patient_column: patient_id   # optional; one patient never spans train and test
+
+Keys under ``data:`` are those of an experiment's ``data:`` section (:class:`DataConfig`). How
+images are *prepared* (size, spacing, intensity window, ...) must be the same at every site, so
+preparation keys the site YAML leaves out are taken from the experiment the coordinator sends
+(:data:`medflower.config.data.PREPARATION_KEYS`); the site's own split fractions and columns stay.
+
+The SuperNode reads it through ``--node-config "site-config='site.yaml'"``
+(:func:`load_site_data`, called by :mod:`client.app`). Loading is the very code the simulator uses
+(:func:`medflower.data.manifest.load_file_dataset`), so a federation rehearsed in simulation reads
+a hospital's files the same way.
+
+``medflower site check SITE.yaml`` reads every file once before the hospital joins and reports
+counts, label balance, shapes, spacings, unreadable files, masks on the wrong grid and patients
+that cross splits. It prints paths, shapes and spacings only: never a DICOM header value (names,
+IDs, dates) and never a patient ID from the manifest (rows are named instead).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+
+from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
+from medflower.schema import ConfigError, from_dict, to_dict
+
+if TYPE_CHECKING:
+    from medflower.config import ExperimentConfig
+    from medflower.data.base import ArraySplit
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """The site YAML. ``name`` is public; ``data`` says where the files are (see module doc)."""
+
+    name: str
+    task: Literal["classification", "segmentation"]
+    data: DataConfig
+    # the YAML's folder (relative paths resolve from it); not a YAML key
+    base_dir: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not NAME_RE.match(self.name):
+            raise ConfigError(f"name: {self.name!r} is not a valid public site name: 1-64 letters, digits, "
+                              "'.', '_' or '-', starting with a letter or digit (no patient or staff names)")
+        if self.data.kind not in FILE_KINDS:
+            raise ConfigError(f"data.kind: a site reads its own files; valid choices are "
+                              + ", ".join(repr(k) for k in FILE_KINDS) + f" (got {self.data.kind!r})")
+
+    def data_path(self) -> Path:
+        p = Path(self.data.path or "").expanduser()
+        return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: site file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with keys name, task, data")
+    return raw
+
+
+def load_site_config(path: str | Path, exp: ExperimentConfig | None = None) -> SiteConfig:
+    """Read and validate a site YAML; with ``exp``, fill the preparation keys it omits from ``exp.data``.
+
+    Errors name the file and the key. With ``exp``, a task that differs from the experiment's is an
+    error (a site with masks cannot join a classification study).
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    if exp is not None and isinstance(raw.get("data"), dict):
+        inherited = {k: v for k, v in to_dict(exp.data).items() if k in PREPARATION_KEYS and k not in raw["data"]}
+        raw = {**raw, "data": {**inherited, **raw["data"]}}
+    try:
+        site = from_dict(SiteConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    if exp is not None and site.task != exp.task:
+        raise ConfigError(f"{path}: task is {site.task!r} but the experiment {exp.name!r} is {exp.task!r}")
+    return replace(site, base_dir=str(path.resolve().parent))
+
+
+@dataclass
+class LocalSite:
+    """A deployed hospital's splits, shaped like the simulator's ``SiteData``."""
+
+    name: str
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> ArraySplit:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
+        return getattr(self, name)
+
+
+def load_site_data(site_yaml_path: str | Path, exp: ExperimentConfig) -> LocalSite:
+    """The hospital's own train/val/test arrays, prepared as ``exp`` prescribes (cached per process)."""
+    path = Path(site_yaml_path).resolve()
+    mtime = path.stat().st_mtime_ns if path.is_file() else 0
+    return _load_site(str(path), mtime, exp.to_json())
+
+
+@lru_cache(maxsize=2)
+def _load_site(path: str, mtime: int, exp_json: str) -> LocalSite:
+    from medflower.config import ExperimentConfig
+    from medflower.data.manifest import load_file_dataset
+
+    exp = ExperimentConfig.from_json(exp_json)
+    site = load_site_config(path, exp)
+    ds = load_file_dataset(site.data, path=site.data_path(), task=site.task, seed=exp.seed, name=site.name)
+    m = exp.model
+    expected = {"model.in_channels": (m.in_channels, ds.in_channels),
+                "model.img_size": (tuple(m.img_size) if m.img_size else None, tuple(ds.img_size))}
+    for key, (want, got) in expected.items():
+        if want is not None and want != got:
+            raise ConfigError(f"{path}: the site's prepared images give {key.split('.')[1]} {got} but the "
+                              f"experiment's {key} is {want}; set data.size/data.channels (or leave them "
+                              "to the experiment)")
+    return LocalSite(site.name, ds.train, ds.val, ds.test, {"num_classes": ds.num_classes})
+
+
+# ------------------------------------------------------------------------------------------ site check
+@dataclass
+class CheckReport:
+    lines: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _counts(counter: Counter, fmt: Any = str) -> str:
+    return ", ".join(f"{fmt(k)} (x{n})" for k, n in counter.most_common(6)) + (
+        f", ... {len(counter) - 6} more" if len(counter) > 6 else "")
+
+
+def _shape(t: tuple) -> str:
+    return "x".join(str(v) for v in t)
+
+
+def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
+    """Read every file of ``site`` once (with its preparation) and collect what a person must know."""
+    import numpy as np
+
+    from medflower.data.base import DataError
+    from medflower.data.manifest import assign_splits, patient_crossings, read_rows
+    from medflower.data.readers import file_format, prepare, segmentation_classes
+
+    rep = CheckReport()
+    cfg, path = site.data, site.data_path()
+    rep.lines.append(f"site {site.name!r}: {site.task}, data.kind {cfg.kind}, {path.resolve()}")
+    try:
+        rows = read_rows(cfg, path, site.task)
+    except DataError as err:
+        rep.errors.append(str(err))
+        return rep
+    n = len(rows.rows)
+    rep.lines.append(f"listed: {n} image(s)" + (f", {len({r.patient for r in rows.rows if r.patient})} patient(s)"
+                                               if rows.has_patients else " (no patient column: each image is "
+                                               "treated as its own patient)"))
+    formats, shapes, spacings, channels, prepared_shapes = Counter(), Counter(), Counter(), Counter(), Counter()
+    labels, mask_values, voxels = Counter(), Counter(), Counter()
+    seen: dict[str, str] = {}
+    ok_rows = []
+    for r, row in enumerate(rows.rows):
+        key = str(row.image.resolve())
+        if key in seen:
+            rep.warnings.append(f"{row.where}: image {row.image} is also listed at {seen[key]}")
+        seen.setdefault(key, row.where)
+        try:
+            formats[file_format(row.image) if row.image.exists() else "missing"] += 1
+            prep = prepare(row.image, row.label if isinstance(row.label, Path) else None, cfg,
+                           num_classes=segmentation_classes(cfg, rows.num_classes))
+        except DataError as err:
+            rep.errors.append(f"{row.where}: {err}")
+            continue
+        ok_rows.append(r)
+        shapes[prep.raw_shape] += 1
+        spacings[prep.spacing] += 1
+        channels[prep.raw_channels] += 1
+        prepared_shapes[prep.image.shape] += 1
+        if prep.mask is not None:
+            mask_values.update(prep.mask_values)
+            values, counts = np.unique(prep.mask, return_counts=True)
+            voxels.update(dict(zip(values.tolist(), counts.tolist())))
+        else:
+            labels[int(row.label)] += 1  # type: ignore[arg-type]
+    rep.lines.append(f"readable: {len(ok_rows)}/{n}; formats: {_counts(formats)}")
+    if ok_rows:
+        rep.lines.append(f"stored shapes: {_counts(shapes, _shape)}")
+        rep.lines.append(f"stored channels: {_counts(channels)}")
+        rep.lines.append(f"stored spacings (mm): {_counts(spacings, _shape)}")
+        rep.lines.append(f"prepared (C x spatial): {_counts(prepared_shapes, _shape)}")
+        dims = sorted({len(s) - 1 for s in prepared_shapes})
+        if len(dims) > 1:
+            rep.errors.append(f"images are {' and '.join(f'{d}D' for d in dims)}; one site's images must all be "
+                              "2D or all 3D")
+        elif len(prepared_shapes) > 1 and cfg.size is None:
+            rep.warnings.append(f"images differ in shape ({_counts(prepared_shapes, _shape)}); the experiment's "
+                                "data.size must resize them (check with --experiment EXP.yaml)")
+        elif len(prepared_shapes) > 1:
+            rep.errors.append(f"prepared images differ in shape ({_counts(prepared_shapes, _shape)}); set "
+                              "data.size (and data.channels) so that every image has the same shape")
+    if site.task == "classification" and labels:
+        names = cfg.classes or ()
+        total = sum(labels.values())
+        rep.lines.append("label balance: " + ", ".join(
+            f"{names[k] if k < len(names) else k}: {labels[k]} ({100 * labels[k] / total:.1f}%)" for k in sorted(labels)))
+        if len(labels) < 2:
+            rep.warnings.append("only one class present: this site cannot train a classifier on its own")
+    if site.task == "segmentation" and voxels:
+        total = sum(voxels.values())
+        rep.lines.append(f"stored mask values: {sorted(mask_values)}")
+        rep.lines.append("class balance (voxels): " + ", ".join(
+            f"class {k}: {100 * v / total:.2f}%" for k, v in sorted(voxels.items())))
+    crossing = patient_crossings(rows.rows, [r.split for r in rows.rows])
+    for c in crossing[:20]:
+        rep.errors.append("one patient is in more than one split: " + ", ".join(c) + " (rows shown, not the ID)")
+    if ok_rows and not crossing:
+        units = [r for r in ok_rows for _ in range(cfg.slabs)]
+        try:
+            splits = Counter(assign_splits(rows.rows, units, cfg, seed=seed))
+            rep.lines.append(f"splits (seed {seed}): train {splits['train']}, val {splits['val']}, test {splits['test']}"
+                             + (f" ({cfg.slabs} slabs per volume)" if cfg.slabs > 1 else ""))
+            if not splits["train"]:
+                rep.errors.append("no training samples after splitting; lower data.val_fraction/test_fraction")
+        except DataError as err:
+            rep.errors.append(str(err))
+        if cfg.split_by == "sample":
+            rep.warnings.append("data.split_by is 'sample': each patient is on both sides of the split")
+    return rep
+
+
+def run_check(site_yaml: str | Path, experiment: str | Path | None = None, *, out: Any = None) -> int:
+    """``medflower site check``: print the report; 0 if the data are usable, 1 on errors."""
+    from medflower.config import load_experiment
+
+    out = out or sys.stdout
+    exp = load_experiment(experiment) if experiment else None
+    site = load_site_config(site_yaml, exp)
+    rep = check_site(site, seed=exp.seed if exp is not None else 0)
+    for line in rep.lines:
+        print(line, file=out)
+    for w in rep.warnings:
+        print(f"WARNING: {w}", file=out)
+    for e in rep.errors:
+        print(f"ERROR: {e}", file=out)
+    verdict = "FAILED" if rep.errors else "OK"
+    print(f"site check {verdict}: {len(rep.errors)} error(s), {len(rep.warnings)} warning(s)", file=out)
+    return 1 if rep.errors else 0
+
+
+def add_parsers(sub: Any) -> None:
+    """``medflower site check SITE.yaml [--experiment EXP.yaml]``."""
+    p = sub.add_parser("site", help="a hospital's own data (site YAML)")
+    site_sub = p.add_subparsers(dest="site_command", required=True)
+    c = site_sub.add_parser("check", help="read every file once and report problems before joining")
+    c.add_argument("site", help="the site YAML")
+    c.add_argument("--experiment", "-e", help="experiment YAML whose data preparation to apply (optional)")
+    c.set_defaults(func=lambda args: run_check(args.site, args.experiment))
+

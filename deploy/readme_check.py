@@ -1,0 +1,78 @@
+"""Keep deploy/README.md honest: each command it shows must be one the tested lab actually ran.
+
+A command matches when a recorded command has the same program (by base name) and sub-commands
+and uses at least the README's flags. Code blocks preceded by ``<!-- not exercised: REASON -->``
+(the container commands: no Docker engine in the test environment) are skipped and listed by
+:func:`skipped_blocks` so the exemption stays visible.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+README = Path(__file__).resolve().parent / "README.md"
+CHECKED = ("medflower", "flwr", "start-coordinator.sh", "start-hospital.sh")
+_BLOCK = re.compile(r"(<!--\s*not exercised:[^>]*-->\s*\n)?```(?:bash|sh|shell|console)\n(.*?)```", re.S)
+
+
+def _blocks(text: str) -> list[tuple[bool, str]]:
+    return [(bool(m.group(1)), m.group(2)) for m in _BLOCK.finditer(text)]
+
+
+def _lines(block: str) -> list[str]:
+    out, cur = [], ""
+    for raw in block.splitlines():
+        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        if line.endswith("\\"):
+            cur += line[:-1] + " "
+            continue
+        cur += line
+        if cur.strip():
+            out.append(cur.strip().removeprefix("$ "))
+        cur = ""
+    return out
+
+
+def readme_commands(path: Path = README) -> list[str]:
+    """Every command line of the README's exercised code blocks."""
+    return [line for skipped, block in _blocks(path.read_text(encoding="utf-8")) if not skipped
+            for line in _lines(block)]
+
+
+def skipped_blocks(path: Path = README) -> list[str]:
+    return [block for skipped, block in _blocks(path.read_text(encoding="utf-8")) if skipped]
+
+
+def signature(argv: list[str]) -> tuple[str, tuple[str, ...], frozenset[str]]:
+    """(program base name, sub-commands, flags) of a command line."""
+    while argv and re.match(r"^[A-Z_][A-Z0-9_]*=", argv[0]):  # leading VAR=value assignments
+        argv = argv[1:]
+    if not argv:
+        return "", (), frozenset()
+    prog = Path(argv[0]).name
+    subs: list[str] = []
+    if prog in ("medflower", "flwr"):
+        for tok in argv[1:]:
+            if tok.startswith("-") or len(subs) == 2 or not re.match(r"^[a-z][a-z-]*$", tok):
+                break
+            subs.append(tok)
+            if prog == "flwr" and tok in ("run", "ls", "stop"):
+                break
+    flags = frozenset(t.split("=")[0] for t in argv[1:] if t.startswith("--"))
+    return prog, tuple(subs), flags
+
+
+def unexercised(commands: list[str], recorded: list[list[str]]) -> list[str]:
+    """README command lines with no matching recorded command (or with a program not checked)."""
+    sigs = [signature(list(r)) for r in recorded]
+    missing = []
+    for line in commands:
+        prog, subs, flags = signature(shlex.split(line))
+        if prog not in CHECKED:
+            missing.append(f"{line}   (program {prog!r} is not one the lab runs: {', '.join(CHECKED)})")
+            continue
+        if not any(p == prog and s == subs and flags <= f for p, s, f in sigs):
+            missing.append(line)
+    return missing

@@ -1,0 +1,202 @@
+"""Federation certificates, node keys, the flwr connection entry and ``medflower node check``.
+
+The coordinator is stood in for by a small HTTPS server on 127.0.0.1 using the generated
+certificate, so the TLS checks run the real handshake and verification (loopback only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.server
+import os
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+import tomli
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from deploy import certs, nodecheck
+from medflower.cli import main as cli
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> certs.FederationCerts:
+    return certs.make_federation_certs(tmp_path / "certs", names=["coordinator.example.org"], ips=["10.0.0.5"])
+
+
+def _san(path: Path) -> tuple[list[str], list[str]]:
+    d = certs.describe_cert(x509.load_pem_x509_certificate(path.read_bytes()))
+    return d["dns"], d["ips"]
+
+
+def test_coordinator_certificate_names_every_address_and_chains_to_the_ca(fed) -> None:
+    dns, ips = _san(fed.coordinator_cert)
+    assert dns == ["coordinator.example.org", "localhost"] and ips == ["10.0.0.5", "127.0.0.1"]
+    ca = x509.load_pem_x509_certificate(fed.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(fed.coordinator_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert fed.ca_key.stat().st_mode & 0o777 == 0o600 and fed.coordinator_key.stat().st_mode & 0o777 == 0o600
+
+
+def test_reissuing_keeps_the_ca_so_hospitals_keep_their_ca_crt(fed, tmp_path: Path) -> None:
+    ca_before = fed.ca_cert.read_bytes()
+    again = certs.make_federation_certs(tmp_path / "certs", names=["new-name"], ips=[])
+    assert again.reused_ca and again.ca_cert.read_bytes() == ca_before
+    assert _san(again.coordinator_cert)[0] == ["new-name", "localhost"]
+    fed.ca_key.rename(tmp_path / "offline-ca.key")  # kept offline: no silent new CA
+    with pytest.raises(ValueError, match="ca.key does not"):
+        certs.make_federation_certs(tmp_path / "certs", names=["x"], ips=[])
+    assert fed.ca_cert.read_bytes() == ca_before
+
+
+def test_bad_inputs_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--ip 'coordinator'"):
+        certs.make_federation_certs(tmp_path, names=[], ips=["coordinator"])
+    with pytest.raises(ValueError, match="at least one --name or --ip"):
+        certs.make_federation_certs(tmp_path, names=[], ips=[])
+    with pytest.raises(ValueError, match="site name 'a/b'"):
+        certs.make_node_key(tmp_path, site="a/b")
+
+
+def test_node_key_is_what_flower_loads_and_registers(tmp_path: Path) -> None:
+    from flwr.cli.supernode.register import try_load_public_key
+
+    key = certs.make_node_key(tmp_path, site="hospital-a")
+    priv = serialization.load_ssh_private_key(key.private_key.read_bytes(), password=None)  # flower-supernode's loader
+    assert priv.curve.name == "secp384r1"
+    assert key.private_key.stat().st_mode & 0o777 == 0o600
+    assert try_load_public_key(key.public_key)  # `flwr supernode register`'s loader
+    assert key.public_key.read_text().split()[:2] == certs.public_key_line(priv).split()
+    with pytest.raises(ValueError, match="already exists"):
+        certs.make_node_key(tmp_path, site="hospital-a")
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def serve(fed):
+    """Start HTTPS servers on a loopback address presenting the coordinator's certificate."""
+    servers = []
+
+    def start(host: str = "127.0.0.1") -> int:
+        srv = http.server.ThreadingHTTPServer((host, 0), _Health)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(fed.coordinator_cert, fed.coordinator_key)
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv.server_address[1]
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def tls_server(serve) -> int:
+    return serve("127.0.0.1")
+
+
+def test_node_check_passes_against_the_coordinator(fed, tls_server, tmp_path: Path, capsys) -> None:
+    key = certs.make_node_key(tmp_path / "site", site="hospital-a")
+    rc = cli(["node", "check", "--coordinator", f"127.0.0.1:{tls_server}", "--ca", str(fed.ca_cert),
+              "--key", str(key.private_key), "--pub", str(key.public_key),
+              "--node-config", "partition-id=0 num-partitions=3"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "all checks passed" in out and "/health answered 200" in out
+
+
+def test_node_check_explains_a_name_missing_from_the_certificate(fed, serve) -> None:
+    port = serve("127.0.0.2")  # a loopback address the certificate does not name
+    res = nodecheck.check_coordinator(f"127.0.0.2:{port}", fed.ca_cert)
+    assert res.status == "fail"
+    assert "127.0.0.2" in res.detail and "coordinator.example.org" in res.detail and "--name/--ip" in res.detail
+
+
+def test_node_check_rejects_a_coordinator_signed_by_another_ca(tls_server, tmp_path: Path) -> None:
+    other = certs.make_federation_certs(tmp_path / "other", names=["x"], ips=[])
+    res = nodecheck.check_coordinator(f"127.0.0.1:{tls_server}", other.ca_cert)
+    assert res.status == "fail" and "TLS verification" in res.detail and "--ca" in res.detail
+
+
+def test_node_check_reports_nothing_listening(fed) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    res = nodecheck.check_coordinator(f"127.0.0.1:{port}", fed.ca_cert)
+    assert res.status == "fail" and "refused" in res.detail
+
+
+def test_node_check_flags_an_expired_ca_and_a_wrong_file(tmp_path: Path, fed) -> None:
+    key, ca = certs.make_ca(common_name="old", days=1)
+    builder = x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject).public_key(key.public_key())
+    now = dt.datetime.now(dt.timezone.utc)
+    expired = (builder.serial_number(1).not_valid_before(now - dt.timedelta(days=10))
+               .not_valid_after(now - dt.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+               .sign(key, certs.hashes.SHA384()))
+    (tmp_path / "old.crt").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    assert "expired" in nodecheck.check_ca(tmp_path / "old.crt").detail
+    res = nodecheck.check_ca(fed.coordinator_cert)
+    assert res.status == "fail" and "not a CA" in res.detail
+
+
+def test_node_check_data_and_key_problems(tmp_path: Path) -> None:
+    from PIL import Image
+
+    assert nodecheck.check_data("partition-id=3 num-partitions=3").status == "fail"
+    assert nodecheck.check_data("partition-id=1 num-partitions=3").status == "ok"
+    site = tmp_path / "site.yaml"
+    site.write_text("name: hospital-a\ntask: classification\ndata:\n  kind: folders\n  path: export\n")
+    res = nodecheck.check_data(f"site-config='{site}'")
+    assert res.status == "fail" and "export" in res.detail and "not found" in res.detail
+    for cls in ("benign", "malignant"):
+        (tmp_path / "export" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=40 * i).save(tmp_path / "export" / cls / f"{i}.png")
+    res = nodecheck.check_data(f"site-config='{site}'")
+    assert res.status == "ok" and "'hospital-a', 4 image(s)" in res.detail, res.detail
+    (tmp_path / "export" / "benign" / "1.png").chmod(0)
+    if not os.access(tmp_path / "export" / "benign" / "1.png", os.R_OK):  # root reads anything
+        res = nodecheck.check_data(f"site-config='{site}'")
+        assert res.status == "fail" and "benign/1.png" in res.detail
+    site.write_text("name: bad/name\ntask: classification\ndata: {kind: folders, path: export}\n")
+    assert "not a valid public site name" in nodecheck.check_data(f"site-config='{site}'").detail
+    assert nodecheck.check_key(tmp_path / "missing.key").status == "fail"
+    a = certs.make_node_key(tmp_path, site="a")
+    b = certs.make_node_key(tmp_path, site="b")
+    assert "does not match" in nodecheck.check_key(a.private_key, b.public_key).detail
+
+
+def test_connection_entry_is_added_without_touching_others(tmp_path: Path, monkeypatch, fed) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert cli(["deploy", "connection", "--name", "fed", "--address", "coordinator.example.org:9093",
+                "--ca", str(fed.ca_cert)]) == 0
+    data = tomli.loads((tmp_path / "home" / "config.toml").read_text())
+    assert data["superlink"]["default"] == "fed"
+    assert data["superlink"]["fed"] == {"address": "coordinator.example.org:9093",
+                                        "root-certificates": str(fed.ca_cert.resolve())}
+    assert "local" in data["superlink"]  # Flower's own entry is kept
+    assert cli(["deploy", "connection", "--name", "fed", "--address", "nohostport", "--ca", str(fed.ca_cert)]) == 2
+
+
+def test_cli_writes_certs_and_keys(tmp_path: Path, capsys) -> None:
+    assert cli(["deploy", "certs", "--out", str(tmp_path / "c"), "--name", "coordinator", "--ip", "10.1.2.3"]) == 0
+    assert cli(["deploy", "node-key", "--site", "hospital-b", "--out", str(tmp_path / "k")]) == 0
+    out = capsys.readouterr().out
+    assert "created CA" in out and "['coordinator', 'localhost', '10.1.2.3', '127.0.0.1']" in out
+    assert (tmp_path / "k" / "hospital-b.pub").is_file()
