@@ -131,7 +131,7 @@ def report() -> None:
         mine = [r for r in rows if r["model"] == model]
         if not mine:
             continue
-        metrics = ("dice",) if model == "unet" else ("auc", "accuracy")
+        metrics = ("dice",) if model == "unet" else ("auc", "balanced-accuracy", "accuracy")
         print(f"\n**{model}** (mean ± sd over seeds; final global test)\n")
         print("| epsilon | seeds | " + " | ".join(f"test {m}" for m in metrics) + " | max site epsilon spent |")
         print("|---|---|" + "---|" * len(metrics) + "---|")

@@ -171,22 +171,20 @@ def report(args) -> None:
         print(f"Strategy table: 5 sites, Dirichlet label skew, small CNN, {rounds} rounds x 1 local epoch, "
               f"mean ± sd over seeds {sorted({r['seed'] for r in table})}. *Global*: the final global model on the "
               "held-out test split (server-side). *Sites*: mean over the 5 sites of their own test split "
-              "(FedBN: with each site's own normalization layers; Ditto: each site's personal model).\n")
+              "(FedBN: with each site's own normalization layers; Ditto: each site's personal model); sites AUC "
+              "averages the sites whose test split holds both classes, and (n=k) marks seeds where no site did.\n")
         for dataset in sorted({r["dataset"] for r in table}):
-            alphas = sorted({r["alpha"] for r in table if r["dataset"] == dataset})
-            print(f"**{dataset}**\n")
-            head = "| strategy | " + " | ".join(f"α={a} global AUC | α={a} global acc | α={a} sites AUC" for a in alphas)
-            print(head + " |")
-            print("|---" * (1 + 3 * len(alphas)) + "|")
-            for strategy in [s for s in TABLE_STRATEGIES if any(r["strategy"] == s for r in table)]:
-                cells = []
-                for a in alphas:
-                    rs = [r for r in table if r["dataset"] == dataset and r["alpha"] == a and r["strategy"] == strategy]
-                    cells += [_ms([r["global_auc"] for r in rs]), _ms([r["global_accuracy"] for r in rs]),
-                              _ms([r["site_auc"] for r in rs])]
-                print(f"| {strategy} | " + " | ".join(cells) + " |")
-            secs = [r["seconds"] for r in table if r["dataset"] == dataset]
-            print(f"\n({len(secs)} runs, {statistics.fmean(secs):.0f} s wall per run on average)\n")
+            for a in sorted({r["alpha"] for r in table if r["dataset"] == dataset}):
+                cell = [r for r in table if r["dataset"] == dataset and r["alpha"] == a]
+                print(f"**{dataset}, Dirichlet α={a}** ({len(cell)} runs, "
+                      f"{statistics.fmean(r['seconds'] for r in cell):.0f} s wall per run on average)\n")
+                print("| strategy | global AUC | global acc | global bal. acc | sites AUC | sites acc |")
+                print("|---|---|---|---|---|---|")
+                for strategy in [s for s in TABLE_STRATEGIES if any(r["strategy"] == s for r in cell)]:
+                    rs = [r for r in cell if r["strategy"] == strategy]
+                    cols = ["global_auc", "global_accuracy", "global_balanced_accuracy", "site_auc", "site_accuracy"]
+                    print(f"| {strategy} | " + " | ".join(_ms([r[c] for r in rs]) for c in cols) + " |")
+                print()
     attack = [r for r in recs if r["kind"] == "attack"]
     if attack:
         a0 = attack[0]

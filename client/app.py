@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import medflower._preload  # noqa: F401  (first: see its docstring)
 
+import zlib
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.strategy_hooks import SiteStrategy
 from client.privacy import RoundPrivacy, client_dp_mod
+from client.augment import make_augment
 from client.train import make_loader, make_optimizer, train_epochs
 from medflower import keys
 from medflower.config import ExperimentConfig
@@ -72,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
     local = SiteStrategy.for_message(msg, context, exp, model)  # strategy's client half (FedProx, SCAFFOLD, ...)
     server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
-    seed = exp.seed * 100003 + server_round * 101 + hash(site.name) % 97
+    seed = exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97  # not hash(): salted per process
     torch.manual_seed(seed)
     loader = make_loader(site.train, exp.train.batch_size, seed)
     optimizer = make_optimizer(model, exp.train)
@@ -81,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
         return _reply(msg, site.name, dp.refusal, None)
     train_model, optimizer, loader = dp.wrap(model, optimizer, loader, local.hooks)  # Opacus (mode sample)
     stats = train_epochs(train_model, loader, optimizer, epochs=exp.train.local_epochs, task=exp.task,
-                         hooks=local.hooks)
+                         hooks=local.hooks, augment=make_augment(exp.train.augment, seed=seed))
     metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss} | dp.finish(stats)
     arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)
     reply = _reply(msg, site.name, metrics | extra_metrics, arrays)

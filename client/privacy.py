@@ -364,7 +364,8 @@ class RoundPrivacy:
 
     def _metrics(self, spent: float, after: float, *, exhausted: int) -> dict[str, float | int]:
         plan, ledger = self.plan, self.ledger
-        assert plan is not None and ledger is not None  # internal invariant (mode 'sample' only)
+        if plan is None or ledger is None:
+            raise RuntimeError("DP metrics exist only in privacy.mode 'sample'")
         return {keys.DP_EPSILON: spent, keys.DP_DELTA: plan.target_delta, keys.DP_TARGET_EPSILON: plan.target_epsilon,
                 keys.DP_EPSILON_NEXT: after, keys.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
                 keys.DP_STEPS: ledger.steps, keys.DP_EXHAUSTED: exhausted}
@@ -383,7 +384,8 @@ class RoundPrivacy:
         from opacus.data_loader import DPDataLoader
 
         plan, ledger = self.plan, self.ledger
-        assert ledger is not None  # internal invariant: set with plan
+        if ledger is None:
+            raise RuntimeError("RoundPrivacy.wrap called without a ledger (use RoundPrivacy.start)")
         if len(loader) != plan.steps_per_epoch:
             raise RuntimeError(f"DP plan expects {plan.steps_per_epoch} batches per epoch, the loader has {len(loader)}")
         if self.exp.privacy.poisson_sampling:

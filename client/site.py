@@ -228,7 +228,8 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         names = cfg.classes or ()
         total = sum(labels.values())
         rep.lines.append("label balance: " + ", ".join(
-            f"{names[k] if k < len(names) else k}: {labels[k]} ({100 * labels[k] / total:.1f}%)" for k in sorted(labels)))
+            f"{names[k] if k < len(names) else k}: {labels[k]} ({100 * labels[k] / total:.1f}%)"
+            for k in sorted(labels)))
         if len(labels) < 2:
             rep.warnings.append("only one class present: this site cannot train a classifier on its own")
     if site.task == "segmentation" and voxels:
@@ -243,7 +244,8 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         units = [r for r in ok_rows for _ in range(cfg.slabs)]
         try:
             splits = Counter(assign_splits(rows.rows, units, cfg, seed=seed))
-            rep.lines.append(f"splits (seed {seed}): train {splits['train']}, val {splits['val']}, test {splits['test']}"
+            rep.lines.append(f"splits (seed {seed}): train {splits['train']}, val {splits['val']}, "
+                             f"test {splits['test']}"
                              + (f" ({cfg.slabs} slabs per volume)" if cfg.slabs > 1 else ""))
             if not splits["train"]:
                 rep.errors.append("no training samples after splitting; lower data.val_fraction/test_fraction")

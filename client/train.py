@@ -63,8 +63,12 @@ def train_epochs(
     epochs: int,
     task: str,
     hooks: LocalHooks | None = None,
+    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> TrainStats:
-    """Run ``epochs`` passes of ``loader``; returns sample counts and the last epoch's mean loss."""
+    """Run ``epochs`` passes of ``loader``; returns sample counts and the last epoch's mean loss.
+
+    ``augment(x, y) -> (x, y)`` transforms each training batch (see :mod:`client.augment`).
+    """
     hooks = hooks or LocalHooks()
     loss_fn = make_loss(task)
     model.train()
@@ -74,6 +78,8 @@ def train_epochs(
         for x, y in loader:
             if len(x) == 0:  # Poisson sampling (DP) may draw an empty batch
                 continue
+            if augment is not None:
+                x, y = augment(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(logits_of(model(x)), y)
             objective = loss + hooks.extra_loss(model) if hooks.extra_loss else loss

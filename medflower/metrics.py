@@ -1,8 +1,8 @@
 """Task metrics shared by the server's global evaluation and the sites' local evaluation.
 
 AUC comes from MONAI (``compute_roc_auc``, one-vs-rest macro average for more than two classes);
-Dice from MONAI's ``DiceMetric``, HD95 from its ``HausdorffDistanceMetric``. Accuracy and balanced accuracy are one line each, so they are
-written here rather than pulling in scikit-learn.
+Dice from MONAI's ``DiceMetric``, HD95 from its ``HausdorffDistanceMetric``. Accuracy and balanced
+accuracy are one line each, so they are written here rather than pulling in scikit-learn.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medflower.config import ExperimentConfig
+from medflower.keys import EVAL_LOSS
 from server.loop import History
 
 
@@ -38,10 +39,25 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.remove(tmp)
 
 
+def select_round(hist: History, key: str = EVAL_LOSS) -> int | None:
+    """The round whose global model the sites' own validation liked best (lowest ``key``).
+
+    Model selection on federated validation, never on the test split (NVFlare's
+    ``IntimeModelSelector`` does the same): the test metrics of that round are reported beside the
+    final round's, because a single last round fluctuates with the sites' last local steps.
+    """
+    scored = [(r.evaluate[key], r.round) for r in hist.rounds
+              if key in r.evaluate and math.isfinite(r.evaluate[key]) and r.global_test]
+    return min(scored)[1] if scored else None
+
+
 def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> dict[str, Any]:
     rounds = [{k: v for k, v in asdict(r).items()} for r in hist.rounds]
     final = hist.rounds[-1].global_test if hist.rounds else {}
+    best = select_round(hist)
     return _clean({
+        "selected_round": best,
+        "selected_global_test": next((r.global_test for r in hist.rounds if r.round == best), {}),
         "experiment": exp.to_dict(),
         "initial_global_test": hist.initial_global_test,
         "rounds": rounds,

@@ -62,9 +62,10 @@ def train_baseline(exp: ExperimentConfig, split: ArraySplit, *, epochs: int, see
 
 def evaluate_everywhere(model: torch.nn.Module, exp: ExperimentConfig, tests: dict[str, ArraySplit]
                         ) -> dict[str, dict[str, float]]:
-    from medflower.tasks import evaluate
+    from medflower.tasks import evaluate, inference_roi
 
-    return {name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size)
+    roi = inference_roi(exp)  # 3D models trained on patches infer by sliding window, as the sites do
+    return {name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=roi)
             for name, split in tests.items()}
 
 

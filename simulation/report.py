@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-MAIN = ("accuracy", "balanced-accuracy", "auc", "dice", "loss")
+MAIN = ("accuracy", "balanced-accuracy", "auc", "dice", "hd95", "loss")
 
 
 def _f(v: Any) -> str:

@@ -94,3 +94,17 @@ def test_config_is_frozen() -> None:
     exp = quickstart_experiment()
     with pytest.raises(AttributeError):
         exp.seed = 3  # type: ignore[misc]
+
+
+def test_fixed_length_tuples_convert_each_item() -> None:
+    from dataclasses import dataclass
+
+    from medflower.schema import from_dict
+
+    @dataclass(frozen=True)
+    class Pair:
+        window: tuple[float, int] = (0.0, 1)
+
+    assert from_dict(Pair, {"window": [1, 2]}).window == (1.0, 2)
+    with pytest.raises(ConfigError, match=r"window\[1\]: expected an integer"):
+        from_dict(Pair, {"window": [1.5, 2.5]})

@@ -127,8 +127,8 @@ def test_missing_column_lists_the_columns(tmp_path: Path) -> None:
 def test_decathlon_dataset_json_3d_slabs_and_patches(shared_data: Path, tmp_path: Path) -> None:
     brain = shared_data / BRAIN
     meta = {"name": "brain", "labels": {"0": "background", "1": "tumour"}, "modality": {"0": "MR"},
-            "training": [{"image": str(brain / f"brain{i}_image.nii.gz"), "label": str(brain / f"brain{i}_label.nii.gz"),
-                          "patient_id": f"brain{i}"} for i in (1, 2)]}
+            "training": [{"image": str(brain / f"brain{i}_image.nii.gz"),
+                          "label": str(brain / f"brain{i}_label.nii.gz"), "patient_id": f"brain{i}"} for i in (1, 2)]}
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
     cfg = DataConfig(kind="decathlon", path="x", size=(32, 32, 16), slabs=2, split_by="sample", val_fraction=0.0,
                      test_fraction=0.5, intensity="zscore", patch_size=(16, 16, 8))

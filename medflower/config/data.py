@@ -99,7 +99,8 @@ class DataConfig:
             raise ConfigError(f"data.spacing: has {len(self.spacing)} values but data.size has {len(self.size)}")
         if self.patch_size is not None:
             if self.size is not None and len(self.patch_size) != len(self.size):
-                raise ConfigError(f"data.patch_size: has {len(self.patch_size)} values but data.size has {len(self.size)}")
+                raise ConfigError(f"data.patch_size: has {len(self.patch_size)} values but data.size has "
+                                  f"{len(self.size)}")
             if self.size is not None and any(p > s for p, s in zip(self.patch_size, self.size)):
                 raise ConfigError(f"data.patch_size: {list(self.patch_size)} exceeds data.size {list(self.size)}")
         if self.slabs > 1 and self.size is not None and len(self.size) != 3:

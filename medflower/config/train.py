@@ -17,6 +17,8 @@ class TrainConfig:
     lr: float = rng_field(1e-3, min=0.0, exclusive_min=True, max=10.0)
     momentum: float = rng_field(0.9, min=0.0, max=1.0)
     weight_decay: float = rng_field(0.0, min=0.0, max=1.0)
+    # on-the-fly augmentation of training batches: random flips, and small shifts (client/augment.py)
+    augment: Literal["none", "flip", "flip+shift"] = "none"
     eval_batch_size: int = rng_field(256, min=1)
     # threads each site's torch uses (simulation runs sites side by side on few cores)
     num_threads: int = rng_field(1, min=1, max=256)

@@ -117,7 +117,9 @@ def read_manifest(path: Path, cfg: DataConfig, task: str) -> RowList:
             raise DataError(f"{where}: empty {cfg.label_column!r}")
         label: Path | int = (path.parent / raw_label if task == "segmentation" else _label_of(raw_label, cfg, where))
         patient = ((rec.get(cfg.patient_column) or "").strip() or None) if has_patients else None
-        split = _split_of(rec.get(cfg.split_column) or "", where, cfg.split_column) if cfg.split_column in columns else ""
+        split = ""
+        if cfg.split_column in columns:
+            split = _split_of(rec.get(cfg.split_column) or "", where, cfg.split_column)
         rows.append(Row(where, path.parent / image, label, patient, split,
                         {c: (rec.get(c) or "").strip() for c in cfg.group_columns}))
     return RowList(rows, path, has_patients=has_patients)
@@ -302,7 +304,8 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
         imgs = cut_slabs(prep.image, cfg.slabs, row.image)
         targets = cut_slabs(prep.mask, cfg.slabs, row.image) if prep.mask is not None else None
         for s, img in enumerate(imgs):
-            samples.append(Sample(r, s, img, targets[s] if targets is not None else int(row.label)))  # type: ignore[arg-type]
+            target = targets[s] if targets is not None else int(row.label)  # type: ignore[arg-type]
+            samples.append(Sample(r, s, img, target))
     shapes = Counter(s.image.shape for s in samples)
     if len(shapes) > 1:
         common = shapes.most_common(1)[0][0]
