@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
+from medflower.data import SiteData
 from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
 from medflower.schema import ConfigError, from_dict, to_dict
 
 if TYPE_CHECKING:
     from medflower.config import ExperimentConfig
-    from medflower.data.base import ArraySplit
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -62,7 +62,7 @@ class SiteConfig:
             raise ConfigError(f"name: {self.name!r} is not a valid public site name: 1-64 letters, digits, "
                               "'.', '_' or '-', starting with a letter or digit (no patient or staff names)")
         if self.data.kind not in FILE_KINDS:
-            raise ConfigError(f"data.kind: a site reads its own files; valid choices are "
+            raise ConfigError("data.kind: a site reads its own files; valid choices are "
                               + ", ".join(repr(k) for k in FILE_KINDS) + f" (got {self.data.kind!r})")
 
     def data_path(self) -> Path:
@@ -102,23 +102,7 @@ def load_site_config(path: str | Path, exp: ExperimentConfig | None = None) -> S
     return replace(site, base_dir=str(path.resolve().parent))
 
 
-@dataclass
-class LocalSite:
-    """A deployed hospital's splits, shaped like the simulator's ``SiteData``."""
-
-    name: str
-    train: ArraySplit
-    val: ArraySplit
-    test: ArraySplit
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def split(self, name: str) -> ArraySplit:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
-        return getattr(self, name)
-
-
-def load_site_data(site_yaml_path: str | Path, exp: ExperimentConfig) -> LocalSite:
+def load_site_data(site_yaml_path: str | Path, exp: ExperimentConfig) -> SiteData:
     """The hospital's own train/val/test arrays, prepared as ``exp`` prescribes (cached per process)."""
     path = Path(site_yaml_path).resolve()
     mtime = path.stat().st_mtime_ns if path.is_file() else 0
@@ -126,7 +110,7 @@ def load_site_data(site_yaml_path: str | Path, exp: ExperimentConfig) -> LocalSi
 
 
 @lru_cache(maxsize=2)
-def _load_site(path: str, mtime: int, exp_json: str) -> LocalSite:
+def _load_site(path: str, mtime: int, exp_json: str) -> SiteData:
     from medflower.config import ExperimentConfig
     from medflower.data.manifest import load_file_dataset
 
@@ -141,7 +125,7 @@ def _load_site(path: str, mtime: int, exp_json: str) -> LocalSite:
             raise ConfigError(f"{path}: the site's prepared images give {key.split('.')[1]} {got} but the "
                               f"experiment's {key} is {want}; set data.size/data.channels (or leave them "
                               "to the experiment)")
-    return LocalSite(site.name, ds.train, ds.val, ds.test, {"num_classes": ds.num_classes})
+    return SiteData(site.name, ds.train, ds.val, ds.test, {"num_classes": ds.num_classes})
 
 
 # ------------------------------------------------------------------------------------------ site check

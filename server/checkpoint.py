@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from logging import INFO
@@ -34,6 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy import Strategy
 
 from medflower.config import ConfigError, ExperimentConfig
+from medflower.fileio import atomic_write_bytes
 from server.loop import History, RoundRecord
 
 RUN_CHECKPOINT_DIR = "checkpoint-dir"  # run_config key; "" = <output-dir>/checkpoint
@@ -141,33 +140,6 @@ def import_strategy_state(strategy: Strategy, state: Any) -> None:
 
     if state is not None and hasattr(strategies, "load_strategy_state"):
         strategies.load_strategy_state(strategy, state)
-
-
-# ---- atomic files ----
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
 
 
 def save_checkpoint(ckpt_dir: str | Path, exp: ExperimentConfig, ckpt: Checkpoint) -> Path:

@@ -44,7 +44,7 @@ def json_ready(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    from server.results import atomic_write_text
+    from medflower.fileio import atomic_write_text
 
     atomic_write_text(path, json.dumps(json_ready(obj), indent=2))
     return path

@@ -8,33 +8,17 @@ gets byte-identical sites.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from medflower.config import ExperimentConfig
-from medflower.data import ArraySplit, DatasetSplits, load_dataset
+from medflower.data import ArraySplit, DatasetSplits, SiteData, load_dataset
 from simulation.partition import PartitionPlan, plan_partition
 from simulation.shift import site_scanners
 
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class SiteData:
-    """One simulated hospital's splits. ``name`` is public (``site-0``…); nothing else leaves it."""
-
-    name: str
-    train: ArraySplit
-    val: ArraySplit
-    test: ArraySplit
-    # what made this site: its natural group value (if any) and its scanner's resolved parameters
-    info: dict[str, Any] = field(default_factory=dict)
-
-    def split(self, name: str) -> ArraySplit:
-        return getattr(self, name)
 
 
 def site_names(num_sites: int) -> list[str]:

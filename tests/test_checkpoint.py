@@ -128,7 +128,7 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path: Path, mon
     def dying_replace(src, dst):
         raise OSError("power cut")
 
-    monkeypatch.setattr(ck.os, "replace", dying_replace)
+    monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(OSError, match="power cut"):
         ck.save_checkpoint(tmp_path, exp, ck.Checkpoint(round=2, arrays=ArrayRecord({"w": torch.ones(3)}), history=hist))
     monkeypatch.undo()

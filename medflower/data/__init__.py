@@ -8,7 +8,7 @@ images are ``float32`` ``(N, C, *spatial)``, labels ``int64`` ``(N,)`` for class
 
 from __future__ import annotations
 
-from medflower.data.base import ArraySplit, DataError, DatasetSplits
+from medflower.data.base import ArraySplit, DataError, DatasetSplits, SiteData
 from medflower.data.registry import load_dataset
 
-__all__ = ["ArraySplit", "DataError", "DatasetSplits", "load_dataset"]
+__all__ = ["ArraySplit", "DataError", "DatasetSplits", "SiteData", "load_dataset"]

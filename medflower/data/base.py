@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,26 @@ class ArraySplit:
     def to_torch(self) -> TensorDataset:
         return TensorDataset(torch.from_numpy(np.ascontiguousarray(self.images)),
                              torch.from_numpy(np.ascontiguousarray(self.targets)))
+
+
+@dataclass
+class SiteData:
+    """One site's splits, simulated or a real hospital's. ``name`` is public; nothing else leaves it.
+
+    ``info`` records what made the site (its natural group value, its scanner profile's parameters,
+    the class count): local facts for reports, never sent to the coordinator.
+    """
+
+    name: str
+    train: ArraySplit
+    val: ArraySplit
+    test: ArraySplit
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def split(self, name: str) -> ArraySplit:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
+        return getattr(self, name)
 
 
 @dataclass
