@@ -25,22 +25,32 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def select_round(hist: History, key: str = EVAL_LOSS) -> int | None:
-    """The round whose global model the sites' own validation liked best (lowest ``key``).
+SELECTION = {"classification": ("val-auc", max), "segmentation": ("val-dice", max)}
+
+
+def select_round(hist: History, task: str = "classification") -> int | None:
+    """The round whose global model the sites' own validation liked best.
 
     Model selection on federated validation, never on the test split (NVFlare's
-    ``IntimeModelSelector`` does the same): the test metrics of that round are reported beside the
-    final round's, because a single last round fluctuates with the sites' last local steps.
+    ``IntimeModelSelector`` does the same): the aggregated validation AUC (classification) or Dice
+    (segmentation), falling back to the lowest validation loss. Its round's test metrics are
+    reported beside the final round's, because one last round fluctuates with the sites' last
+    local steps.
     """
-    scored = [(r.evaluate[key], r.round) for r in hist.rounds
-              if key in r.evaluate and math.isfinite(r.evaluate[key]) and r.global_test]
-    return min(scored)[1] if scored else None
+    key, best = SELECTION.get(task, (EVAL_LOSS, min))
+    for k, pick in ((key, best), (EVAL_LOSS, min)):
+        scored = [(r.evaluate[k], r.round) for r in hist.rounds
+                  if k in r.evaluate and math.isfinite(r.evaluate[k]) and r.global_test]
+        if scored:
+            value = pick(v for v, _ in scored)
+            return next(rnd for v, rnd in scored if v == value)  # the earliest round with the best value
+    return None
 
 
 def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> dict[str, Any]:
     rounds = [{k: v for k, v in asdict(r).items()} for r in hist.rounds]
     final = hist.rounds[-1].global_test if hist.rounds else {}
-    best = select_round(hist)
+    best = select_round(hist, exp.task)
     return _clean({
         "selected_round": best,
         "selected_global_test": next((r.global_test for r in hist.rounds if r.round == best), {}),

@@ -20,7 +20,16 @@ def _hist() -> History:
 
 
 def test_selects_lowest_validation_loss_not_best_test() -> None:
-    assert select_round(_hist()) == 2
+    assert select_round(_hist()) == 2  # no val-auc reported: falls back to the validation loss
+
+
+def test_selects_best_validation_auc_for_classification() -> None:
+    hist = _hist()
+    hist.rounds[0].evaluate["val-auc"] = 0.9
+    hist.rounds[1].evaluate["val-auc"] = 0.6
+    assert select_round(hist, "classification") == 1
+    hist.rounds[3].evaluate["val-dice"] = 0.7
+    assert select_round(hist, "segmentation") == 4
 
 
 def test_no_validation_no_selection() -> None:
