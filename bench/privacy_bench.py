@@ -123,6 +123,20 @@ def utility(model: str, eps_list: list[float | None], seeds: list[int]) -> None:
             print(json.dumps(row), flush=True)
 
 
+def untrained(model: str, seed: int) -> dict[str, float]:
+    """The initial global model's test metrics, built as the ServerApp builds it (seeded init)."""
+    import torch
+
+    from medflower.config import ExperimentConfig
+    from medflower.data import load_dataset
+    from medflower.modelspec import build_experiment_model
+    from medflower.tasks import evaluate
+
+    exp = ExperimentConfig.from_dict(experiment(model, seed=seed, eps=None))
+    torch.manual_seed(exp.seed)
+    return evaluate(build_experiment_model(exp), load_dataset(exp).test, task=exp.task)
+
+
 def report() -> None:
     current = {(m, e, sd): experiment(m, seed=sd, eps=e) for m in ("cnn", "vit", "unet")
                for e in (None, 1.0, 3.0, 8.0) for sd in range(10)}
@@ -135,6 +149,13 @@ def report() -> None:
         print(f"\n**{model}** (mean ± sd over seeds; final global test)\n")
         print("| epsilon | seeds | " + " | ".join(f"test {m}" for m in metrics) + " | max site epsilon spent |")
         print("|---|---|" + "---|" * len(metrics) + "---|")
+        seeds = sorted({r["seed"] for r in mine})
+        init = [untrained(model, sd) for sd in seeds]
+        cells = []
+        for m in metrics:
+            vals = [i[m] for i in init if i.get(m) is not None]
+            cells.append(f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f}")
+        print(f"| untrained (round 0) | {len(seeds)} | " + " | ".join(cells) + " | - |")
         for eps in (None, 1.0, 3.0, 8.0):
             rs = [r for r in mine if r["eps"] == eps]
             if not rs:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flwr.app import Context, RecordDict
 
@@ -21,7 +23,7 @@ def _exp(privacy: dict, **train) -> ExperimentConfig:
 def test_defaults_and_example_yaml() -> None:
     exp = _exp({})
     assert exp.privacy.mode == "none" and exp.privacy.accountant == "rdp" and exp.privacy.poisson_sampling
-    ex = load_experiment("examples/breastmnist_dp.yaml")
+    ex = load_experiment(Path(__file__).resolve().parents[1] / "examples" / "breastmnist_dp.yaml")
     assert ex.privacy.mode == "sample" and ex.privacy.target_epsilon == 3.0
 
 
