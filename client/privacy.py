@@ -30,10 +30,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import secrets
-import tempfile
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from client.train import LocalHooks, TrainStats
 from medflower import keys
+from medflower.fileio import atomic_write_text
 from medflower.config import ExperimentConfig
 from medflower.schema import ConfigError
 
@@ -206,18 +205,7 @@ class PrivacyLedger:
 
     def save(self, path: str | Path) -> None:
         """Atomically write the ledger (a crash never leaves half a ledger)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path, *, site: str, mechanism: str) -> PrivacyLedger:

@@ -35,11 +35,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
 
 from medflower.data import SiteData
 from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
-from medflower.schema import ConfigError, from_dict, to_dict
+from medflower.schema import ConfigError, from_dict, read_yaml_mapping, to_dict
 
 if TYPE_CHECKING:
     from medflower.config import ExperimentConfig
@@ -71,15 +70,7 @@ class SiteConfig:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: site file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping with keys name, task, data")
-    return raw
+    return read_yaml_mapping(path, what="site", keys_hint="keys name, task, data")
 
 
 def load_site_config(path: str | Path, exp: ExperimentConfig | None = None) -> SiteConfig:

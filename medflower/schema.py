@@ -17,6 +17,7 @@ import dataclasses
 import json
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
@@ -150,6 +151,23 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
         raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from err
+
+
+def read_yaml_mapping(path: Path, *, what: str, keys_hint: str = "keys") -> dict[str, Any]:
+    """``yaml.safe_load`` a file whose top level must be a mapping; errors name the file."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of {keys_hint}, got {type(data).__name__}")
+    return data
 
 
 def to_dict(obj: Any) -> Any:

@@ -24,7 +24,7 @@ from medflower.config.privacy import PrivacyConfig
 from medflower.config.shift import ShiftConfig
 from medflower.config.strategy import StrategyConfig
 from medflower.config.train import TrainConfig
-from medflower.schema import ConfigError, from_dict, rng_field, to_dict
+from medflower.schema import ConfigError, from_dict, read_yaml_mapping, rng_field, to_dict
 
 __all__ = [
     "AttackConfig",
@@ -96,16 +96,7 @@ class ExperimentConfig:
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML; errors name the file and the key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: experiment file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    data = read_yaml_mapping(path, what="experiment")
     try:
         return ExperimentConfig.from_dict(data, base_dir=path.resolve().parent)
     except ConfigError as err:
