@@ -75,6 +75,14 @@ class _Delegating(Strategy):
         else:
             setattr(self.base, name, value)
 
+    # evaluation carries no private update: both DP wrappers pass it through unchanged
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
 
 class SiteLedgerScreen(_Delegating):
     """Mode ``sample``: keep sites' budget refusals out of aggregation, logged and recorded."""
@@ -135,13 +143,6 @@ class SiteLedgerScreen(_Delegating):
             out[keys.DP_EPSILON] = max(eps)  # the FedAvg mean of epsilons means nothing: report the worst site
         out[DP_SITES_REFUSED] = len(refused)
         return arrays, out
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         log(INFO, "\t├──> Sample-level DP (medflower): per-site ledgers; sites out of budget are left out")
@@ -259,13 +260,6 @@ class ClientLevelDP(_Delegating):
         out[keys.DP_NOISE_MULTIPLIER] = float(self.noise_multiplier)
         out[keys.DP_CLIPPING_NORM] = float(getattr(self.strategy, "clipping_norm", float("nan")))
         return arrays, out
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
         log(INFO, "\t├──> Client-level DP (medflower): noise multiplier %.4f, budget epsilon %s at delta %g",
