@@ -42,8 +42,11 @@ def main() -> None:
             p.write_text(yaml.safe_dump(cfg))
             out = Path(tmp) / f"out{seed}"
             t0 = time.time()
-            proc = subprocess.run([sys.executable, "-m", "medflower.cli", "simulate", str(p), "-o", str(out)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, "-m", "medflower.cli", "simulate", str(p), "-o", str(out)],
+                capture_output=True,
+                text=True,
+            )
             wall = time.time() - t0
             if proc.returncode != 0:
                 sys.exit(f"seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -54,10 +57,15 @@ def main() -> None:
             fin, sel = s["final_global_test"], s["selected_global_test"]
             curve = " ".join(f"{r['global_test']['auc']:.3f}" for r in s["rounds"])
             rows.append((seed, fin["auc"], fin["accuracy"], sel["auc"], sel["accuracy"], s["selected_round"], wall))
-            print(f"seed {seed}: final AUC {fin['auc']:.3f} ACC {fin['accuracy']:.3f} | selected round "
-                  f"{s['selected_round']} AUC {sel['auc']:.3f} | AUC per round {curve} | wall {wall:.0f}s", flush=True)
+            print(
+                f"seed {seed}: final AUC {fin['auc']:.3f} ACC {fin['accuracy']:.3f} | selected round "
+                f"{s['selected_round']} AUC {sel['auc']:.3f} | AUC per round {curve} | wall {wall:.0f}s",
+                flush=True,
+            )
     print(f"\nexperiment: {exp_path.relative_to(REPO) if exp_path.is_relative_to(REPO) else exp_path}")
-    print("\n| seed | final test AUC | final test ACC | selected round | selected test AUC | selected test ACC | wall (s) |")
+    print(
+        "\n| seed | final test AUC | final test ACC | selected round | selected test AUC | selected test ACC | wall (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for seed, auc, acc, sauc, sacc, srnd, wall in rows:
         print(f"| {seed} | {auc:.3f} | {acc:.3f} | {srnd} | {sauc:.3f} | {sacc:.3f} | {wall:.0f} |")

@@ -6,10 +6,10 @@
 
 ``timing`` trains one site's local epoch with and without DP-SGD, alternating the two side by side
 in one process (same data, same architecture, one torch thread), and prints the median seconds per
-epoch and their ratio. The DP epoch runs medflower's production path (``client.privacy.RoundPrivacy``:
+epoch and their ratio. The DP epoch runs medflower's production path (``medflower.client.privacy.RoundPrivacy``:
 Opacus' GradSampleModule, DP optimizer and Poisson loader).
 
-``utility`` runs whole federations through Flower's simulation engine (``simulation.runner.simulate``)
+``utility`` runs whole federations through Flower's simulation engine (``medflower.simulation.runner.simulate``)
 for each epsilon and seed and appends the final global test metrics to
 ``bench/results/privacy_utility.json`` (runs already there are skipped, so it can be resumed in
 pieces that each stay under 10 minutes). ``report`` prints the markdown tables for bench/RESULTS.md.
@@ -38,36 +38,59 @@ def experiment(model: str, *, seed: int, eps: float | None) -> dict[str, Any]:
     """The benchmark's experiment (small rounds: 2 shared CPU cores)."""
     privacy = {"mode": "none"} if eps is None else {"mode": "sample", "target_epsilon": eps, "target_delta": 1e-5}
     if model == "unet":
-        return {"name": f"dp-bench-unet-eps{eps}-s{seed}", "seed": seed, "task": "segmentation",
-                "data": {"kind": "folders", "path": str(SHARED / "segmentation" / "isbi2012_em_membrane"),
-                         "image_dir": "image", "label_dir": "label", "size": [64, 64], "intensity": "window",
-                         "window": [0, 255], "mask_values": [255, 0], "val_fraction": 0.1, "test_fraction": 0.2},
-                "partition": {"kind": "iid", "num_sites": 2, "min_site_size": 5},
-                "model": {"name": "unet", "spatial_dims": 2},
-                "train": {"rounds": 5, "local_epochs": 2, "batch_size": 4, "optimizer": "adam", "lr": 0.003},
-                "privacy": privacy}
-    return {"name": f"dp-bench-{model}-eps{eps}-s{seed}", "seed": seed,
-            "data": {"kind": "medmnist", "path": str(SHARED / "medmnist" / "breastmnist.npz")},
-            "partition": {"kind": "dirichlet", "num_sites": 3, "alpha": 0.5},
-            "model": {"name": model},
-            "train": {"rounds": 10 if model == "cnn" else 6, "local_epochs": 2 if model == "cnn" else 1,
-                      "batch_size": 32, "optimizer": "adam", "lr": 0.003 if model == "cnn" else 0.001},
-            "privacy": privacy}
+        return {
+            "name": f"dp-bench-unet-eps{eps}-s{seed}",
+            "seed": seed,
+            "task": "segmentation",
+            "data": {
+                "kind": "folders",
+                "path": str(SHARED / "segmentation" / "isbi2012_em_membrane"),
+                "image_dir": "image",
+                "label_dir": "label",
+                "size": [64, 64],
+                "intensity": "window",
+                "window": [0, 255],
+                "mask_values": [255, 0],
+                "val_fraction": 0.1,
+                "test_fraction": 0.2,
+            },
+            "partition": {"kind": "iid", "num_sites": 2, "min_site_size": 5},
+            "model": {"name": "unet", "spatial_dims": 2},
+            "train": {"rounds": 5, "local_epochs": 2, "batch_size": 4, "optimizer": "adam", "lr": 0.003},
+            "privacy": privacy,
+        }
+    return {
+        "name": f"dp-bench-{model}-eps{eps}-s{seed}",
+        "seed": seed,
+        "data": {"kind": "medmnist", "path": str(SHARED / "medmnist" / "breastmnist.npz")},
+        "partition": {"kind": "dirichlet", "num_sites": 3, "alpha": 0.5},
+        "model": {"name": model},
+        "train": {
+            "rounds": 10 if model == "cnn" else 6,
+            "local_epochs": 2 if model == "cnn" else 1,
+            "batch_size": 32,
+            "optimizer": "adam",
+            "lr": 0.003 if model == "cnn" else 0.001,
+        },
+        "privacy": privacy,
+    }
 
 
 def timing(model: str, repeats: int) -> None:
     import torch
     from flwr.app import Context, RecordDict
 
-    from client.privacy import RoundPrivacy
-    from client.train import make_loader, make_optimizer, train_epochs
+    from medflower.client.privacy import RoundPrivacy
+    from medflower.client.train import make_loader, make_optimizer, train_epochs
     from medflower.config import ExperimentConfig
     from medflower.modelspec import build_experiment_model
-    from simulation.sites import build_sites
+    from medflower.simulation.sites import build_sites
 
     torch.set_num_threads(1)
-    exps = {"no DP": ExperimentConfig.from_dict(experiment(model, seed=0, eps=None)),
-            "DP-SGD": ExperimentConfig.from_dict(experiment(model, seed=0, eps=8.0))}
+    exps = {
+        "no DP": ExperimentConfig.from_dict(experiment(model, seed=0, eps=None)),
+        "DP-SGD": ExperimentConfig.from_dict(experiment(model, seed=0, eps=8.0)),
+    }
     site = build_sites(exps["no DP"])[0]
     times: dict[str, list[float]] = {k: [] for k in exps}
     for rep in range(repeats + 1):  # repeat 0 warms up (imports, Opacus' functorch compilation)
@@ -87,8 +110,10 @@ def timing(model: str, repeats: int) -> None:
                 times[name].append(dt)
             print(f"repeat {rep} {name}: {dt:.2f}s per epoch ({len(site.train)} images)", flush=True)
     plain, dpsgd = statistics.median(times["no DP"]), statistics.median(times["DP-SGD"])
-    print(f"\n| model | images/epoch | no DP (s/epoch) | DP-SGD (s/epoch) | ratio |\n|---|---|---|---|---|\n"
-          f"| {model} | {len(site.train)} | {plain:.2f} | {dpsgd:.2f} | {dpsgd / plain:.1f}x |")
+    print(
+        f"\n| model | images/epoch | no DP (s/epoch) | DP-SGD (s/epoch) | ratio |\n|---|---|---|---|---|\n"
+        f"| {model} | {len(site.train)} | {plain:.2f} | {dpsgd:.2f} | {dpsgd / plain:.1f}x |"
+    )
 
 
 def _load() -> list[dict[str, Any]]:
@@ -99,13 +124,15 @@ def utility(model: str, eps_list: list[float | None], seeds: list[int]) -> None:
     import tempfile
 
     from medflower.config import ExperimentConfig
-    from simulation.runner import simulate
+    from medflower.simulation.runner import simulate
 
     for seed in seeds:
         for eps in eps_list:
             cfg = experiment(model, seed=seed, eps=eps)
-            if any(r["model"] == model and r["eps"] == eps and r["seed"] == seed and r.get("config") == cfg
-                   for r in _load()):
+            if any(
+                r["model"] == model and r["eps"] == eps and r["seed"] == seed and r.get("config") == cfg
+                for r in _load()
+            ):
                 continue  # this exact run is already recorded
             exp = ExperimentConfig.from_dict(cfg)
             t0 = time.time()
@@ -113,11 +140,19 @@ def utility(model: str, eps_list: list[float | None], seeds: list[int]) -> None:
                 s = simulate(exp, Path(tmp) / "run")
             last = s["rounds"][-1]
             sites_eps = {k: v.get("dp-epsilon") for k, v in last["sites_train"].items()}
-            row = {"model": model, "eps": eps, "seed": seed, "config": cfg, "final_global_test": s["final_global_test"],
-                   "sites_epsilon": sites_eps, "rounds": len(s["rounds"]),
-                   "refused": sum(int(v.get("dp-budget-exhausted") or 0) for r in s["rounds"]
-                                  for v in r["sites_train"].values()),
-                   "wall_seconds": round(time.time() - t0, 1)}
+            row = {
+                "model": model,
+                "eps": eps,
+                "seed": seed,
+                "config": cfg,
+                "final_global_test": s["final_global_test"],
+                "sites_epsilon": sites_eps,
+                "rounds": len(s["rounds"]),
+                "refused": sum(
+                    int(v.get("dp-budget-exhausted") or 0) for r in s["rounds"] for v in r["sites_train"].values()
+                ),
+                "wall_seconds": round(time.time() - t0, 1),
+            }
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
             RESULTS.write_text(json.dumps(_load() + [row], indent=1))
             print(json.dumps(row), flush=True)
@@ -138,8 +173,12 @@ def untrained(model: str, seed: int) -> dict[str, float]:
 
 
 def report() -> None:
-    current = {(m, e, sd): experiment(m, seed=sd, eps=e) for m in ("cnn", "vit", "unet")
-               for e in (None, 1.0, 3.0, 8.0) for sd in range(10)}
+    current = {
+        (m, e, sd): experiment(m, seed=sd, eps=e)
+        for m in ("cnn", "vit", "unet")
+        for e in (None, 1.0, 3.0, 8.0)
+        for sd in range(10)
+    }
     rows = [r for r in _load() if r.get("config") == current.get((r["model"], r["eps"], r["seed"]))]
     for model in ("cnn", "vit", "unet"):
         mine = [r for r in rows if r["model"] == model]
@@ -165,8 +204,11 @@ def report() -> None:
                 vals = [r["final_global_test"].get(m) for r in rs if r["final_global_test"].get(m) is not None]
                 sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
                 cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "-")
-            spent = [max(v for v in r["sites_epsilon"].values() if v is not None) for r in rs
-                     if any(v is not None for v in r["sites_epsilon"].values())]
+            spent = [
+                max(v for v in r["sites_epsilon"].values() if v is not None)
+                for r in rs
+                if any(v is not None for v in r["sites_epsilon"].values())
+            ]
             label = "no DP" if eps is None else f"{eps:g}"
             print(f"| {label} | {len(rs)} | " + " | ".join(cells) + f" | {f'{max(spent):.2f}' if spent else '-'} |")
 

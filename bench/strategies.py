@@ -9,8 +9,8 @@ epoch per round. ``attack``: one of 5 sites (``site-0``) sends a sign-flipped up
 ``--scale`` every round (the SIMULATION-ONLY ``attack:`` option), against a clean run, with
 FedAvg and the robust aggregators.
 
-Every run goes through the real ServerApp loop (``server.app.run_server``) and the real ClientApp
-(``client.app:app``) on :class:`simulation.inprocess.InProcessGrid`: no Ray, sites run one after the
+Every run goes through the real ServerApp loop (``medflower.server.app.run_server``) and the real ClientApp
+(``medflower.client.app:app``) on :class:`medflower.simulation.inprocess.InProcessGrid`: no Ray, sites run one after the
 other, which on a 2-core machine shared with others costs far less than the simulation engine.
 
 Each finished run is appended to ``--results`` (JSON lines) and skipped when the command is run
@@ -39,13 +39,27 @@ for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", 
 
 DATA = Path(os.environ.get("MEDFLOWER_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist"
 RESULTS = REPO / "bench" / "results" / "strategies.jsonl"
-TABLE_STRATEGIES = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "scaffold",
-                    "fedbn", "ditto"]
+TABLE_STRATEGIES = [
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "scaffold",
+    "fedbn",
+    "ditto",
+]
 ATTACK_STRATEGIES = ["fedavg", "fedmedian", "fedtrimmedavg", "krum"]
 PARAMS: dict[str, dict[str, Any]] = {  # medflower's defaults, written out so the table says what ran
-    "fedprox": {"proximal_mu": 0.01}, "fedavgm": {"server_learning_rate": 1.0, "server_momentum": 0.9},
-    "fedadam": {"eta": 0.01}, "fedtrimmedavg": {"beta": 0.2}, "krum": {"num_malicious_nodes": 1},
-    "scaffold": {"server_learning_rate": 1.0}, "ditto": {"lam": 0.1},
+    "fedprox": {"proximal_mu": 0.01},
+    "fedavgm": {"server_learning_rate": 1.0, "server_momentum": 0.9},
+    "fedadam": {"eta": 0.01},
+    "fedtrimmedavg": {"beta": 0.2},
+    "krum": {"num_malicious_nodes": 1},
+    "scaffold": {"server_learning_rate": 1.0},
+    "ditto": {"lam": 0.1},
 }
 
 
@@ -54,12 +68,19 @@ def experiment(dataset: str, alpha: float, seed: int, strategy: str, rounds: int
 
     sgd = strategy == "scaffold"  # SCAFFOLD's control variates assume plain SGD (see strategies.scaffold)
     cfg = {
-        "name": f"bench-{dataset}-{strategy}", "seed": seed,
+        "name": f"bench-{dataset}-{strategy}",
+        "seed": seed,
         "data": {"kind": "medmnist", "path": str(DATA / f"{dataset}.npz")},
         "partition": {"kind": "dirichlet", "num_sites": 5, "alpha": alpha, "min_site_size": 10},
         "model": {"name": "cnn"},
-        "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 32,
-                  "optimizer": "sgd" if sgd else "adam", "lr": 0.05 if sgd else 0.003, "momentum": 0.0},
+        "train": {
+            "rounds": rounds,
+            "local_epochs": 1,
+            "batch_size": 32,
+            "optimizer": "sgd" if sgd else "adam",
+            "lr": 0.05 if sgd else 0.003,
+            "momentum": 0.0,
+        },
         "strategy": {"name": strategy, "params": PARAMS.get(strategy, {})},
     }
     if attack_scale is not None:
@@ -67,8 +88,9 @@ def experiment(dataset: str, alpha: float, seed: int, strategy: str, rounds: int
     return ExperimentConfig.from_dict(cfg)
 
 
-def run_key(kind: str, dataset: str, alpha: float, seed: int, strategy: str, rounds: int,
-            attack_scale: float | None) -> str:
+def run_key(
+    kind: str, dataset: str, alpha: float, seed: int, strategy: str, rounds: int, attack_scale: float | None
+) -> str:
     return json.dumps([kind, dataset, alpha, seed, strategy, rounds, attack_scale])
 
 
@@ -79,7 +101,7 @@ def _mean_site(sites: dict[str, dict[str, Any]], metric: str) -> float:
 
 
 def run_one(exp) -> dict[str, Any]:
-    from simulation.inprocess import simulate_inprocess
+    from medflower.simulation.inprocess import simulate_inprocess
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +110,8 @@ def run_one(exp) -> dict[str, Any]:
     personal = exp.strategy.name == "ditto"
     prefix = "personal-" if personal else ""
     return {
-        "global_auc": final.get("auc"), "global_accuracy": final.get("accuracy"),
+        "global_auc": final.get("auc"),
+        "global_accuracy": final.get("accuracy"),
         "global_balanced_accuracy": final.get("balanced-accuracy"),
         "site_auc": _mean_site(s["sites_test"], f"{prefix}test-auc"),
         "site_accuracy": _mean_site(s["sites_test"], f"{prefix}test-accuracy"),
@@ -127,7 +150,7 @@ def plan(args) -> list[tuple]:
 def execute(args) -> None:
     import torch
 
-    import server.app  # noqa: F401  (Flower configures its logger on import; quiet it afterwards)
+    import medflower.server.app  # noqa: F401  (Flower configures its logger on import; quiet it afterwards)
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
@@ -139,18 +162,33 @@ def execute(args) -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for i, r in enumerate(todo):
         if time.time() - t_start > args.budget_min * 60:
-            print(f"time budget of {args.budget_min} min reached: {len(todo) - i} run(s) left; run the same "
-                  "command again to continue", flush=True)
+            print(
+                f"time budget of {args.budget_min} min reached: {len(todo) - i} run(s) left; run the same "
+                "command again to continue",
+                flush=True,
+            )
             return
         kind, dataset, alpha, seed, strategy, rounds, scale = r
         res = run_one(experiment(dataset, alpha, seed, strategy, rounds, scale))
-        rec = {"key": run_key(*r), "kind": kind, "dataset": dataset, "alpha": alpha, "seed": seed,
-               "strategy": strategy, "rounds": rounds, "attack_scale": scale, **res}
+        rec = {
+            "key": run_key(*r),
+            "kind": kind,
+            "dataset": dataset,
+            "alpha": alpha,
+            "seed": seed,
+            "strategy": strategy,
+            "rounds": rounds,
+            "attack_scale": scale,
+            **res,
+        }
         with args.results.open("a") as f:
             f.write(json.dumps(rec) + "\n")
-        print(f"[{i + 1}/{len(todo)}] {kind} {dataset} alpha={alpha} seed={seed} {strategy}"
-              f"{' attacked x' + str(scale) if scale else ''}: global AUC {res['global_auc']}, "
-              f"site AUC {res['site_auc']:.3f}, {res['seconds']:.0f}s", flush=True)
+        print(
+            f"[{i + 1}/{len(todo)}] {kind} {dataset} alpha={alpha} seed={seed} {strategy}"
+            f"{' attacked x' + str(scale) if scale else ''}: global AUC {res['global_auc']}, "
+            f"site AUC {res['site_auc']:.3f}, {res['seconds']:.0f}s",
+            flush=True,
+        )
     print("all runs done", flush=True)
 
 
@@ -167,16 +205,20 @@ def report(args) -> None:
     table = [r for r in recs if r["kind"] == "table"]
     if table:
         rounds = sorted({r["rounds"] for r in table})
-        print(f"Strategy table: 5 sites, Dirichlet label skew, small CNN, {rounds} rounds x 1 local epoch, "
-              f"mean ± sd over seeds {sorted({r['seed'] for r in table})}. *Global*: the final global model on the "
-              "held-out test split (server-side). *Sites*: mean over the 5 sites of their own test split "
-              "(FedBN: with each site's own normalization layers; Ditto: each site's personal model); sites AUC "
-              "averages the sites whose test split holds both classes, and (n=k) marks seeds where no site did.\n")
+        print(
+            f"Strategy table: 5 sites, Dirichlet label skew, small CNN, {rounds} rounds x 1 local epoch, "
+            f"mean ± sd over seeds {sorted({r['seed'] for r in table})}. *Global*: the final global model on the "
+            "held-out test split (server-side). *Sites*: mean over the 5 sites of their own test split "
+            "(FedBN: with each site's own normalization layers; Ditto: each site's personal model); sites AUC "
+            "averages the sites whose test split holds both classes, and (n=k) marks seeds where no site did.\n"
+        )
         for dataset in sorted({r["dataset"] for r in table}):
             for a in sorted({r["alpha"] for r in table if r["dataset"] == dataset}):
                 cell = [r for r in table if r["dataset"] == dataset and r["alpha"] == a]
-                print(f"**{dataset}, Dirichlet α={a}** ({len(cell)} runs, "
-                      f"{statistics.fmean(r['seconds'] for r in cell):.0f} s wall per run on average)\n")
+                print(
+                    f"**{dataset}, Dirichlet α={a}** ({len(cell)} runs, "
+                    f"{statistics.fmean(r['seconds'] for r in cell):.0f} s wall per run on average)\n"
+                )
                 print("| strategy | global AUC | global acc | global bal. acc | sites AUC | sites acc |")
                 print("|---|---|---|---|---|---|")
                 for strategy in [s for s in TABLE_STRATEGIES if any(r["strategy"] == s for r in cell)]:
@@ -187,17 +229,21 @@ def report(args) -> None:
     attack = [r for r in recs if r["kind"] == "attack"]
     if attack:
         a0 = attack[0]
-        print(f"Poisoning: {a0['dataset']}, 5 sites, Dirichlet alpha {a0['alpha']}, {a0['rounds']} rounds; site-0 "
-              f"sends `global - {a0['attack_scale'] or [r['attack_scale'] for r in attack if r['attack_scale']][0]}"
-              " * (local - global)` every round. Final global test, mean ± sd over seeds "
-              f"{sorted({r['seed'] for r in attack})}.\n")
+        print(
+            f"Poisoning: {a0['dataset']}, 5 sites, Dirichlet alpha {a0['alpha']}, {a0['rounds']} rounds; site-0 "
+            f"sends `global - {a0['attack_scale'] or [r['attack_scale'] for r in attack if r['attack_scale']][0]}"
+            " * (local - global)` every round. Final global test, mean ± sd over seeds "
+            f"{sorted({r['seed'] for r in attack})}.\n"
+        )
         print("| strategy | clean AUC | attacked AUC | clean acc | attacked acc |")
         print("|---|---|---|---|---|")
         for strategy in [s for s in ATTACK_STRATEGIES if any(r["strategy"] == s for r in attack)]:
             clean = [r for r in attack if r["strategy"] == strategy and r["attack_scale"] is None]
             bad = [r for r in attack if r["strategy"] == strategy and r["attack_scale"] is not None]
-            print(f"| {strategy} | {_ms([r['global_auc'] for r in clean])} | {_ms([r['global_auc'] for r in bad])} | "
-                  f"{_ms([r['global_accuracy'] for r in clean])} | {_ms([r['global_accuracy'] for r in bad])} |")
+            print(
+                f"| {strategy} | {_ms([r['global_auc'] for r in clean])} | {_ms([r['global_auc'] for r in bad])} | "
+                f"{_ms([r['global_accuracy'] for r in clean])} | {_ms([r['global_accuracy'] for r in bad])} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,16 +1,14 @@
-"""medflower's ClientApp: a hospital's side of the federation (``client.app:app``).
+"""medflower's ClientApp: a hospital's side of the federation (``medflower.client.app:app``).
 
 What a reply carries is exactly: the model's arrays (train only), a MetricRecord of scalars, and
 the site's public name. No pixels, paths or DICOM tags ever enter a reply.
 
 Where the site's data comes from:
 * simulation: ``node_config["partition-id"]`` picks one simulated hospital of the experiment;
-* deployment: ``node_config["site-config"]`` names the hospital's site YAML (see ``client.site``).
+* deployment: ``node_config["site-config"]`` names the hospital's site YAML (see ``medflower.client.site``).
 """
 
 from __future__ import annotations
-
-import medflower._preload  # noqa: F401  (first: see its docstring)
 
 import zlib
 
@@ -18,11 +16,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.strategy_hooks import SiteStrategy
-from client.privacy import RoundPrivacy, client_dp_mod
-from client.augment import make_augment
-from client.train import make_loader, make_optimizer, train_epochs
+import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys
+from medflower.client.augment import make_augment
+from medflower.client.privacy import RoundPrivacy, client_dp_mod
+from medflower.client.strategy_hooks import SiteStrategy
+from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 from medflower.tasks import evaluate, inference_roi
@@ -41,7 +40,7 @@ def load_site(context: Context, exp: ExperimentConfig):
     """The site's data: a simulated partition, or the hospital's own files in deployment."""
     nc = context.node_config
     if keys.NODE_SITE_CONFIG in nc and str(nc[keys.NODE_SITE_CONFIG]):
-        from client.site import load_site_data
+        from medflower.client.site import load_site_data
 
         return load_site_data(str(nc[keys.NODE_SITE_CONFIG]), exp)
     if keys.NODE_PARTITION_ID not in nc:
@@ -50,7 +49,7 @@ def load_site(context: Context, exp: ExperimentConfig):
             f"{keys.NODE_PARTITION_ID!r} (a simulated site); start the SuperNode with "
             f"--node-config \"{keys.NODE_SITE_CONFIG}='site.yaml'\""
         )
-    from simulation.sites import build_sites
+    from medflower.simulation.sites import build_sites
 
     sites = build_sites(exp)
     pid = int(nc[keys.NODE_PARTITION_ID])
@@ -75,7 +74,9 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
     local = SiteStrategy.for_message(msg, context, exp, model)  # strategy's client half (FedProx, SCAFFOLD, ...)
     server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
-    seed = exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97  # not hash(): salted per process
+    seed = (
+        exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97
+    )  # not hash(): salted per process
     torch.manual_seed(seed)
     loader = make_loader(site.train, exp.train.batch_size, seed)
     optimizer = make_optimizer(model, exp.train)
@@ -83,8 +84,15 @@ def train(msg: Message, context: Context) -> Message:
     if dp.refusal is not None:  # DP budget exhausted: the site says so and sends no weights
         return _reply(msg, site.name, dp.refusal, None)
     train_model, optimizer, loader = dp.wrap(model, optimizer, loader, local.hooks)  # Opacus (mode sample)
-    stats = train_epochs(train_model, loader, optimizer, epochs=exp.train.local_epochs, task=exp.task,
-                         hooks=local.hooks, augment=make_augment(exp.train.augment, seed=seed))
+    stats = train_epochs(
+        train_model,
+        loader,
+        optimizer,
+        epochs=exp.train.local_epochs,
+        task=exp.task,
+        hooks=local.hooks,
+        augment=make_augment(exp.train.augment, seed=seed),
+    )
     metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss} | dp.finish(stats)
     arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)
     reply = _reply(msg, site.name, metrics | extra_metrics, arrays)

@@ -13,7 +13,7 @@ What goes wrong elsewhere, and what this module does instead:
 * Before a round, the site projects the epsilon after it. If that exceeds the site's budget (the
   strictest of the experiment's, the experiment's ``privacy.sites.<name>`` entry and the hospital's
   node config ``dp-target-epsilon``), it refuses to train and says so in its reply
-  (``dp-budget-exhausted: 1``, no weights); :mod:`strategies.privacy` logs it and aggregates the
+  (``dp-budget-exhausted: 1``, no weights); :mod:`medflower.strategies.privacy` logs it and aggregates the
   others. A site never exceeds its budget silently.
 * The ledger is written *before* training (write-ahead): a node that crashes mid-round is charged
   for that whole round when it restarts. Steps the loop skips (an empty Poisson batch) are charged
@@ -46,10 +46,10 @@ from flwr.common.logger import log
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.train import LocalHooks, TrainStats
 from medflower import keys
-from medflower.fileio import atomic_write_text
+from medflower.client.train import LocalHooks, TrainStats
 from medflower.config import ExperimentConfig
+from medflower.fileio import atomic_write_text
 from medflower.schema import ConfigError
 
 LEDGER_STATE_KEY = "dp-ledger"  # context.state ConfigRecord holding the ledger as JSON
@@ -83,17 +83,24 @@ def _add_steps(history: list[tuple[float, float, int]], sigma: float, q: float, 
 
 
 @lru_cache(maxsize=128)
-def plan_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float,
-                          total_steps: int, accountant: str) -> float:
+def plan_noise_multiplier(
+    *, target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int, accountant: str
+) -> float:
     """The noise multiplier that spends exactly the budget over ``total_steps`` (the whole run)."""
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                              sample_rate=sample_rate, steps=total_steps,
-                                              accountant=accountant))
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=target_delta,
+                    sample_rate=sample_rate,
+                    steps=total_steps,
+                    accountant=accountant,
+                )
+            )
         except ValueError as err:
             raise ConfigError(
                 f"privacy.target_epsilon: {target_epsilon} at delta {target_delta} cannot be reached over "
@@ -138,8 +145,13 @@ class PrivacyLedger:
     # ---- write-ahead charging around a round
     def begin(self, *, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
         self.settle_pending()
-        self.pending = {"round": server_round, "noise_multiplier": noise_multiplier,
-                        "sample_rate": sample_rate, "steps": steps, "steps_before": self.steps}
+        self.pending = {
+            "round": server_round,
+            "noise_multiplier": noise_multiplier,
+            "sample_rate": sample_rate,
+            "steps": steps,
+            "steps_before": self.steps,
+        }
 
     def commit(self) -> None:
         """Close the pending round; steps Opacus did not take (empty batches) are charged anyway."""
@@ -151,8 +163,14 @@ class PrivacyLedger:
             history = self.history
             _add_steps(history, p["noise_multiplier"], p["sample_rate"], p["steps"] - taken)
             self.accountant.history = history
-        self.rounds.append({"round": p["round"], "steps": max(taken, p["steps"]),
-                            "noise_multiplier": p["noise_multiplier"], "sample_rate": p["sample_rate"]})
+        self.rounds.append(
+            {
+                "round": p["round"],
+                "steps": max(taken, p["steps"]),
+                "noise_multiplier": p["noise_multiplier"],
+                "sample_rate": p["sample_rate"],
+            }
+        )
 
     def settle_pending(self) -> None:
         """A round that began but never committed (crash) is charged in full."""
@@ -171,19 +189,30 @@ class PrivacyLedger:
     # ---- persistence
     def state_dict(self) -> dict[str, Any]:
         acc = self.accountant.state_dict()
-        return {"format": LEDGER_FORMAT, "site": self.site, "mechanism": acc["mechanism"],
-                "history": [list(h) for h in acc["history"]], "rounds": copy.deepcopy(self.rounds),
-                "pending": copy.deepcopy(self.pending)}
+        return {
+            "format": LEDGER_FORMAT,
+            "site": self.site,
+            "mechanism": acc["mechanism"],
+            "history": [list(h) for h in acc["history"]],
+            "rounds": copy.deepcopy(self.rounds),
+            "pending": copy.deepcopy(self.pending),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"privacy ledger of site {self.site!r}: format {state.get('format')!r} is not "
-                             f"supported (expected {LEDGER_FORMAT})")
+            raise ValueError(
+                f"privacy ledger of site {self.site!r}: format {state.get('format')!r} is not "
+                f"supported (expected {LEDGER_FORMAT})"
+            )
         if state.get("site") != self.site:
             raise ValueError(f"privacy ledger: it belongs to site {state.get('site')!r}, not {self.site!r}")
         try:
-            self.accountant.load_state_dict({"mechanism": state.get("mechanism"),
-                                             "history": [(float(s), float(q), int(n)) for s, q, n in state["history"]]})
+            self.accountant.load_state_dict(
+                {
+                    "mechanism": state.get("mechanism"),
+                    "history": [(float(s), float(q), int(n)) for s, q, n in state["history"]],
+                }
+            )
         except (KeyError, TypeError) as err:
             raise ValueError(f"privacy ledger of site {self.site!r}: malformed history ({err})") from err
         except ValueError as err:
@@ -217,8 +246,9 @@ class PrivacyLedger:
         try:
             return cls.from_json(text, site=site, mechanism=mechanism)
         except json.JSONDecodeError as err:
-            raise ValueError(f"privacy ledger {path}: not valid JSON ({err}); refusing to start a new "
-                             "ledger over it") from err
+            raise ValueError(
+                f"privacy ledger {path}: not valid JSON ({err}); refusing to start a new ledger over it"
+            ) from err
 
 
 def ledger_path(context: Context, site: str) -> Path | None:
@@ -233,8 +263,9 @@ def load_ledger(context: Context, *, site: str, mechanism: str) -> PrivacyLedger
     """The site's ledger: from ``context.state`` or the checkpoint file, whichever has charged more."""
     found = []
     if LEDGER_STATE_KEY in context.state:
-        found.append(PrivacyLedger.from_json(str(context.state[LEDGER_STATE_KEY]["json"]), site=site,
-                                             mechanism=mechanism))
+        found.append(
+            PrivacyLedger.from_json(str(context.state[LEDGER_STATE_KEY]["json"]), site=site, mechanism=mechanism)
+        )
     path = ledger_path(context, site)
     if path is not None and path.is_file():
         found.append(PrivacyLedger.load(path, site=site, mechanism=mechanism))
@@ -276,8 +307,14 @@ class SitePlan:
     planned_steps: int
 
 
-def site_plan(exp: ExperimentConfig, *, site: str, num_train: int, node_epsilon: float | None = None,
-              node_delta: float | None = None) -> SitePlan:
+def site_plan(
+    exp: ExperimentConfig,
+    *,
+    site: str,
+    num_train: int,
+    node_epsilon: float | None = None,
+    node_delta: float | None = None,
+) -> SitePlan:
     """Budget, sampling rate and noise multiplier of ``site`` for the whole planned run."""
     p = exp.privacy
     if num_train <= 0:
@@ -299,7 +336,8 @@ def site_plan(exp: ExperimentConfig, *, site: str, num_train: int, node_epsilon:
     steps_round = exp.train.local_epochs * steps_per_epoch
     planned = exp.train.rounds * steps_round
     sigma = p.noise_multiplier or plan_noise_multiplier(
-        target_epsilon=eps, target_delta=delta, sample_rate=q, total_steps=planned, accountant=p.accountant)
+        target_epsilon=eps, target_delta=delta, sample_rate=q, total_steps=planned, accountant=p.accountant
+    )
     return SitePlan(eps, delta, sigma, q, steps_per_epoch, steps_round, planned)
 
 
@@ -308,10 +346,10 @@ def _secret_generator() -> torch.Generator:
 
 
 class RoundPrivacy:
-    """What ``client.app.train`` calls each round: start → (refusal | wrap → train → finish).
+    """What ``medflower.client.app.train`` calls each round: start → (refusal | wrap → train → finish).
 
     With ``privacy.mode`` ``none`` or ``client`` it is a pass-through (client-level DP is the
-    coordinator's: :mod:`strategies.privacy`).
+    coordinator's: :mod:`medflower.strategies.privacy`).
     """
 
     def __init__(self, *, exp: ExperimentConfig, context: Context, site: str) -> None:
@@ -322,31 +360,55 @@ class RoundPrivacy:
         self._gsm: Any = None
 
     @classmethod
-    def start(cls, exp: ExperimentConfig, context: Context, *, site: str, num_train: int,
-              server_round: int) -> RoundPrivacy:
+    def start(
+        cls, exp: ExperimentConfig, context: Context, *, site: str, num_train: int, server_round: int
+    ) -> RoundPrivacy:
         rp = cls(exp=exp, context=context, site=site)
         if exp.privacy.mode != "sample":
             return rp
         node_eps = _node_float(context, keys.NODE_DP_TARGET_EPSILON)
         node_delta = _node_float(context, keys.NODE_DP_TARGET_DELTA)
         if node_eps is not None and node_eps > exp.privacy.target_epsilon:
-            log(WARNING, "site %s: node config %s=%s is larger than the experiment's %s; a site may only be "
-                "stricter, so %s applies", site, keys.NODE_DP_TARGET_EPSILON, node_eps,
-                exp.privacy.target_epsilon, exp.privacy.target_epsilon)
+            log(
+                WARNING,
+                "site %s: node config %s=%s is larger than the experiment's %s; a site may only be "
+                "stricter, so %s applies",
+                site,
+                keys.NODE_DP_TARGET_EPSILON,
+                node_eps,
+                exp.privacy.target_epsilon,
+                exp.privacy.target_epsilon,
+            )
         rp.plan = plan = site_plan(exp, site=site, num_train=num_train, node_epsilon=node_eps, node_delta=node_delta)
         rp.ledger = ledger = load_ledger(context, site=site, mechanism=exp.privacy.accountant)
-        after = ledger.projected_epsilon(plan.target_delta, noise_multiplier=plan.noise_multiplier,
-                                         sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+        after = ledger.projected_epsilon(
+            plan.target_delta,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_per_round,
+        )
         if after > plan.target_epsilon:
             spent = ledger.epsilon(plan.target_delta)
-            log(WARNING, "site %s refuses to train in round %d: its privacy budget is exhausted (epsilon %.4f of "
-                "%.4f spent at delta %g; this round would reach %.4f)", site, server_round, spent,
-                plan.target_epsilon, plan.target_delta, after)
+            log(
+                WARNING,
+                "site %s refuses to train in round %d: its privacy budget is exhausted (epsilon %.4f of "
+                "%.4f spent at delta %g; this round would reach %.4f)",
+                site,
+                server_round,
+                spent,
+                plan.target_epsilon,
+                plan.target_delta,
+                after,
+            )
             rp.refusal = {keys.NUM_EXAMPLES: 0, **rp._metrics(spent, after, exhausted=1)}
             store_ledger(context, ledger)  # a settled crash charge must be kept
             return rp
-        ledger.begin(server_round=server_round, noise_multiplier=plan.noise_multiplier,
-                     sample_rate=plan.sample_rate, steps=plan.steps_per_round)
+        ledger.begin(
+            server_round=server_round,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_per_round,
+        )
         store_ledger(context, ledger)  # write-ahead: charged even if this process dies mid-round
         return rp
 
@@ -354,12 +416,19 @@ class RoundPrivacy:
         plan, ledger = self.plan, self.ledger
         if plan is None or ledger is None:
             raise RuntimeError("DP metrics exist only in privacy.mode 'sample'")
-        return {keys.DP_EPSILON: spent, keys.DP_DELTA: plan.target_delta, keys.DP_TARGET_EPSILON: plan.target_epsilon,
-                keys.DP_EPSILON_NEXT: after, keys.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
-                keys.DP_STEPS: ledger.steps, keys.DP_EXHAUSTED: exhausted}
+        return {
+            keys.DP_EPSILON: spent,
+            keys.DP_DELTA: plan.target_delta,
+            keys.DP_TARGET_EPSILON: plan.target_epsilon,
+            keys.DP_EPSILON_NEXT: after,
+            keys.DP_NOISE_MULTIPLIER: plan.noise_multiplier,
+            keys.DP_STEPS: ledger.steps,
+            keys.DP_EXHAUSTED: exhausted,
+        }
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-             hooks: LocalHooks | None = None) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader, hooks: LocalHooks | None = None
+    ) -> tuple[nn.Module, torch.optim.Optimizer, DataLoader]:
         """Opacus' DP model/optimizer/loader, stepping the run-long ledger (identity unless mode 'sample')."""
         if self.plan is None:
             return model, optimizer, loader
@@ -375,7 +444,9 @@ class RoundPrivacy:
         if ledger is None:
             raise RuntimeError("RoundPrivacy.wrap called without a ledger (use RoundPrivacy.start)")
         if len(loader) != plan.steps_per_epoch:
-            raise RuntimeError(f"DP plan expects {plan.steps_per_epoch} batches per epoch, the loader has {len(loader)}")
+            raise RuntimeError(
+                f"DP plan expects {plan.steps_per_epoch} batches per epoch, the loader has {len(loader)}"
+            )
         if self.exp.privacy.poisson_sampling:
             loader = DPDataLoader(loader.dataset, sample_rate=plan.sample_rate, generator=_secret_generator())
             loader.batch_sampler.steps = plan.steps_per_epoch  # type: ignore[union-attr]  # Opacus rounds 1/(1/k) down
@@ -386,8 +457,12 @@ class RoundPrivacy:
             engine = PrivacyEngine(accountant=self.exp.privacy.accountant)
             engine.accountant = ledger.accountant  # the whole run's history, not a fresh one per round
             gsm, dp_opt, dp_loader = engine.make_private(
-                module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=plan.noise_multiplier,
-                max_grad_norm=self.exp.privacy.max_grad_norm, poisson_sampling=False,
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=self.exp.privacy.max_grad_norm,
+                poisson_sampling=False,
                 noise_generator=_secret_generator(),
             )
         if self.exp.privacy.poisson_sampling:
@@ -406,10 +481,22 @@ class RoundPrivacy:
         ledger.commit()
         store_ledger(self.context, ledger)
         spent = ledger.epsilon(plan.target_delta)
-        after = ledger.projected_epsilon(plan.target_delta, noise_multiplier=plan.noise_multiplier,
-                                         sample_rate=plan.sample_rate, steps=plan.steps_per_round)
-        log(INFO, "site %s: DP ledger epsilon %.4f of %.4f spent (delta %g) after %d steps; noise multiplier %.4f",
-            self.site, spent, plan.target_epsilon, plan.target_delta, ledger.steps, plan.noise_multiplier)
+        after = ledger.projected_epsilon(
+            plan.target_delta,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=plan.steps_per_round,
+        )
+        log(
+            INFO,
+            "site %s: DP ledger epsilon %.4f of %.4f spent (delta %g) after %d steps; noise multiplier %.4f",
+            self.site,
+            spent,
+            plan.target_epsilon,
+            plan.target_delta,
+            ledger.steps,
+            plan.noise_multiplier,
+        )
         return self._metrics(spent, after, exhausted=0)
 
 

@@ -15,7 +15,7 @@ preparation keys the site YAML leaves out are taken from the experiment the coor
 (:data:`medflower.config.data.PREPARATION_KEYS`); the site's own split fractions and columns stay.
 
 The SuperNode reads it through ``--node-config "site-config='site.yaml'"``
-(:func:`load_site_data`, called by :mod:`client.app`). Loading is the very code the simulator uses
+(:func:`load_site_data`, called by :mod:`medflower.client.app`). Loading is the very code the simulator uses
 (:func:`medflower.data.manifest.load_file_dataset`), so a federation rehearsed in simulation reads
 a hospital's files the same way.
 
@@ -35,9 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-
-from medflower.data import SiteData
 from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
+from medflower.data import SiteData
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, to_dict
 
 if TYPE_CHECKING:
@@ -58,11 +57,16 @@ class SiteConfig:
 
     def __post_init__(self) -> None:
         if not NAME_RE.match(self.name):
-            raise ConfigError(f"name: {self.name!r} is not a valid public site name: 1-64 letters, digits, "
-                              "'.', '_' or '-', starting with a letter or digit (no patient or staff names)")
+            raise ConfigError(
+                f"name: {self.name!r} is not a valid public site name: 1-64 letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit (no patient or staff names)"
+            )
         if self.data.kind not in FILE_KINDS:
-            raise ConfigError("data.kind: a site reads its own files; valid choices are "
-                              + ", ".join(repr(k) for k in FILE_KINDS) + f" (got {self.data.kind!r})")
+            raise ConfigError(
+                "data.kind: a site reads its own files; valid choices are "
+                + ", ".join(repr(k) for k in FILE_KINDS)
+                + f" (got {self.data.kind!r})"
+            )
 
     def data_path(self) -> Path:
         p = Path(self.data.path or "").expanduser()
@@ -109,13 +113,17 @@ def _load_site(path: str, mtime: int, exp_json: str) -> SiteData:
     site = load_site_config(path, exp)
     ds = load_file_dataset(site.data, path=site.data_path(), task=site.task, seed=exp.seed, name=site.name)
     m = exp.model
-    expected = {"model.in_channels": (m.in_channels, ds.in_channels),
-                "model.img_size": (tuple(m.img_size) if m.img_size else None, tuple(ds.img_size))}
+    expected = {
+        "model.in_channels": (m.in_channels, ds.in_channels),
+        "model.img_size": (tuple(m.img_size) if m.img_size else None, tuple(ds.img_size)),
+    }
     for key, (want, got) in expected.items():
         if want is not None and want != got:
-            raise ConfigError(f"{path}: the site's prepared images give {key.split('.')[1]} {got} but the "
-                              f"experiment's {key} is {want}; set data.size/data.channels (or leave them "
-                              "to the experiment)")
+            raise ConfigError(
+                f"{path}: the site's prepared images give {key.split('.')[1]} {got} but the "
+                f"experiment's {key} is {want}; set data.size/data.channels (or leave them "
+                "to the experiment)"
+            )
     return SiteData(site.name, ds.train, ds.val, ds.test, {"num_classes": ds.num_classes})
 
 
@@ -129,7 +137,8 @@ class CheckReport:
 
 def _counts(counter: Counter, fmt: Any = str) -> str:
     return ", ".join(f"{fmt(k)} (x{n})" for k, n in counter.most_common(6)) + (
-        f", ... {len(counter) - 6} more" if len(counter) > 6 else "")
+        f", ... {len(counter) - 6} more" if len(counter) > 6 else ""
+    )
 
 
 def _shape(t: tuple) -> str:
@@ -153,9 +162,14 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         rep.errors.append(str(err))
         return rep
     n = len(rows.rows)
-    rep.lines.append(f"listed: {n} image(s)" + (f", {len({r.patient for r in rows.rows if r.patient})} patient(s)"
-                                               if rows.has_patients else " (no patient column: each image is "
-                                               "treated as its own patient)"))
+    rep.lines.append(
+        f"listed: {n} image(s)"
+        + (
+            f", {len({r.patient for r in rows.rows if r.patient})} patient(s)"
+            if rows.has_patients
+            else " (no patient column: each image is treated as its own patient)"
+        )
+    )
     formats, shapes, spacings, channels, prepared_shapes = Counter(), Counter(), Counter(), Counter(), Counter()
     labels, mask_values, voxels = Counter(), Counter(), Counter()
     seen: dict[str, str] = {}
@@ -167,8 +181,12 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         seen.setdefault(key, row.where)
         try:
             formats[file_format(row.image) if row.image.exists() else "missing"] += 1
-            prep = prepare(row.image, row.label if isinstance(row.label, Path) else None, cfg,
-                           num_classes=segmentation_classes(cfg, rows.num_classes))
+            prep = prepare(
+                row.image,
+                row.label if isinstance(row.label, Path) else None,
+                cfg,
+                num_classes=segmentation_classes(cfg, rows.num_classes),
+            )
         except DataError as err:
             rep.errors.append(f"{row.where}: {err}")
             continue
@@ -191,27 +209,38 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         rep.lines.append(f"prepared (C x spatial): {_counts(prepared_shapes, _shape)}")
         dims = sorted({len(s) - 1 for s in prepared_shapes})
         if len(dims) > 1:
-            rep.errors.append(f"images are {' and '.join(f'{d}D' for d in dims)}; one site's images must all be "
-                              "2D or all 3D")
+            rep.errors.append(
+                f"images are {' and '.join(f'{d}D' for d in dims)}; one site's images must all be 2D or all 3D"
+            )
         elif len(prepared_shapes) > 1 and cfg.size is None:
-            rep.warnings.append(f"images differ in shape ({_counts(prepared_shapes, _shape)}); the experiment's "
-                                "data.size must resize them (check with --experiment EXP.yaml)")
+            rep.warnings.append(
+                f"images differ in shape ({_counts(prepared_shapes, _shape)}); the experiment's "
+                "data.size must resize them (check with --experiment EXP.yaml)"
+            )
         elif len(prepared_shapes) > 1:
-            rep.errors.append(f"prepared images differ in shape ({_counts(prepared_shapes, _shape)}); set "
-                              "data.size (and data.channels) so that every image has the same shape")
+            rep.errors.append(
+                f"prepared images differ in shape ({_counts(prepared_shapes, _shape)}); set "
+                "data.size (and data.channels) so that every image has the same shape"
+            )
     if site.task == "classification" and labels:
         names = cfg.classes or ()
         total = sum(labels.values())
-        rep.lines.append("label balance: " + ", ".join(
-            f"{names[k] if k < len(names) else k}: {labels[k]} ({100 * labels[k] / total:.1f}%)"
-            for k in sorted(labels)))
+        rep.lines.append(
+            "label balance: "
+            + ", ".join(
+                f"{names[k] if k < len(names) else k}: {labels[k]} ({100 * labels[k] / total:.1f}%)"
+                for k in sorted(labels)
+            )
+        )
         if len(labels) < 2:
             rep.warnings.append("only one class present: this site cannot train a classifier on its own")
     if site.task == "segmentation" and voxels:
         total = sum(voxels.values())
         rep.lines.append(f"stored mask values: {sorted(mask_values)}")
-        rep.lines.append("class balance (voxels): " + ", ".join(
-            f"class {k}: {100 * v / total:.2f}%" for k, v in sorted(voxels.items())))
+        rep.lines.append(
+            "class balance (voxels): "
+            + ", ".join(f"class {k}: {100 * v / total:.2f}%" for k, v in sorted(voxels.items()))
+        )
     crossing = patient_crossings(rows.rows, [r.split for r in rows.rows])
     for c in crossing[:20]:
         rep.errors.append("one patient is in more than one split: " + ", ".join(c) + " (rows shown, not the ID)")
@@ -219,9 +248,10 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         units = [r for r in ok_rows for _ in range(cfg.slabs)]
         try:
             splits = Counter(assign_splits(rows.rows, units, cfg, seed=seed))
-            rep.lines.append(f"splits (seed {seed}): train {splits['train']}, val {splits['val']}, "
-                             f"test {splits['test']}"
-                             + (f" ({cfg.slabs} slabs per volume)" if cfg.slabs > 1 else ""))
+            rep.lines.append(
+                f"splits (seed {seed}): train {splits['train']}, val {splits['val']}, "
+                f"test {splits['test']}" + (f" ({cfg.slabs} slabs per volume)" if cfg.slabs > 1 else "")
+            )
             if not splits["train"]:
                 rep.errors.append("no training samples after splitting; lower data.val_fraction/test_fraction")
         except DataError as err:
@@ -258,4 +288,3 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("site", help="the site YAML")
     c.add_argument("--experiment", "-e", help="experiment YAML whose data preparation to apply (optional)")
     c.set_defaults(func=lambda args: run_check(args.site, args.experiment))
-

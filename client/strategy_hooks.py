@@ -7,18 +7,18 @@ config), so a site follows whichever strategy the run uses:
   proximal term ``mu/2 * ||w - w_global||^2`` (Li et al. 2020), through ``LocalHooks.extra_loss``.
 * SCAFFOLD — an ArrayRecord ``scaffold-c`` (server control variate): every gradient is corrected by
   ``c - c_i`` (``LocalHooks.after_backward``); afterwards ``c_i`` is updated (option II) and kept
-  in ``context.state``, and the reply carries ``scaffold-dc``. See :mod:`strategies.scaffold`.
+  in ``context.state``, and the reply carries ``scaffold-dc``. See :mod:`medflower.strategies.scaffold`.
 * FedBN — ConfigRecord ``local-keys``: those arrays (normalization layers) are restored from
   ``context.state`` after loading each global model, saved after training, and never sent.
 * Ditto — ConfigRecord ``ditto-lambda``: after the usual local update of the global model, the
   site trains its personal model (kept in ``context.state``) on ``loss + lam/2 ||v - w_global||^2``
   and reports its evaluations as ``personal-<metric>`` next to the global model's.
 
-Also the SIMULATION-ONLY ``attack:`` switch (:mod:`simulation.attack`): applied to the outgoing
+Also the SIMULATION-ONLY ``attack:`` switch (:mod:`medflower.simulation.attack`): applied to the outgoing
 update only on a simulated site, ignored with a warning on a deployed node.
 
 None of these methods exists in Flower, MONAI or Opacus in a form that plugs into our local
-training loop, hence this module. Each piece is a few lines around ``client.train``.
+training loop, hence this module. Each piece is a few lines around ``medflower.client.train``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from torch import nn
 
-from client.train import LocalHooks, TrainStats, make_loader, make_optimizer, train_epochs
 from medflower import keys
+from medflower.client.train import LocalHooks, TrainStats, make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.tasks import evaluate, inference_roi
 
@@ -90,17 +90,21 @@ class SiteStrategy:
             saved = _from_record(context.state[STATE_LOCAL])
             model.load_state_dict({**model.state_dict(), **{k: v for k, v in saved.items() if k in self.local_keys}})
         if keys.DITTO_LAMBDA in cfg:
-            self.ditto = {"lam": float(cfg[keys.DITTO_LAMBDA]),
-                          "epochs": int(cfg.get(keys.DITTO_EPOCHS, exp.train.local_epochs)),
-                          "lr": float(cfg.get(keys.DITTO_LR, exp.train.lr))}
+            self.ditto = {
+                "lam": float(cfg[keys.DITTO_LAMBDA]),
+                "epochs": int(cfg.get(keys.DITTO_EPOCHS, exp.train.local_epochs)),
+                "lr": float(cfg.get(keys.DITTO_LR, exp.train.lr)),
+            }
         if keys.SCAFFOLD_C in msg.content.array_records:
             self.scaffold_c = _from_record(msg.content[keys.SCAFFOLD_C])
             saved_ci = _from_record(context.state[STATE_CI]) if STATE_CI in context.state else {}
             self.scaffold_ci = {k: saved_ci.get(k, torch.zeros_like(c)) for k, c in self.scaffold_c.items()}
         if self.mu > 0 or self.ditto is not None or self.scaffold_c is not None:
             self.global_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.hooks = LocalHooks(extra_loss=self._proximal if self.mu > 0 else None,
-                                after_backward=self._scaffold_correction if self.scaffold_c is not None else None)
+        self.hooks = LocalHooks(
+            extra_loss=self._proximal if self.mu > 0 else None,
+            after_backward=self._scaffold_correction if self.scaffold_c is not None else None,
+        )
         return self
 
     # -- hooks -----------------------------------------------------------------------------------
@@ -118,8 +122,9 @@ class SiteStrategy:
 
     # -- after local training --------------------------------------------------------------------
 
-    def after_train(self, model: nn.Module, stats: TrainStats, *, site: Any,
-                    seed: int) -> tuple[ArrayRecord, dict[str, ArrayRecord], dict[str, float]]:
+    def after_train(
+        self, model: nn.Module, stats: TrainStats, *, site: Any, seed: int
+    ) -> tuple[ArrayRecord, dict[str, ArrayRecord], dict[str, float]]:
         """(model arrays to send, extra ArrayRecords for the reply, extra metrics)."""
         state = model.state_dict()
         extra: dict[str, ArrayRecord] = {}
@@ -135,7 +140,7 @@ class SiteStrategy:
         arrays = ArrayRecord(state)
         if self.exp.attack.kind != "none" and site.name in self.exp.attack.sites:
             if is_simulated(self.context):
-                from simulation.attack import poison
+                from medflower.simulation.attack import poison
 
                 arrays = poison(arrays, self.global_arrays, self.exp.attack)
             else:
@@ -161,8 +166,12 @@ class SiteStrategy:
     def _personal_model(self) -> nn.Module:
         """This site's Ditto model: saved in ``context.state``, else a copy of the global model."""
         personal = copy.deepcopy(self.model)
-        personal.load_state_dict({**personal.state_dict(), **{
-            k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in self.global_arrays.items()}})
+        personal.load_state_dict(
+            {
+                **personal.state_dict(),
+                **{k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in self.global_arrays.items()},
+            }
+        )
         if STATE_PERSONAL in self.context.state:
             personal.load_state_dict(_from_record(self.context.state[STATE_PERSONAL]))
         return personal
@@ -174,8 +183,14 @@ class SiteStrategy:
         hooks = LocalHooks(extra_loss=(lambda m: 0.5 * lam * proximal_term(m, w)) if lam > 0 else None)
         cfg = dataclasses.replace(self.exp.train, lr=self.ditto["lr"])
         loader = make_loader(site.train, self.exp.train.batch_size, seed + 7919)
-        stats = train_epochs(personal, loader, make_optimizer(personal, cfg), epochs=int(self.ditto["epochs"]),
-                             task=self.exp.task, hooks=hooks)
+        stats = train_epochs(
+            personal,
+            loader,
+            make_optimizer(personal, cfg),
+            epochs=int(self.ditto["epochs"]),
+            task=self.exp.task,
+            hooks=hooks,
+        )
         self.context.state[STATE_PERSONAL] = _to_record(personal.state_dict())
         return {f"{keys.PERSONAL_PREFIX}{keys.TRAIN_LOSS}": stats.loss}
 
@@ -189,14 +204,18 @@ class SiteStrategy:
         """
         if self.ditto is None:
             return {}
-        res = evaluate(self._personal_model(), split, task=self.exp.task, batch_size=self.exp.train.eval_batch_size,
-                       roi_size=inference_roi(self.exp))
+        res = evaluate(
+            self._personal_model(),
+            split,
+            task=self.exp.task,
+            batch_size=self.exp.train.eval_batch_size,
+            roi_size=inference_roi(self.exp),
+        )
         p = keys.PERSONAL_PREFIX
         return {(f"{p}{keys.EVAL_LOSS}" if k == "loss" else f"{p}{split_name}-{k}"): v for k, v in res.items()}
 
 
 def proximal_term(model: nn.Module, reference: dict[str, torch.Tensor]) -> torch.Tensor:
     """``||w - w_ref||^2`` summed over the model's trainable parameters that ``reference`` holds."""
-    terms = [((p - reference[n]) ** 2).sum() for n, p in model.named_parameters()
-             if p.requires_grad and n in reference]
+    terms = [((p - reference[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad and n in reference]
     return torch.stack(terms).sum() if terms else torch.zeros(())

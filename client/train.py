@@ -67,7 +67,7 @@ def train_epochs(
 ) -> TrainStats:
     """Run ``epochs`` passes of ``loader``; returns sample counts and the last epoch's mean loss.
 
-    ``augment(x, y) -> (x, y)`` transforms each training batch (see :mod:`client.augment`).
+    ``augment(x, y) -> (x, y)`` transforms each training batch (see :mod:`medflower.client.augment`).
     """
     hooks = hooks or LocalHooks()
     loss_fn = make_loss(task)

@@ -63,12 +63,13 @@ def _write_public(path: Path, data: bytes) -> None:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(*, common_name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
@@ -76,19 +77,36 @@ def make_ca(*, common_name: str, days: int) -> tuple[ec.EllipticCurvePrivateKey,
     if days < 1:
         raise ValueError(f"ca_days must be >= 1, got {days}")
     key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medflower federation")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medflower federation"),
+        ]
+    )
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
@@ -106,8 +124,12 @@ def _parse_ips(ips: list[str] | tuple[str, ...]) -> list[ipaddress.IPv4Address |
 
 
 def make_server_cert(
-    *, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, dns_names: list[str],
-    ip_addresses: list[str], days: int,
+    *,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    dns_names: list[str],
+    ip_addresses: list[str],
+    days: int,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """The coordinator's TLS certificate; its SAN lists every name/IP a hospital may dial."""
     if days < 1:
@@ -121,9 +143,11 @@ def make_server_cert(
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -134,7 +158,12 @@ def make_server_cert(
 
 
 def make_federation_certs(
-    out_dir: str | Path, *, names: list[str], ips: list[str], days: int = 365, ca_days: int = 1825,
+    out_dir: str | Path,
+    *,
+    names: list[str],
+    ips: list[str],
+    days: int = 365,
+    ca_days: int = 1825,
 ) -> FederationCerts:
     """Write ``ca.crt``/``ca.key`` (kept if they exist) and ``coordinator.crt``/``coordinator.key``.
 
@@ -147,9 +176,11 @@ def make_federation_certs(
     ca_crt, ca_key_path = out / "ca.crt", out / "ca.key"
     if ca_crt.is_file() != ca_key_path.is_file():
         have, lack = (ca_crt, ca_key_path) if ca_crt.is_file() else (ca_key_path, ca_crt)
-        raise ValueError(f"{have} exists but {lack} does not: put the CA's other half back to re-issue the "
-                         f"coordinator's certificate, or move {have} away to start a new CA (every hospital "
-                         "then needs the new ca.crt)")
+        raise ValueError(
+            f"{have} exists but {lack} does not: put the CA's other half back to re-issue the "
+            f"coordinator's certificate, or move {have} away to start a new CA (every hospital "
+            "then needs the new ca.crt)"
+        )
     reused = ca_crt.is_file()
     if reused:
         ca_cert = x509.load_pem_x509_certificate(ca_crt.read_bytes())
@@ -158,8 +189,10 @@ def make_federation_certs(
             raise ValueError(f"{ca_key_path}: not an EC private key")
         ca_key = loaded
         if ca_cert.not_valid_after_utc <= _now():
-            raise ValueError(f"{ca_crt}: the CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
-                             f"move {ca_crt} and {ca_key_path} away to create a new CA")
+            raise ValueError(
+                f"{ca_crt}: the CA expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}; "
+                f"move {ca_crt} and {ca_key_path} away to create a new CA"
+            )
     else:
         ca_key, ca_cert = make_ca(common_name="medflower federation CA", days=ca_days)
         _write_private(ca_key_path, _pem_key(ca_key))
@@ -172,8 +205,10 @@ def make_federation_certs(
 
 def check_site_name(site: str) -> str:
     if not SITE_NAME_RE.match(site):
-        raise ValueError(f"site name {site!r}: use 1-63 letters, digits, '-', '_' or '.', starting "
-                         "with a letter or digit (it becomes a file name)")
+        raise ValueError(
+            f"site name {site!r}: use 1-63 letters, digits, '-', '_' or '.', starting "
+            "with a letter or digit (it becomes a file name)"
+        )
     return site
 
 
@@ -187,11 +222,17 @@ def make_node_key(out_dir: str | Path, *, site: str, overwrite: bool = False) ->
     out = Path(out_dir)
     priv, pub = out / f"{site}.key", out / f"{site}.pub"
     if priv.exists() and not overwrite:
-        raise ValueError(f"{priv} already exists; keep it (its .pub is what the coordinator registered) "
-                         "or pass --overwrite and register the new .pub")
+        raise ValueError(
+            f"{priv} already exists; keep it (its .pub is what the coordinator registered) "
+            "or pass --overwrite and register the new .pub"
+        )
     key = ec.generate_private_key(ec.SECP384R1())
-    _write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                           serialization.NoEncryption()))
+    _write_private(
+        priv,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
     pub_line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_public(pub, pub_line + f" {site}\n".encode())
     return NodeKey(priv, pub)
@@ -224,5 +265,10 @@ def describe_cert(cert: x509.Certificate) -> dict[str, object]:
         ips = [str(v) for v in san.get_values_for_type(x509.IPAddress)]
     except x509.ExtensionNotFound:
         names, ips = [], []
-    return {"subject": cert.subject.rfc4514_string(), "dns": names, "ips": ips,
-            "not_before": cert.not_valid_before_utc, "not_after": cert.not_valid_after_utc}
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "dns": names,
+        "ips": ips,
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+    }

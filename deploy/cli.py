@@ -10,21 +10,25 @@ import argparse
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from deploy.certs import describe_cert, make_federation_certs
     from cryptography import x509
 
-    res = make_federation_certs(args.out, names=args.name or [], ips=args.ip or [], days=args.days,
-                                ca_days=args.ca_days)
+    from medflower.deploy.certs import describe_cert, make_federation_certs
+
+    res = make_federation_certs(
+        args.out, names=args.name or [], ips=args.ip or [], days=args.days, ca_days=args.ca_days
+    )
     d = describe_cert(x509.load_pem_x509_certificate(res.coordinator_cert.read_bytes()))
     print(f"{'kept existing' if res.reused_ca else 'created'} CA: {res.ca_cert} (key {res.ca_key}: keep it offline)")
-    print(f"coordinator certificate: {res.coordinator_cert} for {d['dns'] + d['ips']}, "
-          f"valid until {d['not_after']:%Y-%m-%d}; key {res.coordinator_key}")
+    print(
+        f"coordinator certificate: {res.coordinator_cert} for {d['dns'] + d['ips']}, "
+        f"valid until {d['not_after']:%Y-%m-%d}; key {res.coordinator_key}"
+    )
     print(f"give every hospital {res.ca_cert}")
     return 0
 
 
 def _node_key(args: argparse.Namespace) -> int:
-    from deploy.certs import make_node_key
+    from medflower.deploy.certs import make_node_key
 
     res = make_node_key(args.out, site=args.site, overwrite=args.overwrite)
     print(f"private key: {res.private_key} (stays on this machine)")
@@ -33,7 +37,7 @@ def _node_key(args: argparse.Namespace) -> int:
 
 
 def _connection(args: argparse.Namespace) -> int:
-    from deploy.flwr_connection import add_connection
+    from medflower.deploy.flwr_connection import add_connection
 
     path = add_connection(name=args.name, address=args.address, ca_cert=args.ca, make_default=not args.no_default)
     print(f"wrote connection {args.name!r} ({args.address}) to {path}")
@@ -41,11 +45,19 @@ def _connection(args: argparse.Namespace) -> int:
 
 
 def _node_check(args: argparse.Namespace) -> int:
-    from deploy.nodecheck import report, run_checks
+    from medflower.deploy.nodecheck import report, run_checks
 
     node_config = args.node_config or (f"site-config='{args.site_config}'" if args.site_config else "")
-    return report(run_checks(coordinator=args.coordinator, ca=args.ca, key=args.key, node_config=node_config,
-                             pub=args.pub, timeout=args.timeout))
+    return report(
+        run_checks(
+            coordinator=args.coordinator,
+            ca=args.ca,
+            key=args.key,
+            node_config=node_config,
+            pub=args.pub,
+            timeout=args.timeout,
+        )
+    )
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -83,6 +95,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pub", help="this site's .pub, to check it matches the key")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--site-config", help="this site's site YAML")
-    g.add_argument("--node-config", help="raw Flower node config, e.g. \"partition-id=0 num-partitions=3\"")
+    g.add_argument("--node-config", help='raw Flower node config, e.g. "partition-id=0 num-partitions=3"')
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the coordinator (default 5)")
     p.set_defaults(func=_node_check)

@@ -16,7 +16,7 @@ import tomli_w
 from flwr.cli.flower_config import init_flwr_config
 from flwr.supercore.utils import get_flwr_home
 
-from deploy.certs import check_site_name
+from medflower.deploy.certs import check_site_name
 
 
 def add_connection(*, name: str, address: str, ca_cert: str | Path, make_default: bool = True) -> Path:

@@ -28,8 +28,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(__file__).resolve().parent
-FLOWER_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-              "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "PYTHONUNBUFFERED": "1",
+}
 CONNECTION = "medflower"
 TAG_RE = re.compile(r"^mf(\d+)x\d+-")
 
@@ -75,6 +80,7 @@ def _ns_pids(ns: str) -> list[int]:
 
 def _kill_ns_processes(*namespaces: str, grace_s: float = 3.0) -> None:
     """Every process inside a lab namespace was started by the lab: stop them, then force."""
+
     def alive() -> list[int]:
         return [pid for ns in namespaces for pid in _ns_pids(ns)]
 
@@ -238,11 +244,25 @@ class Lab:
             env["FLWR_HOME"] = str(flwr_home)
         return env
 
-    def run(self, ns: str, argv: list[str], *, home: Path | None = None, timeout: float = 120,
-            check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        ns: str,
+        argv: list[str],
+        *,
+        home: Path | None = None,
+        timeout: float = 120,
+        check: bool = True,
+        cwd: Path | None = None,
+    ) -> subprocess.CompletedProcess:
         self.commands.append(list(argv))
-        res = subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True,
-                             env=self.env(home), timeout=timeout, cwd=cwd or self.root)
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv],
+            capture_output=True,
+            text=True,
+            env=self.env(home),
+            timeout=timeout,
+            cwd=cwd or self.root,
+        )
         if check and res.returncode != 0:
             raise LabError(f"`{' '.join(argv)}` exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         return res
@@ -252,8 +272,14 @@ class Lab:
         log = self.root / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as f:
-            popen = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=f, stderr=subprocess.STDOUT,
-                                     env=self.env(home), cwd=self.root, start_new_session=True)
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", ns, *argv],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=self.env(home),
+                cwd=self.root,
+                start_new_session=True,
+            )
         proc = Proc(name, ns, popen, log)
         self.procs.append(proc)
         return proc
@@ -261,8 +287,9 @@ class Lab:
     def wait_listening(self, ns: str, host: str, port: int, *, timeout: float = 60, proc: Proc | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            res = subprocess.run(["ip", "netns", "exec", ns, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"],
-                                 capture_output=True)
+            res = subprocess.run(
+                ["ip", "netns", "exec", ns, "bash", "-c", f"exec 3<>/dev/tcp/{host}/{port}"], capture_output=True
+            )
             if res.returncode == 0:
                 return
             if proc is not None and not proc.alive():
@@ -273,12 +300,21 @@ class Lab:
     # ---- the README's steps ----
     def make_certs(self) -> None:
         """Administrator: CA and the coordinator's certificate (name and IP the hospitals dial)."""
-        self.run(self.coord_ns, ["medflower", "deploy", "certs", "--out", str(self.certs),
-                                 "--name", "coordinator", "--ip", self.coord_ip])
+        self.run(
+            self.coord_ns,
+            ["medflower", "deploy", "certs", "--out", str(self.certs), "--name", "coordinator", "--ip", self.coord_ip],
+        )
 
     def coordinator_argv(self) -> list[str]:
-        return [str(DEPLOY / "start-coordinator.sh"), "--certs", str(self.certs), "--state", str(self.coord_state),
-                "--port", str(self.port)]
+        return [
+            str(DEPLOY / "start-coordinator.sh"),
+            "--certs",
+            str(self.certs),
+            "--state",
+            str(self.coord_state),
+            "--port",
+            str(self.port),
+        ]
 
     def start_coordinator(self) -> Proc:
         self.coordinator = self.spawn(self.coord_ns, self.coordinator_argv(), name="coordinator")
@@ -286,8 +322,21 @@ class Lab:
         return self.coordinator
 
     def add_connection(self) -> None:
-        self.run(self.coord_ns, ["medflower", "deploy", "connection", "--name", CONNECTION, "--address", self.address,
-                                 "--ca", str(self.certs / "ca.crt")], home=self.admin_home)
+        self.run(
+            self.coord_ns,
+            [
+                "medflower",
+                "deploy",
+                "connection",
+                "--name",
+                CONNECTION,
+                "--address",
+                self.address,
+                "--ca",
+                str(self.certs / "ca.crt"),
+            ],
+            home=self.admin_home,
+        )
 
     def node_key(self, site: Site) -> None:
         """Hospital IT: create the node key; the administrator hands over ca.crt."""
@@ -296,8 +345,12 @@ class Lab:
 
     def register(self, site: Site) -> None:
         """Administrator: register the hospital's public key with the coordinator."""
-        self.run(self.coord_ns, ["flwr", "supernode", "register", str(site.pub), CONNECTION, "--name", site.name],
-                 home=self.admin_home, timeout=60)
+        self.run(
+            self.coord_ns,
+            ["flwr", "supernode", "register", str(site.pub), CONNECTION, "--name", site.name],
+            home=self.admin_home,
+            timeout=60,
+        )
 
     @staticmethod
     def data_args(data: str | Path) -> list[str]:
@@ -305,13 +358,39 @@ class Lab:
         return ["--site-config", str(data)] if isinstance(data, Path) else ["--node-config", data]
 
     def node_check(self, site: Site, data: str | Path) -> subprocess.CompletedProcess:
-        return self.run(site.ns, ["medflower", "node", "check", "--coordinator", self.address, "--ca", str(site.ca),
-                                  "--key", str(site.key), "--pub", str(site.pub), *self.data_args(data)],
-                        check=False, timeout=60)
+        return self.run(
+            site.ns,
+            [
+                "medflower",
+                "node",
+                "check",
+                "--coordinator",
+                self.address,
+                "--ca",
+                str(site.ca),
+                "--key",
+                str(site.key),
+                "--pub",
+                str(site.pub),
+                *self.data_args(data),
+            ],
+            check=False,
+            timeout=60,
+        )
 
     def hospital_argv(self, site: Site, data: str | Path, *, check: bool = False) -> list[str]:
-        argv = [str(DEPLOY / "start-hospital.sh"), "--coordinator", self.address, "--ca", str(site.ca),
-                "--key", str(site.key), *self.data_args(data), "--state", str(site.dir / "flwr-home")]
+        argv = [
+            str(DEPLOY / "start-hospital.sh"),
+            "--coordinator",
+            self.address,
+            "--ca",
+            str(site.ca),
+            "--key",
+            str(site.key),
+            *self.data_args(data),
+            "--state",
+            str(site.dir / "flwr-home"),
+        ]
         return argv if check else [*argv, "--no-check"]  # setup() has just run `medflower node check`
 
     def start_hospital(self, site: Site, node_config: str | Path, *, check: bool = False) -> Proc:
@@ -321,10 +400,14 @@ class Lab:
     def flwr_run(self, run_config: dict[str, str], *, app: Path = REPO) -> int:
         """Administrator: submit the app to the federation; returns the run id."""
         rc = " ".join(f"{k}='{v}'" for k, v in run_config.items())
-        res = self.run(self.coord_ns, ["flwr", "run", str(app), CONNECTION, "--run-config", rc, "--format", "json"],
-                       home=self.admin_home, timeout=180)
+        res = self.run(
+            self.coord_ns,
+            ["flwr", "run", str(app), CONNECTION, "--run-config", rc, "--format", "json"],
+            home=self.admin_home,
+            timeout=180,
+        )
         try:
-            out = json.loads(res.stdout[res.stdout.index("{"):])
+            out = json.loads(res.stdout[res.stdout.index("{") :])
         except ValueError as err:
             raise LabError(f"`flwr run` printed no JSON:\n{res.stdout}\n{res.stderr}") from err
         if not out.get("success") or "run-id" not in out:
@@ -333,7 +416,7 @@ class Lab:
 
     def runs(self) -> list[dict[str, Any]]:
         res = self.run(self.coord_ns, ["flwr", "ls", CONNECTION, "--format", "json"], home=self.admin_home, timeout=60)
-        out = json.loads(res.stdout[res.stdout.index("{"):])
+        out = json.loads(res.stdout[res.stdout.index("{") :])
         return list(out.get("runs", []))
 
     def run_status(self, run_id: int) -> str:
@@ -344,8 +427,9 @@ class Lab:
 
     def stop_run(self, run_id: int) -> None:
         # check=False: the coordinator may already have marked a run whose ServerApp died as finished
-        self.run(self.coord_ns, ["flwr", "stop", str(run_id), CONNECTION], home=self.admin_home, timeout=60,
-                 check=False)
+        self.run(
+            self.coord_ns, ["flwr", "stop", str(run_id), CONNECTION], home=self.admin_home, timeout=60, check=False
+        )
 
     def serverapp_pids(self) -> list[int]:
         """ServerApp processes Flower started in the coordinator's namespace."""
@@ -373,8 +457,10 @@ class Lab:
                 fut.result()
 
     def logs(self) -> str:
-        return "\n".join(f"---- {p.name} ({'running' if p.alive() else f'exit {p.popen.returncode}'}) ----\n{p.tail()}"
-                         for p in self.procs)
+        return "\n".join(
+            f"---- {p.name} ({'running' if p.alive() else f'exit {p.popen.returncode}'}) ----\n{p.tail()}"
+            for p in self.procs
+        )
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition", lab: Lab | None = None):

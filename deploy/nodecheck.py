@@ -22,7 +22,7 @@ from typing import Literal
 
 from cryptography import x509
 
-from deploy.certs import describe_cert, load_node_private_key, public_key_line
+from medflower.deploy.certs import describe_cert, load_node_private_key, public_key_line
 
 EXPIRY_WARN_DAYS = 30
 
@@ -35,7 +35,7 @@ class CheckResult:
 
 
 def _days_left(not_after: dt.datetime) -> float:
-    return (not_after - dt.datetime.now(dt.timezone.utc)).total_seconds() / 86400
+    return (not_after - dt.datetime.now(dt.UTC)).total_seconds() / 86400
 
 
 def check_key(key_path: str | Path, pub_path: str | Path | None = None) -> CheckResult:
@@ -51,10 +51,14 @@ def check_key(key_path: str | Path, pub_path: str | Path | None = None) -> Check
             return CheckResult("node key", "fail", f"{key_path} does not match public key {pub}")
     mode = os.stat(key_path).st_mode & 0o077
     if mode:
-        return CheckResult("node key", "warn",
-                           f"{key_path} (fingerprint {fp}) is readable by other users; chmod 600 it")
-    return CheckResult("node key", "ok", f"{key_path} loads (EC {key.curve.name}, fingerprint {fp}); "
-                       "the administrator must have registered its .pub")
+        return CheckResult(
+            "node key", "warn", f"{key_path} (fingerprint {fp}) is readable by other users; chmod 600 it"
+        )
+    return CheckResult(
+        "node key",
+        "ok",
+        f"{key_path} loads (EC {key.curve.name}, fingerprint {fp}); the administrator must have registered its .pub",
+    )
 
 
 def check_ca(ca_path: str | Path) -> CheckResult:
@@ -70,14 +74,16 @@ def check_ca(ca_path: str | Path) -> CheckResult:
     except x509.ExtensionNotFound:
         is_ca = False
     if not is_ca:
-        return CheckResult("CA certificate", "fail",
-                           f"{p} is not a CA certificate (did you get coordinator.crt instead of ca.crt?)")
+        return CheckResult(
+            "CA certificate", "fail", f"{p} is not a CA certificate (did you get coordinator.crt instead of ca.crt?)"
+        )
     days = _days_left(cert.not_valid_after_utc)
     if days <= 0:
         return CheckResult("CA certificate", "fail", f"{p} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
     status = "warn" if days < EXPIRY_WARN_DAYS else "ok"
-    return CheckResult("CA certificate", status,
-                       f"{p} valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)")
+    return CheckResult(
+        "CA certificate", status, f"{p} valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)"
+    )
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -112,11 +118,18 @@ def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0
     except socket.gaierror as err:
         return CheckResult(name, "fail", f"cannot resolve {host!r} ({err}); check the name or use the coordinator's IP")
     except ConnectionRefusedError:
-        return CheckResult(name, "fail", f"{host}:{port} refused the connection: the coordinator is not running "
-                           "or listens on another port")
+        return CheckResult(
+            name,
+            "fail",
+            f"{host}:{port} refused the connection: the coordinator is not running or listens on another port",
+        )
     except OSError as err:
-        return CheckResult(name, "fail", f"no connection to {host}:{port} within {timeout:.0f}s ({err}); "
-                           "a firewall or route blocks outbound traffic to the coordinator")
+        return CheckResult(
+            name,
+            "fail",
+            f"no connection to {host}:{port} within {timeout:.0f}s ({err}); "
+            "a firewall or route blocks outbound traffic to the coordinator",
+        )
     ctx = ssl.create_default_context(cafile=str(ca_path))
     try:
         with ctx.wrap_socket(sock, server_hostname=host) as tls:
@@ -126,24 +139,33 @@ def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0
         extra = ""
         if served is not None:
             d = describe_cert(served)
-            extra = (f"; the coordinator's certificate names {d['dns'] + d['ips']} and is valid "
-                     f"{d['not_before']:%Y-%m-%d} to {d['not_after']:%Y-%m-%d}")
-        hint = ("ask the administrator to re-issue it with `medflower deploy certs --name/--ip` "
-                "for the address you dial"
-                if "mismatch" in str(err.verify_message).lower() or "ip address" in str(err.verify_message).lower()
-                else "check that --ca is the federation's ca.crt and the certificate has not expired")
-        return CheckResult(name, "fail",
-                           f"TLS verification of {host}:{port} failed: {err.verify_message}{extra}; {hint}")
+            extra = (
+                f"; the coordinator's certificate names {d['dns'] + d['ips']} and is valid "
+                f"{d['not_before']:%Y-%m-%d} to {d['not_after']:%Y-%m-%d}"
+            )
+        hint = (
+            "ask the administrator to re-issue it with `medflower deploy certs --name/--ip` for the address you dial"
+            if "mismatch" in str(err.verify_message).lower() or "ip address" in str(err.verify_message).lower()
+            else "check that --ca is the federation's ca.crt and the certificate has not expired"
+        )
+        return CheckResult(
+            name, "fail", f"TLS verification of {host}:{port} failed: {err.verify_message}{extra}; {hint}"
+        )
     except (ssl.SSLError, OSError) as err:
         sock.close()
-        return CheckResult(name, "fail",
-                           f"TLS handshake with {host}:{port} failed ({err}); is this the coordinator's HTTPS port?")
+        return CheckResult(
+            name, "fail", f"TLS handshake with {host}:{port} failed ({err}); is this the coordinator's HTTPS port?"
+        )
     cert = x509.load_der_x509_certificate(der)
     days = _days_left(cert.not_valid_after_utc)
     health = _health(host, port, ctx, timeout)
     status = "warn" if days < EXPIRY_WARN_DAYS or health != 200 else "ok"
-    return CheckResult(name, status, f"{host}:{port} reachable over TLS; certificate verified, valid until "
-                       f"{cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days); /health answered {health}")
+    return CheckResult(
+        name,
+        status,
+        f"{host}:{port} reachable over TLS; certificate verified, valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days); /health answered {health}",
+    )
 
 
 def _health(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> int | str:
@@ -167,15 +189,16 @@ def check_data(node_config: str) -> CheckResult:
     name = "site data"
     try:
         cfg = parse_node_config(node_config)
-    except Exception as err:  # noqa: BLE001 - click/TOML errors of every kind: report, don't crash
+    except Exception as err:
         return CheckResult(name, "fail", f"--node-config {node_config!r} does not parse: {err}")
     if "site-config" in cfg:
         return _check_site_yaml(Path(str(cfg["site-config"])))
     if "partition-id" in cfg:
         pid, n = cfg.get("partition-id"), cfg.get("num-partitions")
         if not isinstance(pid, int) or not isinstance(n, int) or not 0 <= pid < n:
-            return CheckResult(name, "fail",
-                               f"partition-id={pid!r} num-partitions={n!r}: need integers with 0 <= id < n")
+            return CheckResult(
+                name, "fail", f"partition-id={pid!r} num-partitions={n!r}: need integers with 0 <= id < n"
+            )
         return CheckResult(name, "ok", f"simulated partition {pid} of {n} (rehearsal data, generated by the ClientApp)")
     return CheckResult(name, "fail", "node config has neither site-config (the hospital's site YAML) nor partition-id")
 
@@ -188,7 +211,7 @@ def _check_site_yaml(path: Path) -> CheckResult:
     """Validate the site YAML and list its images (without decoding them: that is `medflower site check`)."""
     name = "site data"
     try:
-        from client.site import load_site_config
+        from medflower.client.site import load_site_config
         from medflower.data.base import DataError
         from medflower.data.manifest import read_rows
     except ImportError as err:
@@ -198,19 +221,36 @@ def _check_site_yaml(path: Path) -> CheckResult:
         rows = read_rows(site.data, site.data_path(), site.task).rows
     except (ValueError, DataError, OSError) as err:  # ConfigError is a ValueError
         return CheckResult(name, "fail", str(err))
-    bad = [r.where for r in rows
-           if not _readable(r.image) or (isinstance(r.label, Path) and not _readable(r.label))]
+    bad = [r.where for r in rows if not _readable(r.image) or (isinstance(r.label, Path) and not _readable(r.label))]
     if bad:
-        return CheckResult(name, "fail", f"{path}: {len(bad)} of {len(rows)} listed file(s) missing or unreadable, "
-                           f"e.g. {', '.join(bad[:3])}")
-    return CheckResult(name, "ok", f"{path}: site {site.name!r}, {len(rows)} image(s) listed, all readable "
-                       f"(to decode every file: medflower site check {path})")
+        return CheckResult(
+            name,
+            "fail",
+            f"{path}: {len(bad)} of {len(rows)} listed file(s) missing or unreadable, e.g. {', '.join(bad[:3])}",
+        )
+    return CheckResult(
+        name,
+        "ok",
+        f"{path}: site {site.name!r}, {len(rows)} image(s) listed, all readable "
+        f"(to decode every file: medflower site check {path})",
+    )
 
 
-def run_checks(*, coordinator: str, ca: str | Path, key: str | Path, node_config: str,
-               pub: str | Path | None = None, timeout: float = 5.0) -> list[CheckResult]:
-    return [check_key(key, pub), check_ca(ca), check_coordinator(coordinator, ca, timeout=timeout),
-            check_data(node_config)]
+def run_checks(
+    *,
+    coordinator: str,
+    ca: str | Path,
+    key: str | Path,
+    node_config: str,
+    pub: str | Path | None = None,
+    timeout: float = 5.0,
+) -> list[CheckResult]:
+    return [
+        check_key(key, pub),
+        check_ca(ca),
+        check_coordinator(coordinator, ca, timeout=timeout),
+        check_data(node_config),
+    ]
 
 
 def report(results: list[CheckResult]) -> int:

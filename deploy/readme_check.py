@@ -37,8 +37,9 @@ def _lines(block: str) -> list[str]:
 
 def readme_commands(path: Path = README) -> list[str]:
     """Every command line of the README's exercised code blocks."""
-    return [line for skipped, block in _blocks(path.read_text(encoding="utf-8")) if not skipped
-            for line in _lines(block)]
+    return [
+        line for skipped, block in _blocks(path.read_text(encoding="utf-8")) if not skipped for line in _lines(block)
+    ]
 
 
 def skipped_blocks(path: Path = README) -> list[str]:

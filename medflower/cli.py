@@ -12,13 +12,16 @@ from medflower.schema import ConfigError
 
 def _simulate(args: argparse.Namespace) -> int:
     from medflower.config import load_experiment, quickstart_experiment
-    from simulation.report import print_summary
-    from simulation.runner import simulate
+    from medflower.simulation.report import print_summary
+    from medflower.simulation.runner import simulate
 
     exp = load_experiment(args.experiment) if args.experiment else quickstart_experiment()
     out = Path(args.output) if args.output else Path("runs") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"medflower: simulating {exp.name!r}: {exp.partition.num_sites} sites, {exp.train.rounds} rounds, "
-          f"model {exp.model.name}, strategy {exp.strategy.name}; results in {out}/", flush=True)
+    print(
+        f"medflower: simulating {exp.name!r}: {exp.partition.num_sites} sites, {exp.train.rounds} rounds, "
+        f"model {exp.model.name}, strategy {exp.strategy.name}; results in {out}/",
+        flush=True,
+    )
     summary = simulate(exp, out, verbose=args.verbose)
     print_summary(summary)
     print(f"\nsummary: {out / 'summary.json'}")
@@ -33,13 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", help="output folder (default: runs/<name>-<time>)")
     p.add_argument("--verbose", action="store_true", help="show the clients' logs")
     p.set_defaults(func=_simulate)
-    from deploy.cli import add_parsers as add_deploy_parsers  # `deploy ...`, `node check`
+    from medflower.deploy.cli import add_parsers as add_deploy_parsers  # `deploy ...`, `node check`
 
     add_deploy_parsers(sub)
-    from simulation.commands import add_parsers as add_shift_parsers  # `partition`, `compare`
+    from medflower.simulation.commands import add_parsers as add_shift_parsers  # `partition`, `compare`
 
     add_shift_parsers(sub)
-    from client.site import add_parsers as add_site_parsers  # `site check`
+    from medflower.client.site import add_parsers as add_site_parsers  # `site check`
 
     add_site_parsers(sub)
     return parser

@@ -54,18 +54,24 @@ def probe_per_sample_gradients(model: nn.Module, *, in_channels: int, img_size: 
             gsm = GradSampleModule(probe)
             x = torch.randn(2, in_channels, *img_size, generator=torch.Generator().manual_seed(0))
             logits_of(gsm(x)).float().square().mean().backward()
-    except Exception as err:  # noqa: BLE001  (any failure inside Opacus' hooks means "unsupported")
+    except Exception as err:
         return f"{type(err).__name__}: {err}"
-    missing = [n for n, p in probe.named_parameters()
-               if p.requires_grad and (getattr(p, "grad_sample", None) is None or p.grad_sample.shape[0] != 2)]
+    missing = [
+        n
+        for n, p in probe.named_parameters()
+        if p.requires_grad and (getattr(p, "grad_sample", None) is None or p.grad_sample.shape[0] != 2)
+    ]
     if missing:
-        return ("no per-sample gradient for parameter(s) " + ", ".join(missing[:4])
-                + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "") + " (unused or hidden from Opacus' hooks)")
+        return (
+            "no per-sample gradient for parameter(s) "
+            + ", ".join(missing[:4])
+            + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
+            + " (unused or hidden from Opacus' hooks)"
+        )
     return None
 
 
-def make_dp_compatible(model: nn.Module, cfg: ModelConfig, *, in_channels: int,
-                       img_size: Sequence[int]) -> nn.Module:
+def make_dp_compatible(model: nn.Module, cfg: ModelConfig, *, in_channels: int, img_size: Sequence[int]) -> nn.Module:
     """``model`` if Opacus can train it, else its ModuleValidator-fixed copy; ConfigError if neither."""
     from opacus.validators import ModuleValidator
 
@@ -87,7 +93,12 @@ def make_dp_compatible(model: nn.Module, cfg: ModelConfig, *, in_channels: int,
     if errors and cfg.name not in _ANNOUNCED:
         _ANNOUNCED.add(cfg.name)
         n_bn = sum(1 for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-        log(WARNING, "privacy.mode 'sample': model %r has %d BatchNorm layer(s), which DP-SGD cannot use "
+        log(
+            WARNING,
+            "privacy.mode 'sample': model %r has %d BatchNorm layer(s), which DP-SGD cannot use "
             "(they mix the samples of a batch); Opacus' ModuleValidator replaced them by GroupNorm on the "
-            "coordinator and on every site. Set model.norm: group to choose this yourself.", cfg.name, n_bn)
+            "coordinator and on every site. Set model.norm: group to choose this yourself.",
+            cfg.name,
+            n_bn,
+        )
     return fixed

@@ -56,15 +56,17 @@ class AddPositionEmbedding(nn.Module):
 
 
 @register_grad_sampler(ClassToken)
-def _class_token_grad_sample(layer: ClassToken, activations: list[torch.Tensor],
-                             backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def _class_token_grad_sample(
+    layer: ClassToken, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     # d loss_i / d token = gradient at output position 0 of sample i
     return {layer.weight: backprops[:, :1, :].unsqueeze(1).clone()} if layer.weight.requires_grad else {}
 
 
 @register_grad_sampler(AddPositionEmbedding)
-def _position_grad_sample(layer: AddPositionEmbedding, activations: list[torch.Tensor],
-                          backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+def _position_grad_sample(
+    layer: AddPositionEmbedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
     # y = x + w  =>  d loss_i / d w = d loss_i / d y_i
     return {layer.weight: backprops.unsqueeze(1).clone()} if layer.weight.requires_grad else {}
 
@@ -115,11 +117,19 @@ class DPViT(nn.Module):
         if hidden_size % num_heads != 0:
             raise ValueError("hidden_size should be divisible by num_heads.")
         self.classification = classification
-        self.patch_embedding = _PatchEmbedding(PatchEmbeddingBlock(
-            in_channels=in_channels, img_size=img_size, patch_size=patch_size, hidden_size=hidden_size,
-            num_heads=num_heads, proj_type=proj_type, pos_embed_type=pos_embed_type,
-            dropout_rate=dropout_rate, spatial_dims=spatial_dims,
-        ))
+        self.patch_embedding = _PatchEmbedding(
+            PatchEmbeddingBlock(
+                in_channels=in_channels,
+                img_size=img_size,
+                patch_size=patch_size,
+                hidden_size=hidden_size,
+                num_heads=num_heads,
+                proj_type=proj_type,
+                pos_embed_type=pos_embed_type,
+                dropout_rate=dropout_rate,
+                spatial_dims=spatial_dims,
+            )
+        )
         self.blocks = nn.ModuleList()
         for _ in range(num_layers):
             blk = TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, save_attn)

@@ -69,7 +69,13 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, *, spatial_dims: int, in_channels: int, out_channels: int, width: int = 16, norm: str = "group",
+        self,
+        *,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        width: int = 16,
+        norm: str = "group",
         convs_per_stage: int = 1,
     ) -> None:
         super().__init__()
@@ -121,17 +127,16 @@ def _check_params(name: str, fn: Callable[..., Any], params: dict[str, Any], fix
         if key in fixed:
             raise ConfigError(f"model.params.{key}: set by medflower for {name!r} (from the data set); remove it")
         if key not in sig.parameters and not accepts_kwargs:
-            raise ConfigError(
-                f"model.params.{key}: not an argument of {name!r}; valid: " + ", ".join(sorted(valid))
-            )
+            raise ConfigError(f"model.params.{key}: not an argument of {name!r}; valid: " + ", ".join(sorted(valid)))
 
 
 def _ints(value: Any, nd: int) -> tuple[int, ...]:
     return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * nd
 
 
-def check_input_size(name: str, img_size: Sequence[int], *, norm: str = "group", params: dict[str, Any] | None = None
-                     ) -> None:
+def check_input_size(
+    name: str, img_size: Sequence[int], *, norm: str = "group", params: dict[str, Any] | None = None
+) -> None:
     """Raise :class:`ConfigError` if network ``name`` cannot take inputs of ``img_size``.
 
     The limits come from each MONAI network's down-sampling: DenseNet-121 and EfficientNet-B0 reduce
@@ -150,26 +155,34 @@ def check_input_size(name: str, img_size: Sequence[int], *, norm: str = "group",
         elif min(size) < 32:
             raise ConfigError(f"model.name: {label}: every axis must be >= 32 (it is reduced 32-fold); {SIZE_HINT}")
         if norm == "instance" and math.prod(max(1, s // factor) for s in size) < 2:
-            raise ConfigError(f"model.norm: 'instance' with {label}: the last feature map has one value per "
-                              f"channel; use norm 'group' or larger inputs ({SIZE_HINT})")
+            raise ConfigError(
+                f"model.norm: 'instance' with {label}: the last feature map has one value per "
+                f"channel; use norm 'group' or larger inputs ({SIZE_HINT})"
+            )
     elif name == "swinunetr":
         if any(s % 32 for s in size):
             raise ConfigError(f"model.name: {label}: SwinUNETR needs every axis to be a multiple of 32; {SIZE_HINT}")
         if norm == "instance" and math.prod(s // 32 for s in size) < 2:
-            raise ConfigError(f"model.norm: 'instance' with {label}: the bottleneck has one value per channel; "
-                              f"use norm 'group' or larger inputs ({SIZE_HINT})")
+            raise ConfigError(
+                f"model.norm: 'instance' with {label}: the bottleneck has one value per channel; "
+                f"use norm 'group' or larger inputs ({SIZE_HINT})"
+            )
     elif name == "basicunet":
         if min(size) < 16:
             raise ConfigError(f"model.name: {label}: BasicUNet pools four times, every axis must be >= 16; {SIZE_HINT}")
         if norm == "instance" and math.prod(s // 16 for s in size) < 2:
-            raise ConfigError(f"model.norm: 'instance' with {label}: the bottleneck has one value per channel; "
-                              f"use norm 'group' or larger inputs ({SIZE_HINT})")
+            raise ConfigError(
+                f"model.norm: 'instance' with {label}: the bottleneck has one value per channel; "
+                f"use norm 'group' or larger inputs ({SIZE_HINT})"
+            )
     elif name == "unet":
         strides = params.get("strides", (2, 2, 2))
         factor = math.prod(max(_ints(s, nd)) for s in strides)
         if any(s % factor for s in size):
-            raise ConfigError(f"model.name: {label}: U-Net with strides {list(strides)} needs every axis to be a "
-                              f"multiple of {factor}; {SIZE_HINT}")
+            raise ConfigError(
+                f"model.name: {label}: U-Net with strides {list(strides)} needs every axis to be a "
+                f"multiple of {factor}; {SIZE_HINT}"
+            )
     elif name == "vit":
         patch = _ints(params.get("patch_size", default_vit_patch(size)), nd)
         if len(patch) != nd or any(s % p for s, p in zip(size, patch)):
@@ -204,7 +217,9 @@ def build_model(
     if len(img_size) != sd:
         raise ConfigError(f"model.spatial_dims: is {sd} but the data's images are {len(img_size)}D {tuple(img_size)}")
     if task == "classification" and name not in CLASSIFIERS:
-        raise ConfigError(f"model.name: {name!r} is not a classifier; valid for classification: {', '.join(CLASSIFIERS)}")
+        raise ConfigError(
+            f"model.name: {name!r} is not a classifier; valid for classification: {', '.join(CLASSIFIERS)}"
+        )
     if task == "segmentation" and name not in SEGMENTERS:
         raise ConfigError(f"model.name: {name!r} is not a segmenter; valid for segmentation: {', '.join(SEGMENTERS)}")
     check_input_size(name, img_size, norm=cfg.norm, params=params)
@@ -216,8 +231,11 @@ def build_model(
         try:
             return fn(**kwargs)
         except (TypeError, ValueError, AssertionError) as err:
-            hint = (f" (model.norm 'group' uses {GROUPS} groups: channel widths must be multiples of {GROUPS})"
-                    if "num_groups" in str(err) else "")
+            hint = (
+                f" (model.norm 'group' uses {GROUPS} groups: channel widths must be multiples of {GROUPS})"
+                if "num_groups" in str(err)
+                else ""
+            )
             raise ConfigError(f"model: cannot build {name!r} with {params or 'defaults'}: {err}{hint}") from err
 
     if name == "cnn":
@@ -230,8 +248,15 @@ def build_model(
         small = min(img_size) < 64  # MedMNIST-sized inputs: no stem downsampling (as MedMNIST's baseline)
         resnet = make(
             nets.ResNet,
-            {"block": "basic", "layers": layers, "block_inplanes": [64, 128, 256, 512], "spatial_dims": sd,
-             "n_input_channels": in_channels, "num_classes": out_channels, "norm": norm},
+            {
+                "block": "basic",
+                "layers": layers,
+                "block_inplanes": [64, 128, 256, 512],
+                "spatial_dims": sd,
+                "n_input_channels": in_channels,
+                "num_classes": out_channels,
+                "norm": norm,
+            },
             {"conv1_t_size": 3 if small else 7, "conv1_t_stride": 1 if small else 2, "no_max_pool": small},
         )
         return replace_batchnorm(resnet, cfg.norm) if cfg.norm != "batch" else resnet
@@ -243,18 +268,35 @@ def build_model(
     if name == "efficientnet-b0":
         return make(
             nets.EfficientNetBN,
-            {"model_name": "efficientnet-b0", "pretrained": False, "spatial_dims": sd,
-             "in_channels": in_channels, "num_classes": out_channels, "norm": norm},
+            {
+                "model_name": "efficientnet-b0",
+                "pretrained": False,
+                "spatial_dims": sd,
+                "in_channels": in_channels,
+                "num_classes": out_channels,
+                "norm": norm,
+            },
         )
     if name == "vit":
         from medflower.dpvit import DPViT  # MONAI's ViT, restructured for DP-SGD (same network)
 
         return make(
             DPViT,
-            {"in_channels": in_channels, "img_size": tuple(img_size), "classification": True,
-             "num_classes": out_channels, "spatial_dims": sd, "post_activation": None},
-            {"patch_size": default_vit_patch(img_size), "hidden_size": 192, "mlp_dim": 384, "num_layers": 4,
-             "num_heads": 4},
+            {
+                "in_channels": in_channels,
+                "img_size": tuple(img_size),
+                "classification": True,
+                "num_classes": out_channels,
+                "spatial_dims": sd,
+                "post_activation": None,
+            },
+            {
+                "patch_size": default_vit_patch(img_size),
+                "hidden_size": 192,
+                "mlp_dim": 384,
+                "num_layers": 4,
+                "num_heads": 4,
+            },
         )
     if name == "unet":
         defaults = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1}
@@ -262,8 +304,12 @@ def build_model(
         needs_head = cfg.norm == "group" and out_channels % GROUPS != 0
         body = make(
             nets.UNet,
-            {"spatial_dims": sd, "in_channels": in_channels, "norm": norm,
-             "out_channels": features if needs_head else out_channels},
+            {
+                "spatial_dims": sd,
+                "in_channels": in_channels,
+                "norm": norm,
+                "out_channels": features if needs_head else out_channels,
+            },
             defaults,
         )
         return WithHead(body, spatial_dims=sd, features=features, out_channels=out_channels) if needs_head else body

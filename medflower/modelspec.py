@@ -33,8 +33,9 @@ def build_experiment_model(exp: ExperimentConfig):
     from medflower.models import build_model
 
     spec = model_spec(exp)
-    model = build_model(exp.model, in_channels=spec.in_channels, out_channels=spec.out_channels,
-                        img_size=spec.img_size, task=exp.task)
+    model = build_model(
+        exp.model, in_channels=spec.in_channels, out_channels=spec.out_channels, img_size=spec.img_size, task=exp.task
+    )
     if exp.privacy.mode == "sample":  # DP-SGD: both sides must hold the same (Opacus-compatible) net
         from medflower.dpcompat import make_dp_compatible
 

@@ -46,8 +46,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         choices = get_args(tp)
         if value not in choices:
             raise ConfigError(
-                f"{path}: invalid value {value!r}; valid choices are "
-                + ", ".join(repr(c) for c in choices)
+                f"{path}: invalid value {value!r}; valid choices are " + ", ".join(repr(c) for c in choices)
             )
         return value
     if origin in (Union, types.UnionType):
@@ -132,9 +131,7 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         prefix = f"{path}." if path else ""
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s}; valid keys here are " + ", ".join(sorted(fields))
-        )
+        raise ConfigError(f"unknown key {prefix}{unknown[0]!s}; valid keys here are " + ", ".join(sorted(fields)))
     kwargs = {}
     for name, fld in fields.items():
         key_path = f"{path}.{name}" if path else name

@@ -45,13 +45,21 @@ def make_loss(task: str) -> nn.Module:
 
 def _batches(split: ArraySplit, batch_size: int):
     for i in range(0, len(split), batch_size):
-        yield (torch.from_numpy(np.ascontiguousarray(split.images[i:i + batch_size])),
-               torch.from_numpy(np.ascontiguousarray(split.targets[i:i + batch_size])))
+        yield (
+            torch.from_numpy(np.ascontiguousarray(split.images[i : i + batch_size])),
+            torch.from_numpy(np.ascontiguousarray(split.targets[i : i + batch_size])),
+        )
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: ArraySplit, *, batch_size: int = 256, task: str = "classification",
-            roi_size: tuple[int, ...] | None = None) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    split: ArraySplit,
+    *,
+    batch_size: int = 256,
+    task: str = "classification",
+    roi_size: tuple[int, ...] | None = None,
+) -> torch.Tensor:
     """Logits for a whole split. With ``roi_size`` (segmentation trained on patches), MONAI's
     ``sliding_window_inference`` covers each whole image with overlapping windows of that size."""
     model.eval()
@@ -60,16 +68,24 @@ def predict(model: nn.Module, split: ArraySplit, *, batch_size: int = 256, task:
         if roi_size is not None and task == "segmentation":
             from monai.inferers import sliding_window_inference
 
-            out = sliding_window_inference(x, roi_size, sw_batch_size=4, overlap=0.25,
-                                           predictor=lambda t: logits_of(model(t)))
+            out = sliding_window_inference(
+                x, roi_size, sw_batch_size=4, overlap=0.25, predictor=lambda t: logits_of(model(t))
+            )
         else:
             out = logits_of(model(x))
         outs.append(out.float())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def evaluate(model: nn.Module, split: ArraySplit, *, task: str, batch_size: int = 256,
-             roi_size: tuple[int, ...] | None = None, hd95: bool = True) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    split: ArraySplit,
+    *,
+    task: str,
+    batch_size: int = 256,
+    roi_size: tuple[int, ...] | None = None,
+    hd95: bool = True,
+) -> dict[str, float]:
     """Loss and task metrics of ``model`` on ``split`` (NaN metrics for an empty split).
 
     Segmentation reports ``dice`` and, with ``hd95``, ``hd95`` (voxels; see :func:`hd95_score`):
@@ -77,8 +93,9 @@ def evaluate(model: nn.Module, split: ArraySplit, *, task: str, batch_size: int 
     """
     if len(split) == 0:
         seg = {"dice": math.nan} | ({"hd95": math.nan} if hd95 else {})
-        return {"loss": math.nan} | (seg if task == "segmentation"
-                                     else {"accuracy": math.nan, "balanced-accuracy": math.nan, "auc": math.nan})
+        return {"loss": math.nan} | (
+            seg if task == "segmentation" else {"accuracy": math.nan, "balanced-accuracy": math.nan, "auc": math.nan}
+        )
     logits = predict(model, split, batch_size=batch_size, task=task, roi_size=roi_size)
     targets = torch.from_numpy(np.ascontiguousarray(split.targets))
     loss = float(make_loss(task)(logits, targets).item())

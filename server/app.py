@@ -1,4 +1,4 @@
-"""medflower's ServerApp: the coordinator (``server.app:app``).
+"""medflower's ServerApp: the coordinator (``medflower.server.app:app``).
 
 It builds the initial model from the experiment config, runs the rounds through the configured
 strategy, evaluates the global model on the held-out test split after each round (server-side),
@@ -10,8 +10,6 @@ under ``flwr run``, or is bound directly by ``medflower simulate`` through :func
 
 from __future__ import annotations
 
-import medflower._preload  # noqa: F401  (first: see its docstring)
-
 import time
 from pathlib import Path
 
@@ -19,15 +17,16 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
 from medflower.modelspec import build_experiment_model
-from server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
-from server.loop import History, RoundAborted, run_rounds
-from server.participation import relax_availability, wait_for_sites
-from server.results import write_summary
-from strategies import build_strategy
-from strategies.privacy import wrap_privacy
+from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
+from medflower.server.loop import History, RoundAborted, run_rounds
+from medflower.server.participation import relax_availability, wait_for_sites
+from medflower.server.results import write_summary
+from medflower.strategies import build_strategy
+from medflower.strategies.privacy import wrap_privacy
 
 FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
 
@@ -60,25 +59,32 @@ def make_global_evaluate(exp: ExperimentConfig):
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, test, task=exp.task, batch_size=exp.train.eval_batch_size,
-                        roi_size=inference_roi(exp))
+        return evaluate(model, test, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp))
 
     return evaluate_fn
 
 
-def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: int | None = None,
-               checkpoint_dir: Path | None = None) -> Path:
+def run_server(
+    grid: Grid,
+    exp: ExperimentConfig,
+    out_dir: Path,
+    *,
+    num_sites: int | None = None,
+    checkpoint_dir: Path | None = None,
+) -> Path:
     """Run the whole federation for ``exp`` and write ``out_dir/summary.json``; returns its path.
 
     With ``checkpoint_dir`` every round is checkpointed there and a run that finds a checkpoint
-    resumes after its round (see ``server.checkpoint``).
+    resumes after its round (see ``medflower.server.checkpoint``).
     """
     t0 = time.time()
     torch.manual_seed(exp.seed)
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
-    strategy = wrap_privacy(build_strategy(exp, num_sites=num_sites), exp, num_sites=num_sites)  # DP: strategies/privacy.py
+    strategy = wrap_privacy(
+        build_strategy(exp, num_sites=num_sites), exp, num_sites=num_sites
+    )  # DP: strategies/privacy.py
     base = {keys.EXPERIMENT: exp.to_json()}
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:
@@ -87,7 +93,8 @@ def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: i
     relax_availability(strategy, exp.participation)  # later rounds go ahead without a dropped site
     try:
         hist = run_rounds(
-            grid, strategy,
+            grid,
+            strategy,
             initial_arrays=arrays,
             num_rounds=exp.train.rounds,
             train_config=ConfigRecord(base),
@@ -96,7 +103,9 @@ def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, *, num_sites: i
             min_sites=exp.participation.min_sites,
             on_too_few=exp.participation.on_too_few,
             evaluate_fn=make_global_evaluate(exp),
-            on_round_end=on_round_end, start_round=start, history=hist,
+            on_round_end=on_round_end,
+            start_round=start,
+            history=hist,
         )
     except RoundAborted:
         write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)  # what ran is still reported

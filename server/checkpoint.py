@@ -33,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 
 from medflower.config import ConfigError, ExperimentConfig
 from medflower.fileio import atomic_write_bytes
-from server.loop import History, RoundRecord
+from medflower.server.loop import History, RoundRecord
 
 RUN_CHECKPOINT_DIR = "checkpoint-dir"  # run_config key; "" = <output-dir>/checkpoint
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,6 +61,7 @@ def experiment_fingerprint(exp: ExperimentConfig) -> str:
 
 # ---- (de)serialising strategy state: tensors and plain containers only (torch.load weights_only) ----
 
+
 def _encode(obj: Any, path: str) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
@@ -79,8 +80,10 @@ def _encode(obj: Any, path: str) -> Any:
     if isinstance(obj, (list, tuple)):
         enc = [_encode(v, f"{path}[{i}]") for i, v in enumerate(obj)]
         return {"__tuple__": enc} if isinstance(obj, tuple) else enc
-    raise TypeError(f"checkpoint: strategy state at {path} has a {type(obj).__name__}; a strategy's "
-                    "state may hold numbers, strings, numpy arrays, tensors, Flower records, lists and dicts")
+    raise TypeError(
+        f"checkpoint: strategy state at {path} has a {type(obj).__name__}; a strategy's "
+        "state may hold numbers, strings, numpy arrays, tensors, Flower records, lists and dicts"
+    )
 
 
 def _decode(obj: Any) -> Any:
@@ -110,16 +113,22 @@ def _arrays_to_tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def _history_to_dict(hist: History) -> dict[str, Any]:
-    return {"rounds": [asdict(r) for r in hist.rounds], "initial_global_test": dict(hist.initial_global_test),
-            "sites_test": {k: dict(v) for k, v in hist.sites_test.items()},
-            "site_names": {int(k): str(v) for k, v in getattr(hist, "site_names", {}).items()}}
+    return {
+        "rounds": [asdict(r) for r in hist.rounds],
+        "initial_global_test": dict(hist.initial_global_test),
+        "sites_test": {k: dict(v) for k, v in hist.sites_test.items()},
+        "site_names": {int(k): str(v) for k, v in getattr(hist, "site_names", {}).items()},
+    }
 
 
 def _history_from_dict(d: dict[str, Any]) -> History:
     names = {f.name for f in fields(RoundRecord)}
     rounds = [RoundRecord(**{k: v for k, v in r.items() if k in names}) for r in d.get("rounds", [])]
-    hist = History(rounds=rounds, initial_global_test=dict(d.get("initial_global_test", {})),
-                   sites_test=dict(d.get("sites_test", {})))
+    hist = History(
+        rounds=rounds,
+        initial_global_test=dict(d.get("initial_global_test", {})),
+        sites_test=dict(d.get("sites_test", {})),
+    )
     if hasattr(hist, "site_names"):
         hist.site_names.update({int(k): str(v) for k, v in d.get("site_names", {}).items()})
     return hist
@@ -127,8 +136,9 @@ def _history_from_dict(d: dict[str, Any]) -> History:
 
 # ---- strategy state: provided by the strategies package when it can export it ----
 
+
 def export_strategy_state(strategy: Strategy) -> Any:
-    import strategies
+    from medflower import strategies
 
     if hasattr(strategies, "strategy_state_dict"):
         return strategies.strategy_state_dict(strategy)
@@ -136,7 +146,7 @@ def export_strategy_state(strategy: Strategy) -> Any:
 
 
 def import_strategy_state(strategy: Strategy, state: Any) -> None:
-    import strategies
+    from medflower import strategies
 
     if state is not None and hasattr(strategies, "load_strategy_state"):
         strategies.load_strategy_state(strategy, state)
@@ -175,14 +185,15 @@ def load_checkpoint(ckpt_dir: str | Path, exp: ExperimentConfig) -> Checkpoint |
         return None
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means an unusable file
+    except Exception as err:
         raise ConfigError(f"{path}: unreadable checkpoint ({err}); move it away to start the run from round 1") from err
     if payload.get("format") != FORMAT:
         raise ConfigError(f"{path}: checkpoint format {payload.get('format')!r}, this version reads {FORMAT}")
     if payload.get("experiment") != experiment_fingerprint(exp):
         raise ConfigError(
             f"{path}: this checkpoint was written by experiment {payload.get('experiment_name')!r} with other "
-            f"settings than the current {exp.name!r}; use another checkpoint-dir/output-dir or move it away")
+            f"settings than the current {exp.name!r}; use another checkpoint-dir/output-dir or move it away"
+        )
     return Checkpoint(
         round=int(payload["round"]),
         arrays=ArrayRecord(payload["arrays"]),
@@ -193,24 +204,34 @@ def load_checkpoint(ckpt_dir: str | Path, exp: ExperimentConfig) -> Checkpoint |
 
 
 class Checkpointer:
-    """``on_round_end`` callback for :func:`server.loop.run_rounds` that saves every round."""
+    """``on_round_end`` callback for :func:`medflower.server.loop.run_rounds` that saves every round."""
 
-    def __init__(self, *, ckpt_dir: str | Path, exp: ExperimentConfig, strategy: Strategy,
-                 starts: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, *, ckpt_dir: str | Path, exp: ExperimentConfig, strategy: Strategy, starts: list[dict[str, Any]]
+    ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.exp = exp
         self.strategy = strategy
         self.starts = starts
 
     def __call__(self, rnd: int, arrays: ArrayRecord, hist: History) -> None:
-        save_checkpoint(self.ckpt_dir, self.exp, Checkpoint(
-            round=rnd, arrays=arrays, history=hist, strategy_state=export_strategy_state(self.strategy),
-            starts=self.starts))
+        save_checkpoint(
+            self.ckpt_dir,
+            self.exp,
+            Checkpoint(
+                round=rnd,
+                arrays=arrays,
+                history=hist,
+                strategy_state=export_strategy_state(self.strategy),
+                starts=self.starts,
+            ),
+        )
         log(INFO, "checkpoint: round %d saved to %s", rnd, self.ckpt_dir / CHECKPOINT_FILE)
 
 
-def resume_or_start(ckpt_dir: str | Path, exp: ExperimentConfig, strategy: Strategy,
-                    initial_arrays: ArrayRecord) -> tuple[int, ArrayRecord, History, Checkpointer]:
+def resume_or_start(
+    ckpt_dir: str | Path, exp: ExperimentConfig, strategy: Strategy, initial_arrays: ArrayRecord
+) -> tuple[int, ArrayRecord, History, Checkpointer]:
     """(start_round, arrays, history, on_round_end) for a fresh or a resumed run."""
     ckpt = load_checkpoint(ckpt_dir, exp)
     if ckpt is None:

@@ -61,16 +61,18 @@ def site_of(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
-def split_replies(replies: Iterable[Message], sent: Iterable[Message] = (),
-                  names: dict[int, str] | None = None) -> tuple[list[Message], list[dict[str, Any]]]:
+def split_replies(
+    replies: Iterable[Message], sent: Iterable[Message] = (), names: dict[int, str] | None = None
+) -> tuple[list[Message], list[dict[str, Any]]]:
     """Valid replies and failures; ``sent`` attributes errors the SuperLink raised for a node."""
     dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
     ok, failed = [], []
     for msg in replies:
         if msg.has_error():
             nid = dst.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
-            failed.append({"site": (names or {}).get(nid, f"node-{nid}"), "node_id": nid,
-                           "reason": str(msg.error.reason)})
+            failed.append(
+                {"site": (names or {}).get(nid, f"node-{nid}"), "node_id": nid, "reason": str(msg.error.reason)}
+            )
         else:
             ok.append(msg)
     return ok, failed
@@ -126,8 +128,13 @@ def run_rounds(
         for m in msgs:
             nid = int(m.metadata.dst_node_id)
             if m.metadata.message_id not in replied:
-                rec.failures.append({"site": names.get(nid, f"node-{nid}"), "node_id": nid,
-                                     "reason": f"no reply within round_timeout={timeout:.0f}s"})
+                rec.failures.append(
+                    {
+                        "site": names.get(nid, f"node-{nid}"),
+                        "node_id": nid,
+                        "reason": f"no reply within round_timeout={timeout:.0f}s",
+                    }
+                )
                 log(WARNING, "round %d: %s did not reply within %.0fs", rnd, names.get(nid, f"node-{nid}"), timeout)
         screen = getattr(strategy, "screen_train_replies", None)
         if screen is not None:  # strategies.robust: a rejected update counts as a failure, with its reason
@@ -137,8 +144,14 @@ def run_rounds(
         needed = min_sites if min_sites is not None else len(msgs)
         if len(ok) < max(needed, 1):
             rec.aggregated = False
-            log(WARNING, "round %d: %d valid repl%s, %d required; global model unchanged",
-                rnd, len(ok), "y" if len(ok) == 1 else "ies", needed)
+            log(
+                WARNING,
+                "round %d: %d valid repl%s, %d required; global model unchanged",
+                rnd,
+                len(ok),
+                "y" if len(ok) == 1 else "ies",
+                needed,
+            )
             if on_too_few == "stop":
                 hist.rounds.append(rec)
                 raise RoundAborted(f"round {rnd}: {len(ok)} valid replies, participation.min_sites={needed}")
@@ -163,10 +176,18 @@ def run_rounds(
         rec.seconds = time.time() - t0
         hist.rounds.append(rec)
         hist.arrays = arrays
-        log(INFO, "[round %d/%d] %d/%d sites | train %s | site-eval %s | global-test %s | %.1fs",
-            rnd, num_rounds, len(ok), len(msgs), _fmt(rec.train, (keys.TRAIN_LOSS,)) or "-",
+        log(
+            INFO,
+            "[round %d/%d] %d/%d sites | train %s | site-eval %s | global-test %s | %.1fs",
+            rnd,
+            num_rounds,
+            len(ok),
+            len(msgs),
+            _fmt(rec.train, (keys.TRAIN_LOSS,)) or "-",
             _fmt(rec.evaluate, ("val-accuracy", "val-auc", "val-dice")) or "-",
-            _fmt(rec.global_test, ("accuracy", "auc", "dice")) or "-", rec.seconds)
+            _fmt(rec.global_test, ("accuracy", "auc", "dice")) or "-",
+            rec.seconds,
+        )
         if on_round_end is not None:
             on_round_end(rnd, arrays, hist)
     hist.arrays = arrays

@@ -6,7 +6,7 @@ when every hospital is online), one hospital dropping out stalls the run for goo
 waits for the whole federation once, at the start, for at most ``participation.startup_timeout``
 seconds, and then lowers the strategy's requirement to ``participation.min_sites`` so that later
 rounds go ahead with whoever is connected (stragglers are cut off by ``round_timeout`` in
-:func:`server.loop.run_rounds`, and the absence is recorded in the round's ``failures``).
+:func:`medflower.server.loop.run_rounds`, and the absence is recorded in the round's ``failures``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,15 @@ def wait_for_sites(grid: Grid, *, expected: int, policy: ParticipationConfig, po
         if n >= expected:
             return n
         if time.monotonic() >= deadline:
-            log(WARNING, "participation: %d of %d sites connected after startup_timeout=%.0fs; going ahead "
-                "with at least min_sites=%s", n, expected, policy.startup_timeout, policy.min_sites or 1)
+            log(
+                WARNING,
+                "participation: %d of %d sites connected after startup_timeout=%.0fs; going ahead "
+                "with at least min_sites=%s",
+                n,
+                expected,
+                policy.startup_timeout,
+                policy.min_sites or 1,
+            )
             return n
         if n != last:
             log(INFO, "participation: waiting for sites: %d of %d connected", n, expected)

@@ -11,7 +11,7 @@ from typing import Any
 from medflower.config import ExperimentConfig
 from medflower.fileio import atomic_write_text
 from medflower.keys import EVAL_LOSS
-from server.loop import History
+from medflower.server.loop import History
 
 
 def _clean(obj: Any) -> Any:
@@ -39,8 +39,11 @@ def select_round(hist: History, task: str = "classification") -> int | None:
     """
     key, best = SELECTION.get(task, (EVAL_LOSS, min))
     for k, pick in ((key, best), (EVAL_LOSS, min)):
-        scored = [(r.evaluate[k], r.round) for r in hist.rounds
-                  if k in r.evaluate and math.isfinite(r.evaluate[k]) and r.global_test]
+        scored = [
+            (r.evaluate[k], r.round)
+            for r in hist.rounds
+            if k in r.evaluate and math.isfinite(r.evaluate[k]) and r.global_test
+        ]
         if scored:
             value = pick(v for v, _ in scored)
             return next(rnd for v, rnd in scored if v == value)  # the earliest round with the best value
@@ -51,16 +54,18 @@ def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -
     rounds = [{k: v for k, v in asdict(r).items()} for r in hist.rounds]
     final = hist.rounds[-1].global_test if hist.rounds else {}
     best = select_round(hist, exp.task)
-    return _clean({
-        "selected_round": best,
-        "selected_global_test": next((r.global_test for r in hist.rounds if r.round == best), {}),
-        "experiment": exp.to_dict(),
-        "initial_global_test": hist.initial_global_test,
-        "rounds": rounds,
-        "final_global_test": final,
-        "sites_test": hist.sites_test,
-        "wall_seconds": wall_seconds,
-    })
+    return _clean(
+        {
+            "selected_round": best,
+            "selected_global_test": next((r.global_test for r in hist.rounds if r.round == best), {}),
+            "experiment": exp.to_dict(),
+            "initial_global_test": hist.initial_global_test,
+            "rounds": rounds,
+            "final_global_test": final,
+            "sites_test": hist.sites_test,
+            "wall_seconds": wall_seconds,
+        }
+    )
 
 
 def write_summary(out_dir: Path, exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> Path:

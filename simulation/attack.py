@@ -2,7 +2,7 @@
 
 A research feature: the experiment's ``attack:`` section (:class:`medflower.config.AttackConfig`)
 names simulated sites that, after training honestly, send a poisoned update instead. Only simulated
-sites apply it (``client.strategy_hooks.is_simulated``); a deployed hospital node ignores it.
+sites apply it (``medflower.client.strategy_hooks.is_simulated``); a deployed hospital node ignores it.
 
 * ``sign_flip`` — the update is reversed and scaled: ``global - scale * (local - global)`` (the
   classic model-poisoning baseline of the Byzantine-robust FL literature);
@@ -37,7 +37,8 @@ def poison(arrays: ArrayRecord, global_arrays: ArrayRecord, cfg: AttackConfig) -
             x = np.ascontiguousarray(x.reshape(-1)[:-1])
             reshaped = True
         elif cfg.kind not in ("sign_flip", "nonfinite", "wrong_shape"):
-            raise ValueError(f"attack.kind: invalid value {cfg.kind!r}; valid choices are 'sign_flip', "
-                             "'nonfinite', 'wrong_shape'")
+            raise ValueError(
+                f"attack.kind: invalid value {cfg.kind!r}; valid choices are 'sign_flip', 'nonfinite', 'wrong_shape'"
+            )
         out[k] = Array(np.ascontiguousarray(x))
     return ArrayRecord(out)

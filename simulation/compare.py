@@ -6,7 +6,7 @@ each of its training images ``rounds x local_epochs`` times), train
 * **pooled** — one model on the union of all sites' training splits (what centralising the data
   would give; the usual upper reference);
 * **local-only** — one model per site on that site's training split alone;
-* **federated** — the experiment itself, through :func:`simulation.runner.simulate` (Flower's
+* **federated** — the experiment itself, through :func:`medflower.simulation.runner.simulate` (Flower's
   simulation runtime, the configured strategy, privacy and participation),
 
 then evaluate every model on every site's test split and on the pooled test set (the union of the
@@ -14,7 +14,7 @@ site test splits, each from its own scanner). The matrix shows what a hospital g
 local models that fall off on other hospitals' scanners and case mixes, and a federated model that
 does better than a typical local one without moving any image.
 
-The baselines reuse the clients' own training loop (:func:`client.train.train_epochs`) and the shared
+The baselines reuse the clients' own training loop (:func:`medflower.client.train.train_epochs`) and the shared
 evaluation (:func:`medflower.tasks.evaluate`), so the three rows differ only in who trains on what.
 They are trained without differential privacy even when ``privacy:`` is set (reported as such).
 """
@@ -32,8 +32,8 @@ import torch
 
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit
-from simulation.preview import md_table, write_json
-from simulation.sites import SiteData
+from medflower.simulation.preview import md_table, write_json
+from medflower.simulation.sites import SiteData
 
 POOLED_TEST = "pooled-test"
 
@@ -49,7 +49,7 @@ def main_metrics(task: str) -> tuple[str, ...]:
 
 def train_baseline(exp: ExperimentConfig, split: ArraySplit, *, epochs: int, seed: int) -> torch.nn.Module:
     """A model trained centrally on ``split`` with the experiment's recipe (same init as the federation)."""
-    from client.train import make_loader, make_optimizer, train_epochs
+    from medflower.client.train import make_loader, make_optimizer, train_epochs
     from medflower.modelspec import build_experiment_model
 
     torch.manual_seed(exp.seed)  # the server seeds the federation's initial model the same way
@@ -60,20 +60,23 @@ def train_baseline(exp: ExperimentConfig, split: ArraySplit, *, epochs: int, see
     return model
 
 
-def evaluate_everywhere(model: torch.nn.Module, exp: ExperimentConfig, tests: dict[str, ArraySplit]
-                        ) -> dict[str, dict[str, float]]:
+def evaluate_everywhere(
+    model: torch.nn.Module, exp: ExperimentConfig, tests: dict[str, ArraySplit]
+) -> dict[str, dict[str, float]]:
     from medflower.tasks import evaluate, inference_roi
 
     roi = inference_roi(exp)  # 3D models trained on patches infer by sliding window, as the sites do
-    return {name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=roi)
-            for name, split in tests.items()}
+    return {
+        name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=roi)
+        for name, split in tests.items()
+    }
 
 
 def federated_model(exp: ExperimentConfig, out_dir: Path, *, verbose: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Run the experiment through Flower's simulation runtime; load its final global model."""
     from medflower.modelspec import build_experiment_model
-    from server.app import FINAL_MODEL_FILE
-    from simulation.runner import simulate
+    from medflower.server.app import FINAL_MODEL_FILE
+    from medflower.simulation.runner import simulate
 
     summary = simulate(exp, out_dir, verbose=verbose)
     path = out_dir / FINAL_MODEL_FILE
@@ -93,10 +96,14 @@ def derive(matrix: dict[str, dict[str, dict[str, float]]], site_names: Sequence[
     """The comparison's headline numbers for one metric."""
     locals_ = [f"local:{s}" for s in site_names if f"local:{s}" in matrix]
     own = {s: matrix[f"local:{s}"][s].get(metric, math.nan) for s in site_names if f"local:{s}" in matrix}
-    others = {s: _nanmean([matrix[f"local:{s}"][t].get(metric, math.nan) for t in site_names if t != s])
-              for s in site_names if f"local:{s}" in matrix}
+    others = {
+        s: _nanmean([matrix[f"local:{s}"][t].get(metric, math.nan) for t in site_names if t != s])
+        for s in site_names
+        if f"local:{s}" in matrix
+    }
     out: dict[str, Any] = {
-        "local_own_site": own, "local_other_sites": others,
+        "local_own_site": own,
+        "local_other_sites": others,
         "local_own_site_mean": _nanmean(list(own.values())),
         "local_other_sites_mean": _nanmean(list(others.values())),
         "local_pooled_test_mean": _nanmean([matrix[m][POOLED_TEST].get(metric, math.nan) for m in locals_]),
@@ -105,32 +112,51 @@ def derive(matrix: dict[str, dict[str, dict[str, float]]], site_names: Sequence[
         if m in matrix:
             out[f"{m}_pooled_test"] = matrix[m][POOLED_TEST].get(metric, math.nan)
             out[f"{m}_site_mean"] = _nanmean([matrix[m][s].get(metric, math.nan) for s in site_names])
-            out[f"{m}_site_worst"] = min((v for v in (matrix[m][s].get(metric, math.nan) for s in site_names)
-                                          if not math.isnan(v)), default=math.nan)
+            out[f"{m}_site_worst"] = min(
+                (v for v in (matrix[m][s].get(metric, math.nan) for s in site_names) if not math.isnan(v)),
+                default=math.nan,
+            )
     return out
 
 
 def matrix_table(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequence[str], metric: str) -> str:
-    return md_table(["model \\ test split"] + list(columns),
-                    [[m] + [row[c].get(metric, math.nan) for c in columns] for m, row in matrix.items()])
+    return md_table(
+        ["model \\ test split"] + list(columns),
+        [[m] + [row[c].get(metric, math.nan) for c in columns] for m, row in matrix.items()],
+    )
 
 
 def comparison_table(derived: dict[str, Any], site_names: Sequence[str]) -> str:
     rows = []
     for m in ("pooled", "federated"):
         if f"{m}_pooled_test" in derived:
-            rows.append([m, derived[f"{m}_pooled_test"], derived[f"{m}_site_mean"], derived[f"{m}_site_worst"],
-                         "-", "-"])
-    rows.append(["local-only (mean of sites)", derived["local_pooled_test_mean"], "-", "-",
-                 derived["local_own_site_mean"], derived["local_other_sites_mean"]])
+            rows.append(
+                [m, derived[f"{m}_pooled_test"], derived[f"{m}_site_mean"], derived[f"{m}_site_worst"], "-", "-"]
+            )
+    rows.append(
+        [
+            "local-only (mean of sites)",
+            derived["local_pooled_test_mean"],
+            "-",
+            "-",
+            derived["local_own_site_mean"],
+            derived["local_other_sites_mean"],
+        ]
+    )
     for s in site_names:
         if s in derived["local_own_site"]:
             rows.append([f"local:{s}", "-", "-", "-", derived["local_own_site"][s], derived["local_other_sites"][s]])
     return md_table(["model", "pooled test", "mean over sites", "worst site", "own site", "other sites (mean)"], rows)
 
 
-def plot_matrix(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequence[str], metrics: Sequence[str],
-                path: Path, title: str, labels: dict[str, str] | None = None) -> Path:
+def plot_matrix(
+    matrix: dict[str, dict[str, dict[str, float]]],
+    columns: Sequence[str],
+    metrics: Sequence[str],
+    path: Path,
+    title: str,
+    labels: dict[str, str] | None = None,
+) -> Path:
     """One heat map per metric: rows are models, columns test splits; ``labels`` renames sites (e.g. with their scanner)."""
     import matplotlib
 
@@ -138,21 +164,42 @@ def plot_matrix(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequenc
     import matplotlib.pyplot as plt
 
     models = list(matrix)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.0 * len(columns) * len(metrics) + 3.5 * len(metrics),
-                                                       0.45 * len(models) + 2.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(metrics),
+        figsize=(1.0 * len(columns) * len(metrics) + 3.5 * len(metrics), 0.45 * len(models) + 2.2),
+        squeeze=False,
+    )
     for ax, metric in zip(axes[0], metrics):
         data = np.array([[matrix[m][c].get(metric, math.nan) for c in columns] for m in models], dtype=float)
-        im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=np.nanmin(data) if np.isfinite(data).any() else 0,
-                       vmax=np.nanmax(data) if np.isfinite(data).any() else 1, aspect="auto")
+        im = ax.imshow(
+            np.ma.masked_invalid(data),
+            cmap="viridis",
+            vmin=np.nanmin(data) if np.isfinite(data).any() else 0,
+            vmax=np.nanmax(data) if np.isfinite(data).any() else 1,
+            aspect="auto",
+        )
         for i in range(len(models)):
             for j in range(len(columns)):
                 v = data[i, j]
-                ax.text(j, i, "-" if math.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if not math.isnan(v) and v < np.nanmean(data) else "black")
+                ax.text(
+                    j,
+                    i,
+                    "-" if math.isnan(v) else f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if not math.isnan(v) and v < np.nanmean(data) else "black",
+                )
         lab = labels or {}
         ax.set_xticks(range(len(columns)), [lab.get(c, c) for c in columns], rotation=30, ha="right")
-        ax.set_yticks(range(len(models)), [m.split(":")[0] + ":" + lab.get(m.split(":", 1)[1], m.split(":", 1)[1])
-                                           if ":" in m else m for m in models])
+        ax.set_yticks(
+            range(len(models)),
+            [
+                m.split(":")[0] + ":" + lab.get(m.split(":", 1)[1], m.split(":", 1)[1]) if ":" in m else m
+                for m in models
+            ],
+        )
         ax.set_xlabel("evaluated on (test split)")
         ax.set_ylabel("model (trained on)")
         ax.set_title(metric)
@@ -164,13 +211,19 @@ def plot_matrix(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequenc
     return path
 
 
-def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = False, federated: bool = True,
-                identifiability: bool = True) -> dict[str, Any]:
+def run_compare(
+    exp: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    verbose: bool = False,
+    federated: bool = True,
+    identifiability: bool = True,
+) -> dict[str, Any]:
     """Train and cross-evaluate pooled, local-only and federated models; write and print the results."""
     from medflower.data import load_dataset
-    from simulation.measure import measure_shift
-    from simulation.preview import site_tables
-    from simulation.sites import build_sites
+    from medflower.simulation.measure import measure_shift
+    from medflower.simulation.preview import site_tables
+    from medflower.simulation.sites import build_sites
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -181,11 +234,18 @@ def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = F
     names = [s.name for s in sites]
     tests = {s.name: s.test for s in sites} | {POOLED_TEST: concat([s.test for s in sites])}
     epochs = exp.train.rounds * exp.train.local_epochs
-    print(f"medflower compare {exp.name!r}: {len(sites)} sites, budget {epochs} epochs per model "
-          f"({exp.train.rounds} rounds x {exp.train.local_epochs} local epochs), model {exp.model.name}", flush=True)
+    print(
+        f"medflower compare {exp.name!r}: {len(sites)} sites, budget {epochs} epochs per model "
+        f"({exp.train.rounds} rounds x {exp.train.local_epochs} local epochs), model {exp.model.name}",
+        flush=True,
+    )
 
-    measured = measure_shift(sites, num_classes=ds.num_classes if ds.task == "classification" else None,
-                             seed=exp.seed, identifiability=identifiability)
+    measured = measure_shift(
+        sites,
+        num_classes=ds.num_classes if ds.task == "classification" else None,
+        seed=exp.seed,
+        identifiability=identifiability,
+    )
     print(site_tables(measured), flush=True)
 
     matrix: dict[str, dict[str, dict[str, float]]] = {}
@@ -211,8 +271,11 @@ def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = F
         fed, fed_summary = federated_model(exp, out_dir / "federated", verbose=verbose)
         matrix["federated"] = evaluate_everywhere(fed, exp, tests)
         seconds["federated"] = time.time() - t0
-        print(f"federated: {exp.train.rounds} rounds in {seconds['federated']:.1f}s "
-              f"(summary: {out_dir / 'federated' / 'summary.json'})", flush=True)
+        print(
+            f"federated: {exp.train.rounds} rounds in {seconds['federated']:.1f}s "
+            f"(summary: {out_dir / 'federated' / 'summary.json'})",
+            flush=True,
+        )
     # order rows: pooled, federated, locals
     order = [m for m in ("pooled", "federated") if m in matrix] + [m for m in matrix if m.startswith("local:")]
     matrix = {m: matrix[m] for m in order}
@@ -221,10 +284,18 @@ def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = F
     metrics = main_metrics(exp.task)
     derived = {m: derive(matrix, names, m) for m in metrics}
     result = {
-        "experiment": exp.to_dict(), "dataset": ds.name, "synthetic": ds.synthetic,
-        "budget_epochs": epochs, "baselines_private": False, "privacy_mode": exp.privacy.mode,
-        "test_sizes": {k: len(v) for k, v in tests.items()}, "matrix": matrix, "derived": derived,
-        "shift": measured, "seconds": seconds, "wall_seconds": time.time() - t_start,
+        "experiment": exp.to_dict(),
+        "dataset": ds.name,
+        "synthetic": ds.synthetic,
+        "budget_epochs": epochs,
+        "baselines_private": False,
+        "privacy_mode": exp.privacy.mode,
+        "test_sizes": {k: len(v) for k, v in tests.items()},
+        "matrix": matrix,
+        "derived": derived,
+        "shift": measured,
+        "seconds": seconds,
+        "wall_seconds": time.time() - t_start,
         "federated_summary": "federated/summary.json" if federated else None,
     }
     report = render(result, names)
@@ -232,8 +303,14 @@ def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = F
     write_json(out_dir / "compare.json", result)
     (out_dir / "compare.md").write_text(report + "\n", encoding="utf-8")
     labels = {s.name: f"{s.name} ({s.info['preset']})" for s in sites if s.info.get("preset")}
-    plot_matrix(matrix, columns, metrics[:2], out_dir / "compare.png",
-                f"{exp.name}: every model on every site's test split (budget {epochs} epochs)", labels)
+    plot_matrix(
+        matrix,
+        columns,
+        metrics[:2],
+        out_dir / "compare.png",
+        f"{exp.name}: every model on every site's test split (budget {epochs} epochs)",
+        labels,
+    )
     print(f"\nwritten: {out_dir / 'compare.json'}, {out_dir / 'compare.md'}, {out_dir / 'compare.png'}")
     return result
 
@@ -241,25 +318,41 @@ def run_compare(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = F
 def render(result: dict[str, Any], names: Sequence[str]) -> str:
     """The markdown report: headline facts, the comparison table and one matrix per metric."""
     exp = result["experiment"]
-    lines = [f"# Cross-site comparison: {exp['name']}", "",
-             f"Data set {result['dataset']}{' (SYNTHETIC)' if result['synthetic'] else ''}, {len(names)} sites, "
-             f"model {exp['model']['name']}, strategy {exp['strategy']['name']}, seed {exp['seed']}; every model "
-             f"trained for {result['budget_epochs']} epochs over its data. Test sizes: "
-             + ", ".join(f"{k} {v}" for k, v in result["test_sizes"].items()) + "."]
+    lines = [
+        f"# Cross-site comparison: {exp['name']}",
+        "",
+        f"Data set {result['dataset']}{' (SYNTHETIC)' if result['synthetic'] else ''}, {len(names)} sites, "
+        f"model {exp['model']['name']}, strategy {exp['strategy']['name']}, seed {exp['seed']}; every model "
+        f"trained for {result['budget_epochs']} epochs over its data. Test sizes: "
+        + ", ".join(f"{k} {v}" for k, v in result["test_sizes"].items())
+        + ".",
+    ]
     if result["privacy_mode"] != "none":
-        lines.append(f"The federated model trains with privacy mode {result['privacy_mode']!r}; the pooled and "
-                     "local baselines do not.")
+        lines.append(
+            f"The federated model trains with privacy mode {result['privacy_mode']!r}; the pooled and "
+            "local baselines do not."
+        )
     ident = result["shift"].get("identifiability")
     if ident:
-        lines += ["", f"Site identifiability: balanced accuracy {ident['balanced_accuracy']:.3f} "
-                      f"(chance {ident['chance']:.3f})."]
+        lines += [
+            "",
+            f"Site identifiability: balanced accuracy {ident['balanced_accuracy']:.3f} (chance {ident['chance']:.3f}).",
+        ]
     for metric, d in result["derived"].items():
         lines += ["", f"## {metric}", ""]
-        facts = [f"local-only models: {d['local_own_site_mean']:.3f} on their own site's test split, "
-                 f"{d['local_other_sites_mean']:.3f} on other sites' (mean)"]
+        facts = [
+            f"local-only models: {d['local_own_site_mean']:.3f} on their own site's test split, "
+            f"{d['local_other_sites_mean']:.3f} on other sites' (mean)"
+        ]
         if "federated_pooled_test" in d:
-            facts.append(f"pooled test set: federated {d['federated_pooled_test']:.3f}, mean local-only "
-                         f"{d['local_pooled_test_mean']:.3f}, pooled (centralised) {d.get('pooled_pooled_test', math.nan):.3f}")
-        lines += [f"- {f}" for f in facts] + ["", comparison_table(d, names), "",
-                                              matrix_table(result["matrix"], list(names) + [POOLED_TEST], metric)]
+            facts.append(
+                f"pooled test set: federated {d['federated_pooled_test']:.3f}, mean local-only "
+                f"{d['local_pooled_test_mean']:.3f}, pooled (centralised) {d.get('pooled_pooled_test', math.nan):.3f}"
+            )
+        lines += [f"- {f}" for f in facts] + [
+            "",
+            comparison_table(d, names),
+            "",
+            matrix_table(result["matrix"], list(names) + [POOLED_TEST], metric),
+        ]
     return "\n".join(lines)

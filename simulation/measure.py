@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from medflower.metrics import classification_metrics
-from simulation.sites import SPLITS, SiteData
+from medflower.simulation.sites import SPLITS, SiteData
 
 
 def site_sizes(sites: Sequence[SiteData]) -> dict[str, dict[str, int]]:
@@ -31,8 +31,11 @@ def label_histograms(sites: Sequence[SiteData], num_classes: int) -> dict[str, d
     """Per site and split, the count of each class (classification only)."""
     out = {}
     for s in sites:
-        out[s.name] = {n: np.bincount(s.split(n).targets.astype(np.int64), minlength=num_classes)[:num_classes].tolist()
-                       for n in SPLITS if s.split(n).targets.ndim == 1}
+        out[s.name] = {
+            n: np.bincount(s.split(n).targets.astype(np.int64), minlength=num_classes)[:num_classes].tolist()
+            for n in SPLITS
+            if s.split(n).targets.ndim == 1
+        }
     return out
 
 
@@ -42,14 +45,19 @@ def intensity_stats(sites: Sequence[SiteData]) -> dict[str, dict[str, float]]:
     for s in sites:
         px = np.concatenate([s.split(n).images.reshape(-1) for n in SPLITS])
         if px.size == 0:
-            out[s.name] = {k: math.nan for k in ("mean", "std", "p01", "p50", "p99", "image_std")}
+            out[s.name] = dict.fromkeys(("mean", "std", "p01", "p50", "p99", "image_std"), math.nan)
             continue
         p01, p50, p99 = np.percentile(px, [1, 50, 99])
         images = np.concatenate([s.split(n).images for n in SPLITS])
-        out[s.name] = {"mean": float(px.mean()), "std": float(px.std()), "p01": float(p01), "p50": float(p50),
-                       "p99": float(p99),
-                       # within-image spread, averaged over images (contrast; noise raises it, blur lowers it)
-                       "image_std": float(images.reshape(len(images), -1).std(axis=1).mean())}
+        out[s.name] = {
+            "mean": float(px.mean()),
+            "std": float(px.std()),
+            "p01": float(p01),
+            "p50": float(p50),
+            "p99": float(p99),
+            # within-image spread, averaged over images (contrast; noise raises it, blur lowers it)
+            "image_std": float(images.reshape(len(images), -1).std(axis=1).mean()),
+        }
     return out
 
 
@@ -66,8 +74,16 @@ def intensity_histograms(sites: Sequence[SiteData], bins: int = 50) -> tuple[np.
     return edges, hists
 
 
-def site_identifiability(sites: Sequence[SiteData], *, seed: int = 0, epochs: int = 8, width: int = 8,
-                         batch_size: int = 64, lr: float = 3e-3, max_per_site: int = 600) -> dict[str, Any]:
+def site_identifiability(
+    sites: Sequence[SiteData],
+    *,
+    seed: int = 0,
+    epochs: int = 8,
+    width: int = 8,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    max_per_site: int = 600,
+) -> dict[str, Any]:
     """Train a small CNN to predict the site of an image; score it on held-out images.
 
     Training images: each site's train split (at most ``max_per_site``, seeded subsample); held-out:
@@ -107,27 +123,39 @@ def site_identifiability(sites: Sequence[SiteData], *, seed: int = 0, epochs: in
     for _ in range(epochs):
         order = torch.randperm(len(xt), generator=gen)
         for i in range(0, len(order), batch_size):
-            b = order[i:i + batch_size]
+            b = order[i : i + batch_size]
             opt.zero_grad(set_to_none=True)
             loss_fn(model(xt[b]), yt[b]).backward()
             opt.step()
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(torch.from_numpy(x_te[i:i + 256])) for i in range(0, len(x_te), 256)])
+        logits = torch.cat([model(torch.from_numpy(x_te[i : i + 256])) for i in range(0, len(x_te), 256)])
     m = classification_metrics(logits, torch.from_numpy(y_te))
     pred = logits.argmax(1).numpy()
     confusion = np.zeros((n_sites, n_sites), dtype=int)
     np.add.at(confusion, (y_te, pred), 1)
-    return {"balanced_accuracy": m["balanced-accuracy"], "accuracy": m["accuracy"], "auc": m["auc"],
-            "chance": 1.0 / n_sites, "n_train": int(len(x_tr)), "n_heldout": int(len(x_te)),
-            "epochs": epochs, "confusion": confusion.tolist(), "sites": [s.name for s in sites]}
+    return {
+        "balanced_accuracy": m["balanced-accuracy"],
+        "accuracy": m["accuracy"],
+        "auc": m["auc"],
+        "chance": 1.0 / n_sites,
+        "n_train": len(x_tr),
+        "n_heldout": len(x_te),
+        "epochs": epochs,
+        "confusion": confusion.tolist(),
+        "sites": [s.name for s in sites],
+    }
 
 
-def measure_shift(sites: Sequence[SiteData], *, num_classes: int | None, seed: int = 0,
-                  identifiability: bool = True) -> dict[str, Any]:
+def measure_shift(
+    sites: Sequence[SiteData], *, num_classes: int | None, seed: int = 0, identifiability: bool = True
+) -> dict[str, Any]:
     """Everything above in one JSON-ready dict."""
-    out: dict[str, Any] = {"sizes": site_sizes(sites), "intensity": intensity_stats(sites),
-                           "sites": {s.name: s.info for s in sites}}
+    out: dict[str, Any] = {
+        "sizes": site_sizes(sites),
+        "intensity": intensity_stats(sites),
+        "sites": {s.name: s.info for s in sites},
+    }
     if num_classes is not None:
         out["labels"] = label_histograms(sites, num_classes)
     if identifiability:

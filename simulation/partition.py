@@ -59,8 +59,9 @@ def dirichlet_proportions(num_classes: int, num_sites: int, alpha: float, rng: n
     return rng.dirichlet(np.full(num_sites, alpha), size=num_classes)
 
 
-def pathological_classes(num_classes: int, num_sites: int, classes_per_site: int, mode: str,
-                         rng: np.random.Generator) -> list[list[int]]:
+def pathological_classes(
+    num_classes: int, num_sites: int, classes_per_site: int, mode: str, rng: np.random.Generator
+) -> list[list[int]]:
     """Which classes each site holds (Flower's ``PathologicalPartitioner`` modes).
 
     ``first-deterministic``: site ``s`` holds class ``s % C`` plus random others (every class is used
@@ -68,27 +69,31 @@ def pathological_classes(num_classes: int, num_sites: int, classes_per_site: int
     ``deterministic``: classes ``s, s+1, ..., s+k-1`` (mod C).
     """
     if classes_per_site > num_classes:
-        raise PartitionError(f"partition.classes_per_site={classes_per_site} exceeds the data set's "
-                             f"{num_classes} classes")
+        raise PartitionError(
+            f"partition.classes_per_site={classes_per_site} exceeds the data set's {num_classes} classes"
+        )
     out: list[list[int]] = []
     for s in range(num_sites):
         if mode == "first-deterministic":
             chosen = [s % num_classes]
             others = [c for c in rng.permutation(num_classes).tolist() if c != chosen[0]]
-            chosen += others[:classes_per_site - 1]
+            chosen += others[: classes_per_site - 1]
         elif mode == "random":
             chosen = rng.choice(num_classes, size=classes_per_site, replace=False).tolist()
         elif mode == "deterministic":
             chosen = [(s + i) % num_classes for i in range(classes_per_site)]
         else:
-            raise ValueError(f"partition.class_assignment: invalid value {mode!r}; valid choices are "
-                             "'first-deterministic', 'random', 'deterministic'")
+            raise ValueError(
+                f"partition.class_assignment: invalid value {mode!r}; valid choices are "
+                "'first-deterministic', 'random', 'deterministic'"
+            )
         out.append(sorted(int(c) for c in chosen))
     return out
 
 
-def pathological_proportions(num_classes: int, num_sites: int, classes_per_site: int, mode: str,
-                             rng: np.random.Generator) -> np.ndarray:
+def pathological_proportions(
+    num_classes: int, num_sites: int, classes_per_site: int, mode: str, rng: np.random.Generator
+) -> np.ndarray:
     """``P[c, s] = 1 / (sites holding c)`` where site ``s`` holds ``c``, else 0.
 
     A class no site holds keeps an all-zero row: :func:`assign` leaves its samples unassigned
@@ -101,8 +106,9 @@ def pathological_proportions(num_classes: int, num_sites: int, classes_per_site:
     return np.divide(props, held, out=np.zeros_like(props), where=held > 0)
 
 
-def quantity_shares(num_sites: int, kind: str, *, exponent: float = 1.0,
-                    sizes: tuple[float, ...] | None = None) -> np.ndarray | None:
+def quantity_shares(
+    num_sites: int, kind: str, *, exponent: float = 1.0, sizes: tuple[float, ...] | None = None
+) -> np.ndarray | None:
     """Target share of all samples per site; ``None`` for ``kind='none'``."""
     if kind == "none":
         return None
@@ -117,8 +123,9 @@ def quantity_shares(num_sites: int, kind: str, *, exponent: float = 1.0,
     return w / w.sum()
 
 
-def fit_site_sizes(proportions: np.ndarray, class_counts: np.ndarray, shares: np.ndarray, *,
-                   iters: int = 500, tol: float = 1e-10) -> np.ndarray:
+def fit_site_sizes(
+    proportions: np.ndarray, class_counts: np.ndarray, shares: np.ndarray, *, iters: int = 500, tol: float = 1e-10
+) -> np.ndarray:
     """Rescale a label-skew matrix so that the sites' sizes follow ``shares`` (iterative proportional fitting).
 
     Starts from the expected counts ``n_c * P[c, s]`` and alternately scales columns to the target
@@ -169,11 +176,13 @@ def assign(labels: np.ndarray, proportions: np.ndarray, rng: np.random.Generator
             counts[order[:remainder]] += 1
         bounds = np.concatenate([[0], np.cumsum(counts)])
         for s in range(num_sites):
-            parts[s].append(idx[bounds[s]:bounds[s + 1]])
+            parts[s].append(idx[bounds[s] : bounds[s + 1]])
     if dropped:
-        warnings.warn(f"classes {dropped} are held by no site (pathological partition): their samples are "
-                      "left out; raise partition.classes_per_site or partition.num_sites to use them",
-                      stacklevel=2)
+        warnings.warn(
+            f"classes {dropped} are held by no site (pathological partition): their samples are "
+            "left out; raise partition.classes_per_site or partition.num_sites to use them",
+            stacklevel=2,
+        )
     return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, dtype=np.int64) for p in parts]
 
 
@@ -206,8 +215,11 @@ def partition_proportions(
         )
     valid = ("iid", "dirichlet", "pathological")
     if kind not in valid:
-        raise ValueError(f"partition.kind: invalid value {kind!r}; valid choices here are "
-                         + ", ".join(repr(v) for v in valid) + " ('natural' partitions by group, see plan_partition)")
+        raise ValueError(
+            f"partition.kind: invalid value {kind!r}; valid choices here are "
+            + ", ".join(repr(v) for v in valid)
+            + " ('natural' partitions by group, see plan_partition)"
+        )
     shares = quantity_shares(num_sites, quantity, exponent=exponent, sizes=sizes)
     class_counts = np.bincount(labels.astype(np.int64), minlength=num_classes)[:num_classes]
 
@@ -230,10 +242,16 @@ def partition_proportions(
             sizes_seen = [len(p) for p in assign(labels, props, np.random.default_rng(0))]
         if min(sizes_seen) >= min_site_size:
             return props
-    what = {"dirichlet": f"Dirichlet(alpha={alpha})", "iid": "IID",
-            "pathological": f"pathological ({classes_per_site} classes per site, {class_assignment})"}[kind]
-    hint = {"dirichlet": "raise partition.alpha", "iid": "lower partition.num_sites",
-            "pathological": "raise partition.classes_per_site"}[kind]
+    what = {
+        "dirichlet": f"Dirichlet(alpha={alpha})",
+        "iid": "IID",
+        "pathological": f"pathological ({classes_per_site} classes per site, {class_assignment})",
+    }[kind]
+    hint = {
+        "dirichlet": "raise partition.alpha",
+        "iid": "lower partition.num_sites",
+        "pathological": "raise partition.classes_per_site",
+    }[kind]
     if shares is not None:
         hint += " or soften partition.quantity"
     raise PartitionError(
@@ -269,26 +287,40 @@ def natural_groups(split: ArraySplit, key: str) -> np.ndarray:
     return np.asarray(split.groups[key]).astype(str)
 
 
-def plan_partition(cfg: PartitionConfig, splits: dict[str, ArraySplit], *, num_classes: int,
-                   seed: int) -> PartitionPlan:
+def plan_partition(
+    cfg: PartitionConfig, splits: dict[str, ArraySplit], *, num_classes: int, seed: int
+) -> PartitionPlan:
     """Draw the partition of ``cfg`` from the training split (natural: from every split's groups)."""
     if cfg.kind == "natural":
         key = cfg.group or ""
         values = sorted(set().union(*(set(natural_groups(s, key).tolist()) for s in splits.values() if len(s))))
         if len(values) != cfg.num_sites:
             shown = ", ".join(values[:10]) + (", ..." if len(values) > 10 else "")
-            raise PartitionError(f"partition.num_sites: is {cfg.num_sites} but group {key!r} has "
-                                 f"{len(values)} values ({shown}); set partition.num_sites: {len(values)}")
-        small = [(v, int((natural_groups(splits['train'], key) == v).sum())) for v in values]
+            raise PartitionError(
+                f"partition.num_sites: is {cfg.num_sites} but group {key!r} has "
+                f"{len(values)} values ({shown}); set partition.num_sites: {len(values)}"
+            )
+        small = [(v, int((natural_groups(splits["train"], key) == v).sum())) for v in values]
         small = [(v, n) for v, n in small if n < cfg.min_site_size]
         if small:
-            raise PartitionError(f"partition.min_site_size={cfg.min_site_size}: group {key!r} value(s) "
-                                 + ", ".join(f"{v!r} ({n} training samples)" for v, n in small)
-                                 + " are smaller; lower partition.min_site_size")
+            raise PartitionError(
+                f"partition.min_site_size={cfg.min_site_size}: group {key!r} value(s) "
+                + ", ".join(f"{v!r} ({n} training samples)" for v, n in small)
+                + " are smaller; lower partition.min_site_size"
+            )
         return PartitionPlan(group_key=key, group_values=tuple(values))
     props = partition_proportions(
-        splits["train"].partition_labels(), num_classes=num_classes, num_sites=cfg.num_sites, kind=cfg.kind,
-        alpha=cfg.alpha, min_site_size=cfg.min_site_size, seed=seed, classes_per_site=cfg.classes_per_site,
-        class_assignment=cfg.class_assignment, quantity=cfg.quantity, exponent=cfg.exponent, sizes=cfg.sizes,
+        splits["train"].partition_labels(),
+        num_classes=num_classes,
+        num_sites=cfg.num_sites,
+        kind=cfg.kind,
+        alpha=cfg.alpha,
+        min_site_size=cfg.min_site_size,
+        seed=seed,
+        classes_per_site=cfg.classes_per_site,
+        class_assignment=cfg.class_assignment,
+        quantity=cfg.quantity,
+        exponent=cfg.exponent,
+        sizes=cfg.sizes,
     )
     return PartitionPlan(proportions=props)

@@ -1,7 +1,7 @@
 """``medflower partition EXPERIMENT.yaml``: see the simulated hospitals before training anything.
 
-Builds the sites exactly as a simulation would (:func:`simulation.sites.build_sites`), measures
-them (:mod:`simulation.measure`), prints the tables and writes, under the output folder:
+Builds the sites exactly as a simulation would (:func:`medflower.simulation.sites.build_sites`), measures
+them (:mod:`medflower.simulation.measure`), prints the tables and writes, under the output folder:
 
 * ``partition.json`` — sizes, label histograms, intensity statistics, scanner parameters, site identifiability;
 * ``labels.png`` — per site (one panel each), the count of each class in train/val/test;
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medflower.config import ExperimentConfig
-from simulation.sites import SPLITS, SiteData
+from medflower.simulation.sites import SPLITS, SiteData
 
 MAX_SITES_PLOTTED = 16
 
@@ -52,6 +52,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table with aligned columns (readable in a terminal and in a .md file)."""
+
     def cell(v: Any) -> str:
         if isinstance(v, float):
             return "-" if math.isnan(v) else f"{v:.3f}"
@@ -84,17 +85,25 @@ def site_tables(measured: dict[str, Any]) -> str:
         rows.append([name, sz["train"], sz["val"], sz["test"], mix, group, scanner_text(info)])
     out.append(md_table(["site", "train", "val", "test", "train labels (class:count)", "group", "scanner"], rows))
     inten = measured.get("intensity", {})
-    out.append("\n" + md_table(["site", "mean", "std", "p01", "p50", "p99", "per-image std"],
-                               [[n, v["mean"], v["std"], v["p01"], v["p50"], v["p99"], v["image_std"]]
-                                for n, v in inten.items()]))
+    out.append(
+        "\n"
+        + md_table(
+            ["site", "mean", "std", "p01", "p50", "p99", "per-image std"],
+            [[n, v["mean"], v["std"], v["p01"], v["p50"], v["p99"], v["image_std"]] for n, v in inten.items()],
+        )
+    )
     ident = measured.get("identifiability")
     if ident:
-        out.append(f"\nsite identifiability (small CNN predicting the site of held-out images): balanced accuracy "
-                   f"{ident.get('balanced_accuracy', math.nan):.3f}, chance {ident.get('chance', math.nan):.3f}"
-                   + (f" ({ident['n_train']} training / {ident['n_heldout']} held-out images)" if "n_train" in ident else ""))
+        out.append(
+            f"\nsite identifiability (small CNN predicting the site of held-out images): balanced accuracy "
+            f"{ident.get('balanced_accuracy', math.nan):.3f}, chance {ident.get('chance', math.nan):.3f}"
+            + (f" ({ident['n_train']} training / {ident['n_heldout']} held-out images)" if "n_train" in ident else "")
+        )
         if "confusion" in ident:
             names = ident["sites"]
-            out.append(md_table(["true \\ predicted"] + names, [[n] + row for n, row in zip(names, ident["confusion"])]))
+            out.append(
+                md_table(["true \\ predicted"] + names, [[n] + row for n, row in zip(names, ident["confusion"])])
+            )
     return "\n".join(out)
 
 
@@ -125,7 +134,9 @@ def _title(site: SiteData) -> str:
     return f"{site.name} ({group + ', ' if group else ''}{extra})"
 
 
-def plot_labels(sites: Sequence[SiteData], num_classes: int, path: Path, class_names: Sequence[str] | None = None) -> Path:
+def plot_labels(
+    sites: Sequence[SiteData], num_classes: int, path: Path, class_names: Sequence[str] | None = None
+) -> Path:
     import matplotlib.pyplot as plt
 
     sites = list(sites)[:MAX_SITES_PLOTTED]
@@ -148,15 +159,23 @@ def plot_labels(sites: Sequence[SiteData], num_classes: int, path: Path, class_n
     return path
 
 
-def plot_samples(sites: Sequence[SiteData], reference: np.ndarray, scanners: Sequence[Any], path: Path, *,
-                 value_range: tuple[float, float], per_site: int = 6) -> Path:
+def plot_samples(
+    sites: Sequence[SiteData],
+    reference: np.ndarray,
+    scanners: Sequence[Any],
+    path: Path,
+    *,
+    value_range: tuple[float, float],
+    per_site: int = 6,
+) -> Path:
     """Row per site: the same reference image through the site's scanner, then the site's own images."""
     import matplotlib.pyplot as plt
 
     sites = list(sites)[:MAX_SITES_PLOTTED]
     lo, hi = value_range
-    fig, axes = plt.subplots(len(sites), per_site + 1, figsize=(1.5 * (per_site + 1) + 1.6, 1.6 * len(sites) + 0.6),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(sites), per_site + 1, figsize=(1.5 * (per_site + 1) + 1.6, 1.6 * len(sites) + 0.6), squeeze=False
+    )
     for r, (s, scanner) in enumerate(zip(sites, scanners)):
         ref = scanner.apply(reference[None], "test")[0]
         row = [ref] + [s.train.images[i] for i in range(min(per_site, len(s.train)))]
@@ -185,7 +204,7 @@ def plot_samples(sites: Sequence[SiteData], reference: np.ndarray, scanners: Seq
 def plot_intensity(sites: Sequence[SiteData], path: Path, bins: int = 50) -> Path:
     import matplotlib.pyplot as plt
 
-    from simulation.measure import intensity_histograms
+    from medflower.simulation.measure import intensity_histograms
 
     sites = list(sites)
     edges, hists = intensity_histograms(sites, bins=bins)
@@ -212,7 +231,7 @@ def write_plots(exp: ExperimentConfig, sites: Sequence[SiteData], out_dir: Path)
 
     matplotlib.use("Agg")
     from medflower.data import load_dataset
-    from simulation.shift import site_scanners, value_range
+    from medflower.simulation.shift import site_scanners, value_range
 
     ds = load_dataset(exp)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -221,35 +240,50 @@ def write_plots(exp: ExperimentConfig, sites: Sequence[SiteData], out_dir: Path)
         paths.append(plot_labels(sites, ds.num_classes, out_dir / "labels.png"))
     scanners = site_scanners(exp, ds, [s.name for s in sites])
     source = ds.test if len(ds.test) else ds.train
-    paths.append(plot_samples(sites, source.images[0], scanners, out_dir / "samples.png",
-                              value_range=value_range(ds.train.images)))
+    paths.append(
+        plot_samples(
+            sites, source.images[0], scanners, out_dir / "samples.png", value_range=value_range(ds.train.images)
+        )
+    )
     paths.append(plot_intensity(sites, out_dir / "intensity.png"))
     return paths
 
 
-def preview(exp: ExperimentConfig, out_dir: str | Path, *, identifiability: bool = True,
-            plots: bool = True) -> dict[str, Any]:
+def preview(
+    exp: ExperimentConfig, out_dir: str | Path, *, identifiability: bool = True, plots: bool = True
+) -> dict[str, Any]:
     """Build, measure, print and plot the experiment's sites; returns what ``partition.json`` holds."""
-    from medflower.data import load_dataset
-    from simulation.measure import measure_shift
-    from simulation.sites import build_sites
-
     import torch
+
+    from medflower.data import load_dataset
+    from medflower.simulation.measure import measure_shift
+    from medflower.simulation.sites import build_sites
 
     torch.set_num_threads(max(1, exp.train.num_threads))  # as `compare` does: same identifiability numbers
     out_dir = Path(out_dir)
     ds = load_dataset(exp)
     sites = build_sites(exp)
-    measured = measure_shift(sites, num_classes=ds.num_classes if ds.task == "classification" else None,
-                             seed=exp.seed, identifiability=identifiability)
+    measured = measure_shift(
+        sites,
+        num_classes=ds.num_classes if ds.task == "classification" else None,
+        seed=exp.seed,
+        identifiability=identifiability,
+    )
     total = {n: len(ds.split(n)) for n in SPLITS}
     placed = {n: sum(len(s.split(n)) for s in sites) for n in SPLITS}
-    result = {"experiment": exp.to_dict(), "dataset": {"name": ds.name, "synthetic": ds.synthetic, "sizes": total,
-                                                         "placed": placed}, **measured}
-    print(f"data set {ds.name}{' (SYNTHETIC)' if ds.synthetic else ''}: "
-          + ", ".join(f"{n} {placed[n]}/{total[n]}" for n in SPLITS) + " images placed in "
-          + f"{len(sites)} sites ({exp.partition.kind} partition"
-          + (f", quantity {exp.partition.quantity}" if exp.partition.quantity != "none" else "") + ")\n")
+    result = {
+        "experiment": exp.to_dict(),
+        "dataset": {"name": ds.name, "synthetic": ds.synthetic, "sizes": total, "placed": placed},
+        **measured,
+    }
+    print(
+        f"data set {ds.name}{' (SYNTHETIC)' if ds.synthetic else ''}: "
+        + ", ".join(f"{n} {placed[n]}/{total[n]}" for n in SPLITS)
+        + " images placed in "
+        + f"{len(sites)} sites ({exp.partition.kind} partition"
+        + (f", quantity {exp.partition.quantity}" if exp.partition.quantity != "none" else "")
+        + ")\n"
+    )
     print(site_tables(measured))
     out_dir.mkdir(parents=True, exist_ok=True)
     if plots:

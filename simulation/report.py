@@ -17,15 +17,20 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\nround  sites  train-loss  " + "  ".join(f"{'test-' + n:>14}" for n in names) + "   seconds")
     for r in rounds:
         ok = len(r.get("sites_train", {}))
-        print(f"{r['round']:>5}  {ok:>5}  {_f(r.get('train', {}).get('train-loss')):>10}  "
-              + "  ".join(f"{_f(r.get('global_test', {}).get(n)):>14}" for n in names)
-              + f"   {r.get('seconds', 0):7.1f}")
+        print(
+            f"{r['round']:>5}  {ok:>5}  {_f(r.get('train', {}).get('train-loss')):>10}  "
+            + "  ".join(f"{_f(r.get('global_test', {}).get(n)):>14}" for n in names)
+            + f"   {r.get('seconds', 0):7.1f}"
+        )
     sites = summary.get("sites_test", {})
     if sites:
         cols = [m for m in MAIN if any(f"test-{m}" in v for v in sites.values())]
         print("\nsite          n  " + "  ".join(f"{n:>17}" for n in cols))
         for name, m in sorted(sites.items()):
-            print(f"{name:<10} {int(m.get('num-examples', 0)):>4}  " + "  ".join(f"{_f(m.get('test-' + n)):>17}" for n in cols))
+            print(
+                f"{name:<10} {int(m.get('num-examples', 0)):>4}  "
+                + "  ".join(f"{_f(m.get('test-' + n)):>17}" for n in cols)
+            )
     print_privacy(summary)
     print(f"\nwall time: {summary.get('wall_seconds', 0):.1f}s")
 
@@ -43,10 +48,16 @@ def print_privacy(summary: dict[str, Any]) -> None:
     if last:
         print("\nprivacy ledger  epsilon spent  budget   delta   steps  rounds refused")
         for site, m in sorted(last.items()):
-            print(f"{site:<14}  {_f(m.get('dp-epsilon')):>13}  {_f(m.get('dp-target-epsilon')):>6}  "
-                  f"{m.get('dp-delta', 0):6.0e}  {int(m.get('dp-steps') or 0):>6}  {refused[site]:>14}")
+            print(
+                f"{site:<14}  {_f(m.get('dp-epsilon')):>13}  {_f(m.get('dp-target-epsilon')):>6}  "
+                f"{m.get('dp-delta', 0):6.0e}  {int(m.get('dp-steps') or 0):>6}  {refused[site]:>14}"
+            )
         return
-    eps = [(r["round"], r["train"]["dp-epsilon"]) for r in rounds if (r.get("train") or {}).get("dp-epsilon") is not None]
+    eps = [
+        (r["round"], r["train"]["dp-epsilon"]) for r in rounds if (r.get("train") or {}).get("dp-epsilon") is not None
+    ]
     if eps:
-        print(f"\nclient-level DP: epsilon {_f(eps[-1][1])} spent after round {eps[-1][0]} "
-              f"(delta {rounds[-1]['train'].get('dp-delta', 0):.0e})")
+        print(
+            f"\nclient-level DP: epsilon {_f(eps[-1][1])} spent after round {eps[-1][0]} "
+            f"(delta {rounds[-1]['train'].get('dp-delta', 0):.0e})"
+        )

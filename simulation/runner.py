@@ -33,13 +33,13 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     quiet_flower_env()
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
-    from server.app import build_server_app
+    from medflower.client.app import app as client_app
 
     # Fail fast, before Ray starts, on bad data or an impossible partition (and warm the caches
     # the in-process ServerApp reuses).
     from medflower.modelspec import build_experiment_model
-    from simulation.sites import build_sites
+    from medflower.server.app import build_server_app
+    from medflower.simulation.sites import build_sites
 
     build_sites(exp)
     build_experiment_model(exp)
@@ -50,8 +50,7 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error",
-                      "log_to_driver": verbose},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
     t0 = time.time()
     run_simulation(

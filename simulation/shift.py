@@ -50,8 +50,15 @@ def value_range(images: np.ndarray) -> tuple[float, float]:
 class SiteScanner:
     """One site's scanner: fixed machine parameters plus per-image noise, deterministic in ``seed``/``site_index``."""
 
-    def __init__(self, *, profile: ShiftProfile, seed: int, site_index: int, value_range: tuple[float, float],
-                 spatial_shape: Sequence[int]) -> None:
+    def __init__(
+        self,
+        *,
+        profile: ShiftProfile,
+        seed: int,
+        site_index: int,
+        value_range: tuple[float, float],
+        spatial_shape: Sequence[int],
+    ) -> None:
         from monai.transforms import RandBiasField
 
         self.profile = profile
@@ -61,13 +68,15 @@ class SiteScanner:
         machine = _state(seed, 7919, site_index)
         self.bias = None
         if profile.bias_field > 0:
-            self.bias = RandBiasField(degree=profile.bias_degree,
-                                      coeff_range=(-profile.bias_field, profile.bias_field), prob=1.0)
+            self.bias = RandBiasField(
+                degree=profile.bias_degree, coeff_range=(-profile.bias_field, profile.bias_field), prob=1.0
+            )
             self.bias.set_random_state(state=machine)
             self.bias.randomize(img_size=self.spatial_shape)
         # a spike away from the centre of k-space (the centre is the image's mean intensity)
-        self.spike_loc = tuple(int(machine.randint(0, max(1, s // 4))) + s // 2 + max(1, s // 8)
-                               for s in self.spatial_shape)
+        self.spike_loc = tuple(
+            int(machine.randint(0, max(1, s // 4))) + s // 2 + max(1, s // 8) for s in self.spatial_shape
+        )
         self.spike_loc = tuple(min(v, s - 1) for v, s in zip(self.spike_loc, self.spatial_shape))
 
     def describe(self) -> dict[str, object]:
@@ -87,12 +96,19 @@ class SiteScanner:
         flat = images.reshape(n * c, *self.spatial_shape)
         out = np.empty_like(flat, dtype=np.float32)
         for i in range(0, len(flat), _CHUNK):
-            out[i:i + _CHUNK] = self._apply_stack(flat[i:i + _CHUNK], channels=c, noise_state=noise_state)
+            out[i : i + _CHUNK] = self._apply_stack(flat[i : i + _CHUNK], channels=c, noise_state=noise_state)
         return out.reshape(images.shape)
 
     def _apply_stack(self, stack: np.ndarray, *, channels: int, noise_state: np.random.RandomState) -> np.ndarray:
-        from monai.transforms import (AdjustContrast, GaussianSmooth, GibbsNoise, KSpaceSpikeNoise,
-                                      RandGaussianNoise, RandRicianNoise, Resize)
+        from monai.transforms import (
+            AdjustContrast,
+            GaussianSmooth,
+            GibbsNoise,
+            KSpaceSpikeNoise,
+            RandGaussianNoise,
+            RandRicianNoise,
+            Resize,
+        )
 
         p = self.profile
         x = torch.from_numpy((stack.astype(np.float32) - self.lo) / (self.hi - self.lo))  # (K, *spatial) in [0, 1]
@@ -115,7 +131,7 @@ class SiteScanner:
             # per image (all its channels together): MONAI's gamma works on the image's own range
             x = x.clamp_min(0.0)
             contrast = AdjustContrast(gamma=p.gamma)
-            x = torch.cat([torch.as_tensor(contrast(x[i:i + channels])) for i in range(0, len(x), channels)])
+            x = torch.cat([torch.as_tensor(contrast(x[i : i + channels])) for i in range(0, len(x), channels)])
         if p.noise_std > 0:
             if p.noise == "rician":
                 noise = RandRicianNoise(prob=1.0, std=p.noise_std, sample_std=False)
@@ -131,5 +147,13 @@ class SiteScanner:
 def site_scanners(exp: ExperimentConfig, ds: DatasetSplits, names: Sequence[str]) -> list[SiteScanner]:
     """The scanner of every site of ``exp`` (``ds``: its :class:`~medflower.data.DatasetSplits`)."""
     vr = value_range(ds.train.images)
-    return [SiteScanner(profile=exp.shift.profile(name), seed=exp.seed, site_index=i, value_range=vr,
-                        spatial_shape=ds.train.images.shape[2:]) for i, name in enumerate(names)]
+    return [
+        SiteScanner(
+            profile=exp.shift.profile(name),
+            seed=exp.seed,
+            site_index=i,
+            value_range=vr,
+            spatial_shape=ds.train.images.shape[2:],
+        )
+        for i, name in enumerate(names)
+    ]

@@ -15,8 +15,8 @@ import numpy as np
 
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit, DatasetSplits, SiteData, load_dataset
-from simulation.partition import PartitionPlan, plan_partition
-from simulation.shift import site_scanners
+from medflower.simulation.partition import PartitionPlan, plan_partition
+from medflower.simulation.shift import site_scanners
 
 SPLITS = ("train", "val", "test")
 

@@ -3,7 +3,7 @@
 Flower has no personalized strategy. Ditto's server is FedAvg's (the global model is trained and
 averaged as usual); each site additionally keeps a personal model ``v`` in its persistent
 ``context.state`` and, every round, trains it on ``task loss + lam/2 * ||v - w_global||^2`` (the
-client half, :mod:`client.strategy_hooks`). Sites report both models' evaluations: ``val-accuracy``
+client half, :mod:`medflower.client.strategy_hooks`). Sites report both models' evaluations: ``val-accuracy``
 (global) and ``personal-val-accuracy`` (personal), likewise for the test split, so the summary
 shows global and personal metrics per site. ``lam = 0`` gives purely local models; a large ``lam``
 pulls them onto the global model.
@@ -40,8 +40,13 @@ class Ditto(FedAvg):
         self.lam, self.personal_epochs, self.personal_lr = lam, personal_epochs, personal_lr
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Ditto: lambda %s, %d personal epoch(s) at lr %s", self.lam, self.personal_epochs,
-            self.personal_lr)
+        log(
+            INFO,
+            "\t├──> Ditto: lambda %s, %d personal epoch(s) at lr %s",
+            self.lam,
+            self.personal_epochs,
+            self.personal_lr,
+        )
         super().summary()
 
     def _tell(self, config: ConfigRecord) -> None:
@@ -49,12 +54,14 @@ class Ditto(FedAvg):
         config[keys.DITTO_EPOCHS] = int(self.personal_epochs)
         config[keys.DITTO_LR] = float(self.personal_lr)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._tell(config)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._tell(config)
         return super().configure_evaluate(server_round, arrays, config, grid)

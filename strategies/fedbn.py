@@ -11,7 +11,7 @@ model's norm entries are left untouched (they stay at their initial values and o
 that has none of its own yet, and the server-side test evaluation). Read FedBN's per-site metrics:
 each site evaluates the shared layers with its own normalization.
 
-Client half: :mod:`client.strategy_hooks` keeps the site's norm arrays in ``context.state`` and
+Client half: :mod:`medflower.client.strategy_hooks` keeps the site's norm arrays in ``context.state`` and
 puts them back after loading each global model.
 """
 
@@ -57,8 +57,9 @@ class FedBN(FedAvg):
         log(INFO, "\t├──> FedBN: %d normalization arrays stay at the sites", len(self.local_keys))
         super().summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         missing = [k for k in self.local_keys if k not in arrays]
         if missing:
             raise ValueError(f"FedBN: local key(s) {missing[:3]} are not in the global model")
@@ -66,8 +67,9 @@ class FedBN(FedAvg):
         config[keys.LOCAL_KEYS] = list(self.local_keys)
         return super().configure_train(server_round, arrays, config, grid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         config[keys.LOCAL_KEYS] = list(self.local_keys)
         return super().configure_evaluate(server_round, arrays, config, grid)
 
@@ -76,8 +78,9 @@ class FedBN(FedAvg):
         local = set(self.local_keys)
         return {self.arrayrecord_key: {k: v for k, v in global_spec.items() if k not in local}}
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         shared, metrics = super().aggregate_train(server_round, replies)
         if shared is None:
             return None, metrics

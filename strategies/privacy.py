@@ -1,6 +1,6 @@
 """The coordinator's half of differential privacy (see ``privacy:`` in the experiment YAML).
 
-* Mode ``sample`` (DP-SGD at each site, ledgers kept by the sites, :mod:`client.privacy`):
+* Mode ``sample`` (DP-SGD at each site, ledgers kept by the sites, :mod:`medflower.client.privacy`):
   :class:`SiteLedgerScreen` wraps the whole strategy. A site whose budget is exhausted replies
   ``dp-budget-exhausted: 1`` with no weights; the screen keeps that reply as a valid answer (so the
   round's participation count and the per-site record in ``summary.json`` show it), logs it, and
@@ -17,7 +17,7 @@
   it needs FedAvg's aggregation with uniform weights (Flower enforces it for accounting); the
   weights are made uniform here, on the server, not trusted from the sites.
 
-:func:`wrap_client_dp` is called by :func:`strategies.build_strategy` around the base strategy
+:func:`wrap_client_dp` is called by :func:`medflower.strategies.build_strategy` around the base strategy
 (inside the update screen); :func:`wrap_privacy` by the ServerApp around the finished strategy.
 """
 
@@ -76,8 +76,9 @@ class _Delegating(Strategy):
             setattr(self.base, name, value)
 
     # evaluation carries no private update: both DP wrappers pass it through unchanged
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -103,15 +104,22 @@ class SiteLedgerScreen(_Delegating):
             if mid not in self._logged:
                 self._logged.add(mid)
                 m = _metrics_of(msg) or {}
-                log(WARNING, "round %d: %s refused to train: its privacy budget is exhausted (epsilon %.4f of %.4f "
+                log(
+                    WARNING,
+                    "round %d: %s refused to train: its privacy budget is exhausted (epsilon %.4f of %.4f "
                     "spent at delta %g; one more round would reach %.4f); aggregating the other sites",
-                    server_round, _site(msg), float(m.get(keys.DP_EPSILON, float("nan"))),
-                    float(m.get(keys.DP_TARGET_EPSILON, float("nan"))), float(m.get(keys.DP_DELTA, float("nan"))),
-                    float(m.get(keys.DP_EPSILON_NEXT, float("nan"))))
+                    server_round,
+                    _site(msg),
+                    float(m.get(keys.DP_EPSILON, float("nan"))),
+                    float(m.get(keys.DP_TARGET_EPSILON, float("nan"))),
+                    float(m.get(keys.DP_DELTA, float("nan"))),
+                    float(m.get(keys.DP_EPSILON_NEXT, float("nan"))),
+                )
         return rest, refused
 
-    def screen_train_replies(self, server_round: int,
-                             replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+    def screen_train_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
         """The inner screen's verdict on real updates; refusals stay valid replies (not failures)."""
         rest, refused = self._split(server_round, replies)
         inner = getattr(self.strategy, "screen_train_replies", None)
@@ -120,23 +128,33 @@ class SiteLedgerScreen(_Delegating):
         ok, rejected = inner(server_round, rest)
         return list(ok) + refused, rejected
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._logged = {k for k in self._logged if not k.startswith(f"{server_round - 1}/")}
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         rest, refused = self._split(server_round, replies)
-        eps = [float(m[keys.DP_EPSILON]) for msg in replies if not msg.has_error()  # type: ignore[arg-type]
-               if (m := _metrics_of(msg)) is not None and keys.DP_EPSILON in m]
+        eps = [
+            float(m[keys.DP_EPSILON])
+            for msg in replies
+            if not msg.has_error()  # type: ignore[arg-type]
+            if (m := _metrics_of(msg)) is not None and keys.DP_EPSILON in m
+        ]
         arrays, metrics = None, None
         if any(not m.has_error() for m in rest):
             arrays, metrics = self.strategy.aggregate_train(server_round, rest)
         else:
-            log(WARNING, "round %d: every site that replied refused to train (privacy budgets exhausted); "
-                "global model unchanged", server_round)
+            log(
+                WARNING,
+                "round %d: every site that replied refused to train (privacy budgets exhausted); "
+                "global model unchanged",
+                server_round,
+            )
         # a weighted mean of per-site ledgers means nothing: keep the strategy's other metrics only
         out = MetricRecord({k: v for k, v in (metrics or {}).items() if not k.startswith("dp-")})
         if eps:
@@ -153,14 +171,19 @@ def _flower_accountant(exp: ExperimentConfig, num_sites: int):
     from flwr.serverapp import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
     try:
-        return RdpAccountant(PrivacyConfig(
-            target_delta=exp.privacy.target_delta, population_size=num_sites,
-            neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
-            sampling_method=SamplingMethod.NO_AMPLIFICATION, max_epsilon=exp.privacy.target_epsilon,
-        ))
+        return RdpAccountant(
+            PrivacyConfig(
+                target_delta=exp.privacy.target_delta,
+                population_size=num_sites,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+                max_epsilon=exp.privacy.target_epsilon,
+            )
+        )
     except ImportError as err:  # Flower's accountant needs Google's dp-accounting
-        raise ConfigError(f"privacy.mode 'client' needs the package dp-accounting ({err}); "
-                          "pip install dp-accounting") from err
+        raise ConfigError(
+            f"privacy.mode 'client' needs the package dp-accounting ({err}); pip install dp-accounting"
+        ) from err
 
 
 def client_noise_multiplier(exp: ExperimentConfig, *, num_sites: int, num_sampled: int) -> float:
@@ -176,11 +199,20 @@ def client_noise_multiplier(exp: ExperimentConfig, *, num_sites: int, num_sample
     if p.noise_multiplier is not None:
         return p.noise_multiplier
     try:
-        sigma = float(get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.target_delta,
-                                           sample_rate=1.0, steps=exp.train.rounds, accountant="rdp"))
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=p.target_epsilon,
+                target_delta=p.target_delta,
+                sample_rate=1.0,
+                steps=exp.train.rounds,
+                accountant="rdp",
+            )
+        )
     except ValueError as err:
-        raise ConfigError(f"privacy.target_epsilon: {p.target_epsilon} at delta {p.target_delta} cannot be reached "
-                          f"over {exp.train.rounds} rounds by any noise multiplier ({err})") from err
+        raise ConfigError(
+            f"privacy.target_epsilon: {p.target_epsilon} at delta {p.target_delta} cannot be reached "
+            f"over {exp.train.rounds} rounds by any noise multiplier ({err})"
+        ) from err
     acc = _flower_accountant(exp, num_sites)
     for _ in range(100):  # Flower's orders differ from Opacus'; never exceed the budget by rounding
         event = GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=num_sampled, population_size=num_sites)
@@ -193,11 +225,30 @@ def client_noise_multiplier(exp: ExperimentConfig, *, num_sites: int, num_sample
 class ClientLevelDP(_Delegating):
     """Mode ``client``: Flower's DP wrapper + Flower's accountant, epsilon reported every round."""
 
-    _OWN = frozenset({"strategy", "base", "accountant", "noise_multiplier", "num_sampled", "population",
-                      "own_accounting", "exhausted"})
+    _OWN = frozenset(
+        {
+            "strategy",
+            "base",
+            "accountant",
+            "noise_multiplier",
+            "num_sampled",
+            "population",
+            "own_accounting",
+            "exhausted",
+        }
+    )
 
-    def __init__(self, strategy: Strategy, *, base: FedAvg, accountant: Any, noise_multiplier: float,
-                 num_sampled: int, population: int, own_accounting: bool) -> None:
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        base: FedAvg,
+        accountant: Any,
+        noise_multiplier: float,
+        num_sampled: int,
+        population: int,
+        own_accounting: bool,
+    ) -> None:
         self.strategy = strategy  # Flower's DP wrapper
         self.accountant = accountant
         self.noise_multiplier = noise_multiplier  # the user's z (adaptive wrappers split it internally)
@@ -210,21 +261,29 @@ class ClientLevelDP(_Delegating):
     def _event(self):
         from flwr.serverapp import GaussianPrivacyEvent
 
-        return GaussianPrivacyEvent(noise_multiplier=self.noise_multiplier, sample_size=self.num_sampled,
-                                    population_size=self.population)
+        return GaussianPrivacyEvent(
+            noise_multiplier=self.noise_multiplier, sample_size=self.num_sampled, population_size=self.population
+        )
 
     def epsilon(self) -> float:
         return float(self.accountant.get_privacy_spent().epsilon) if self.accountant.num_releases else 0.0
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         from flwr.serverapp.exception import PrivacyBudgetExhausted
 
         if self.accountant.would_exceed(self._event()):
             if not self.exhausted:
-                log(WARNING, "round %d: client-level privacy budget exhausted (epsilon %.4f of %.4f spent at delta %g); "
-                    "no further training rounds are configured", server_round, self.epsilon(),
-                    self.accountant.config.max_epsilon, self.accountant.config.target_delta)
+                log(
+                    WARNING,
+                    "round %d: client-level privacy budget exhausted (epsilon %.4f of %.4f spent at delta %g); "
+                    "no further training rounds are configured",
+                    server_round,
+                    self.epsilon(),
+                    self.accountant.config.max_epsilon,
+                    self.accountant.config.target_delta,
+                )
             self.exhausted = True
             return []
         try:
@@ -237,8 +296,9 @@ class ClientLevelDP(_Delegating):
             log(WARNING, "round %d: client-level DP round skipped: %s", server_round, err)
             return []
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         for msg in replies:  # uniform weights: a site's influence on the mean must not depend on its size
             m = _metrics_of(msg) if not msg.has_error() else None
@@ -252,8 +312,13 @@ class ClientLevelDP(_Delegating):
             self.base.weighted_by_key = key
         if arrays is not None and self.own_accounting:
             self.accountant.compose(self._event())
-            log(INFO, "Privacy spent: epsilon=%.6f at delta=%g after %d releases", self.epsilon(),
-                self.accountant.config.target_delta, self.accountant.num_releases)
+            log(
+                INFO,
+                "Privacy spent: epsilon=%.6f at delta=%g after %d releases",
+                self.epsilon(),
+                self.accountant.config.target_delta,
+                self.accountant.num_releases,
+            )
         out = MetricRecord({k: v for k, v in (metrics or {}).items() if k != keys.DP_UNIT_WEIGHT})
         out[keys.DP_EPSILON] = self.epsilon()
         out[keys.DP_DELTA] = float(self.accountant.config.target_delta)
@@ -262,8 +327,13 @@ class ClientLevelDP(_Delegating):
         return arrays, out
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Client-level DP (medflower): noise multiplier %.4f, budget epsilon %s at delta %g",
-            self.noise_multiplier, self.accountant.config.max_epsilon, self.accountant.config.target_delta)
+        log(
+            INFO,
+            "\t├──> Client-level DP (medflower): noise multiplier %.4f, budget epsilon %s at delta %g",
+            self.noise_multiplier,
+            self.accountant.config.max_epsilon,
+            self.accountant.config.target_delta,
+        )
         self.strategy.summary()
 
     # strategies.state protocol: a restarted coordinator continues the accountant
@@ -295,17 +365,29 @@ def wrap_client_dp(strategy: Strategy, exp: ExperimentConfig, *, num_sites: int)
     sigma = client_noise_multiplier(exp, num_sites=num_sites, num_sampled=num_sampled)
     accountant = _flower_accountant(exp, num_sites)
     if p.clipping == "fixed":
-        cls = (fl.DifferentialPrivacyServerSideFixedClipping if p.clipping_side == "server"
-               else fl.DifferentialPrivacyClientSideFixedClipping)
+        cls = (
+            fl.DifferentialPrivacyServerSideFixedClipping
+            if p.clipping_side == "server"
+            else fl.DifferentialPrivacyClientSideFixedClipping
+        )
         wrapped = cls(strategy, sigma, p.clipping_norm, num_sampled, accountant=accountant)
         own = False
     else:
-        cls = (fl.DifferentialPrivacyServerSideAdaptiveClipping if p.clipping_side == "server"
-               else fl.DifferentialPrivacyClientSideAdaptiveClipping)
+        cls = (
+            fl.DifferentialPrivacyServerSideAdaptiveClipping
+            if p.clipping_side == "server"
+            else fl.DifferentialPrivacyClientSideAdaptiveClipping
+        )
         try:
-            wrapped = cls(strategy, sigma, num_sampled, initial_clipping_norm=p.clipping_norm,
-                          target_clipped_quantile=p.target_clipped_quantile, clip_norm_lr=p.clip_norm_lr,
-                          clipped_count_stddev=p.clipped_count_stddev)
+            wrapped = cls(
+                strategy,
+                sigma,
+                num_sampled,
+                initial_clipping_norm=p.clipping_norm,
+                target_clipped_quantile=p.target_clipped_quantile,
+                clip_norm_lr=p.clip_norm_lr,
+                clipped_count_stddev=p.clipped_count_stddev,
+            )
         except ValueError as err:  # the count noise must be > sigma/2 for the update noise to exist
             std = p.clipped_count_stddev if p.clipped_count_stddev is not None else num_sampled / 20
             raise ConfigError(
@@ -314,11 +396,26 @@ def wrap_client_dp(strategy: Strategy, exp: ExperimentConfig, *, num_sites: int)
                 f"{sigma / 2:.4f} (Flower: {err})"
             ) from err
         own = True
-    log(INFO, "client-level DP: %s, noise multiplier %.4f for %d rounds of %d of %d sites (budget epsilon %s, "
-        "delta %g)", type(wrapped).__name__, sigma, exp.train.rounds, num_sampled, num_sites,
-        p.target_epsilon, p.target_delta)
-    return ClientLevelDP(wrapped, base=strategy, accountant=accountant, noise_multiplier=sigma,
-                         num_sampled=num_sampled, population=num_sites, own_accounting=own)
+    log(
+        INFO,
+        "client-level DP: %s, noise multiplier %.4f for %d rounds of %d of %d sites (budget epsilon %s, delta %g)",
+        type(wrapped).__name__,
+        sigma,
+        exp.train.rounds,
+        num_sampled,
+        num_sites,
+        p.target_epsilon,
+        p.target_delta,
+    )
+    return ClientLevelDP(
+        wrapped,
+        base=strategy,
+        accountant=accountant,
+        noise_multiplier=sigma,
+        num_sampled=num_sampled,
+        population=num_sites,
+        own_accounting=own,
+    )
 
 
 def find_client_dp(strategy: Strategy) -> ClientLevelDP | None:
@@ -343,6 +440,8 @@ def wrap_privacy(strategy: Strategy, exp: ExperimentConfig, *, num_sites: int) -
             )
         return SiteLedgerScreen(strategy)
     if exp.privacy.mode == "client" and find_client_dp(strategy) is None:
-        raise RuntimeError("privacy.mode is 'client' but the strategy carries no client-level DP wrapper "
-                           "(strategies.build_strategy must call strategies.privacy.wrap_client_dp)")
+        raise RuntimeError(
+            "privacy.mode is 'client' but the strategy carries no client-level DP wrapper "
+            "(strategies.build_strategy must call strategies.privacy.wrap_client_dp)"
+        )
     return strategy

@@ -107,7 +107,7 @@ class RobustStrategy(Strategy):
     """Screen train replies and aggregates of ``strategy`` (any Flower Strategy); see module doc.
 
     The wrapped strategy is ``self.strategy`` (the attribute name Flower's DP wrappers use too, so
-    :func:`strategies.state.unwrap` walks both). Unknown attributes are read from it.
+    :func:`medflower.strategies.state.unwrap` walks both). Unknown attributes are read from it.
     """
 
     def __init__(
@@ -130,8 +130,19 @@ class RobustStrategy(Strategy):
         self._spec: Spec | None = None
         self._screened: set[int] = set()  # id() of replies already screened valid this round
 
-    _OWN = frozenset({"strategy", "max_update_norm", "weighted_by_key", "arrayrecord_key", "last_rejections",
-                      "_global", "_global_np", "_spec", "_screened"})
+    _OWN = frozenset(
+        {
+            "strategy",
+            "max_update_norm",
+            "weighted_by_key",
+            "arrayrecord_key",
+            "last_rejections",
+            "_global",
+            "_global_np",
+            "_spec",
+            "_screened",
+        }
+    )
 
     def __getattr__(self, name: str) -> Any:
         if name == "strategy":  # not set yet (during unpickling): avoid infinite recursion
@@ -148,12 +159,16 @@ class RobustStrategy(Strategy):
     # -- the Strategy interface -------------------------------------------------------------------
 
     def summary(self) -> None:
-        log(INFO, "\t├──> Update screening (medflower): finite, keys/shapes/dtypes of the global model%s",
-            f", L2 norm <= {self.max_update_norm}" if self.max_update_norm else "")
+        log(
+            INFO,
+            "\t├──> Update screening (medflower): finite, keys/shapes/dtypes of the global model%s",
+            f", L2 norm <= {self.max_update_norm}" if self.max_update_norm else "",
+        )
         self.strategy.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self._global = arrays
         self._global_np = None
         self._spec = spec_of(arrays)
@@ -161,24 +176,31 @@ class RobustStrategy(Strategy):
         self.last_rejections = []
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self.screen_train_replies(server_round, replies)
         if not valid:
             log(WARNING, "round %d: no valid update to aggregate; global model unchanged", server_round)
             return None, None
-        from strategies.state import load_strategy_state, strategy_state_dict
+        from medflower.strategies.state import load_strategy_state, strategy_state_dict
 
         before = strategy_state_dict(self.strategy)
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, valid)
         except (AggregationError, InconsistentMessageReplies, ValueError, FloatingPointError) as err:
-            log(ERROR, "round %d: aggregation failed (%s: %s); global model unchanged",
-                server_round, type(err).__name__, err)
+            log(
+                ERROR,
+                "round %d: aggregation failed (%s: %s); global model unchanged",
+                server_round,
+                type(err).__name__,
+                err,
+            )
             load_strategy_state(self.strategy, before)
             return None, None
         if arrays is None:
@@ -219,7 +241,7 @@ class RobustStrategy(Strategy):
         expected = self.expected_records()
         got = set(msg.content.array_records.keys())
         if got != set(expected):
-            return (f"carries ArrayRecord(s) {_names(got) or 'none'}, expected {_names(expected)}")
+            return f"carries ArrayRecord(s) {_names(got) or 'none'}, expected {_names(expected)}"
         for rec_key, spec in expected.items():
             why = check_arrays(msg.content.array_records[rec_key], spec, what=rec_key)
             if why:
@@ -241,8 +263,9 @@ class RobustStrategy(Strategy):
                 total += float(np.sum((a.numpy().astype(np.float64) - self._global_np[k]) ** 2))
         return math.sqrt(total)
 
-    def screen_train_replies(self, server_round: int,
-                             replies: Iterable[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
+    def screen_train_replies(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[list[Message], list[dict[str, Any]]]:
         """Split replies into valid updates and rejections ``{site, node_id, reason}``.
 
         Error replies are dropped without a rejection entry (the round loop already counts them).
@@ -262,8 +285,9 @@ class RobustStrategy(Strategy):
                 continue
             site = site_name(msg)
             log(WARNING, "round %d: rejected the update from %s: %s", server_round, site, why)
-            rejected.append({"site": site, "node_id": int(msg.metadata.src_node_id),
-                             "reason": f"rejected update: {why}"})
+            rejected.append(
+                {"site": site, "node_id": int(msg.metadata.src_node_id), "reason": f"rejected update: {why}"}
+            )
         self.last_rejections += rejected
         return valid, rejected
 
@@ -271,8 +295,7 @@ class RobustStrategy(Strategy):
         """Cast the aggregate back to the global model's dtypes; say why if it is unusable."""
         assert self._spec is not None  # aggregate_train ran after configure_train
         if set(arrays.keys()) != set(self._spec):
-            return arrays, (f"its keys differ from the global model's "
-                            f"({_names(set(arrays.keys()) ^ set(self._spec))})")
+            return arrays, (f"its keys differ from the global model's ({_names(set(arrays.keys()) ^ set(self._spec))})")
         out = {}
         for k, (shape, dtype) in self._spec.items():
             x = arrays[k].numpy()

@@ -1,7 +1,7 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020): control variates against client drift, server half.
 
 Flower ships no SCAFFOLD, so it is written here on top of Flower's FedAvg (sampling, messages and
-metric aggregation are FedAvg's). The client half is :mod:`client.strategy_hooks`.
+metric aggregation are FedAvg's). The client half is :mod:`medflower.client.strategy_hooks`.
 
 Protocol (option II of the paper):
 
@@ -43,8 +43,9 @@ class Scaffold(FedAvg):
     ``N`` in the control-variate update.
     """
 
-    def __init__(self, *, param_keys: Sequence[str], num_sites: int, server_learning_rate: float = 1.0,
-                 **fedavg_kwargs: Any) -> None:
+    def __init__(
+        self, *, param_keys: Sequence[str], num_sites: int, server_learning_rate: float = 1.0, **fedavg_kwargs: Any
+    ) -> None:
         if num_sites < 1:
             raise ValueError(f"num_sites must be >= 1, got {num_sites}")
         if not server_learning_rate > 0:
@@ -59,14 +60,19 @@ class Scaffold(FedAvg):
         self.current: dict[str, np.ndarray] | None = None
 
     def summary(self) -> None:
-        log(INFO, "\t├──> SCAFFOLD settings: server learning rate %s, %d sites, control variate over %d arrays",
-            self.server_learning_rate, self.num_sites, len(self.param_keys))
+        log(
+            INFO,
+            "\t├──> SCAFFOLD settings: server learning rate %s, %d sites, control variate over %d arrays",
+            self.server_learning_rate,
+            self.num_sites,
+            len(self.param_keys),
+        )
         super().summary()
 
     # -- state (strategies.state) ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        from strategies.state import put_arrays
+        from medflower.strategies.state import put_arrays
 
         out: dict[str, Any] = {}
         put_arrays(out, "c", self.c)
@@ -74,7 +80,7 @@ class Scaffold(FedAvg):
 
     def load_state_dict(self, state: dict[str, Any]) -> set[str]:
         """Restore ``c`` (an empty dict resets it); returns the keys it used."""
-        from strategies.state import get_arrays
+        from medflower.strategies.state import get_arrays
 
         used: set[str] = set()
         c = get_arrays(state, "c", used)
@@ -85,8 +91,9 @@ class Scaffold(FedAvg):
 
     # -- rounds ------------------------------------------------------------------------------------
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         self.current = {k: a.numpy() for k, a in arrays.items()}
         missing = [k for k in self.param_keys if k not in self.current]
         if missing:
@@ -101,18 +108,20 @@ class Scaffold(FedAvg):
 
     def reply_array_specs(self, global_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """What a valid reply carries (read by strategies.robust): the model and ``dc`` over params."""
-        return {self.arrayrecord_key: global_spec,
-                keys.SCAFFOLD_DC: {k: global_spec[k] for k in self.param_keys}}
+        return {self.arrayrecord_key: global_spec, keys.SCAFFOLD_DC: {k: global_spec[k] for k in self.param_keys}}
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies([m for m in replies], is_train=True, validate=False)
         if not valid:
             return None, None
         if self.current is None or self.c is None:
             raise ValueError("SCAFFOLD: configure_train must run before aggregate_train")
-        models = [RecordDict({self.arrayrecord_key: m.content[self.arrayrecord_key],
-                              **dict(m.content.metric_records)}) for m in valid]
+        models = [
+            RecordDict({self.arrayrecord_key: m.content[self.arrayrecord_key], **dict(m.content.metric_records)})
+            for m in valid
+        ]
         avg = aggregate_arrayrecords(models, self.weighted_by_key)
         eta = self.server_learning_rate
         new = {k: x + eta * (avg[k].numpy() - x) for k, x in self.current.items()}

@@ -46,7 +46,7 @@ def get_arrays(state: dict[str, Any], prefix: str, used: set[str]) -> dict[str, 
     found = []
     for full, v in state.items():
         if full.startswith(prefix + "/"):
-            idx, _, name = full[len(prefix) + 1:].partition("/")
+            idx, _, name = full[len(prefix) + 1 :].partition("/")
             if not idx.isdigit() or not name:
                 raise ValueError(f"strategy state: malformed key {full!r} (expected {prefix}/<index>/<name>)")
             found.append((int(idx), name, full, v))
@@ -58,7 +58,7 @@ def get_arrays(state: dict[str, Any], prefix: str, used: set[str]) -> dict[str, 
 
 def _one_state(s: Strategy) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if hasattr(type(s), "state_dict") and callable(getattr(s, "state_dict")):
+    if hasattr(type(s), "state_dict") and callable(s.state_dict):
         out.update(s.state_dict())  # type: ignore[attr-defined]
     if isinstance(s, FedOpt):
         put_arrays(out, "m_t", s.m_t)
@@ -95,12 +95,12 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     used = {"format"}
     for s in unwrap(strategy):
         name = type(s).__name__
-        mine = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + "/")}
+        mine = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + "/")}
         if not mine:
             _reset(s)
             continue
         inner_used: set[str] = set()
-        if hasattr(type(s), "load_state_dict") and callable(getattr(s, "load_state_dict")):
+        if hasattr(type(s), "load_state_dict") and callable(s.load_state_dict):
             inner_used |= s.load_state_dict(mine)  # type: ignore[attr-defined]
         if isinstance(s, FedOpt):
             s.m_t = get_arrays(mine, "m_t", inner_used)
@@ -117,13 +117,15 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
     unknown = sorted(set(state) - used)
     if unknown:
         names = [type(s).__name__ for s in unwrap(strategy)]
-        raise ValueError(f"strategy state: key {unknown[0]!r} does not belong to this strategy "
-                         f"({' > '.join(names)}); was it saved from another strategy?")
+        raise ValueError(
+            f"strategy state: key {unknown[0]!r} does not belong to this strategy "
+            f"({' > '.join(names)}); was it saved from another strategy?"
+        )
 
 
 def _reset(s: Strategy) -> None:
     """No saved state for this layer: return it to its initial (first-round) state."""
-    if hasattr(type(s), "load_state_dict") and callable(getattr(s, "load_state_dict")):
+    if hasattr(type(s), "load_state_dict") and callable(s.load_state_dict):
         s.load_state_dict({})  # type: ignore[attr-defined]
     if isinstance(s, FedOpt):
         s.m_t, s.v_t = None, None

@@ -37,20 +37,39 @@ def numpy_of(rec: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in rec.items()}
 
 
-def make_reply(arrays: dict[str, np.ndarray] | ArrayRecord | None, *, num_examples: float, site: str,
-               node_id: int | None = None, extra_records: dict[str, ArrayRecord] | None = None,
-               metrics: dict[str, float] | None = None, message_type: str = "train") -> Message:
+def make_reply(
+    arrays: dict[str, np.ndarray] | ArrayRecord | None,
+    *,
+    num_examples: float,
+    site: str,
+    node_id: int | None = None,
+    extra_records: dict[str, ArrayRecord] | None = None,
+    metrics: dict[str, float] | None = None,
+    message_type: str = "train",
+) -> Message:
     """A site's reply as the round loop receives it: arrays, MetricRecord (weight first), site name."""
     nid = node_id if node_id is not None else 1000 + next(_ids)
-    content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, **(metrics or {})}),
-                          keys.SITE: ConfigRecord({keys.SITE_NAME: site})})
+    content = RecordDict(
+        {
+            keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: num_examples, **(metrics or {})}),
+            keys.SITE: ConfigRecord({keys.SITE_NAME: site}),
+        }
+    )
     if arrays is not None:
         content[keys.ARRAYS] = arrays if isinstance(arrays, ArrayRecord) else arrays_of(arrays)
     for k, rec in (extra_records or {}).items():
         content[k] = rec
-    meta = Metadata(run_id=1, message_id=f"reply-{next(_ids)}", src_node_id=nid, dst_node_id=SUPERLINK_NODE_ID,
-                    reply_to_message_id=f"ins-{nid}", group_id="", created_at=time.time(), ttl=3600.0,
-                    message_type=message_type)
+    meta = Metadata(
+        run_id=1,
+        message_id=f"reply-{next(_ids)}",
+        src_node_id=nid,
+        dst_node_id=SUPERLINK_NODE_ID,
+        reply_to_message_id=f"ins-{nid}",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
     return Message(content=content, metadata=meta)
 
 
@@ -61,24 +80,24 @@ class StubGrid(Grid):
         set_task_identity()
         self.nodes = list(range(1001, 1001 + num_nodes))
 
-    def set_run(self, run):  # noqa: ANN001, D102 - unused by strategies
+    def set_run(self, run):
         raise NotImplementedError
 
     @property
-    def run(self):  # noqa: ANN201, D102
+    def run(self):
         raise NotImplementedError
 
-    def create_message(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201, D102
+    def create_message(self, *args, **kwargs):
         raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages):  # noqa: ANN001, ANN201, D102
+    def push_messages(self, messages):
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201, D102
+    def pull_messages(self, message_ids):
         raise NotImplementedError
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201, D102
+    def send_and_receive(self, messages, *, timeout=None):
         raise NotImplementedError

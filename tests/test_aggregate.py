@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from medflower import keys
 from medflower.config import quickstart_experiment
 from medflower.config.strategy import StrategyConfig
-from strategies import build_base_strategy, build_strategy, load_strategy_state, strategy_state_dict
-from strategies.fedbn import FedBN
-from strategies.robust import RobustStrategy
-from strategies.scaffold import Scaffold
-from strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
+from medflower.strategies import build_base_strategy, build_strategy, load_strategy_state, strategy_state_dict
+from medflower.strategies.fedbn import FedBN
+from medflower.strategies.robust import RobustStrategy
+from medflower.strategies.scaffold import Scaffold
+from medflower.strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
 
 FLOWER_COMMON = dict(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
 
@@ -49,6 +49,7 @@ G1 = {"w": np.zeros((2,), np.float32)}
 
 # ---- numbers computed by hand ------------------------------------------------------------------
 
+
 def test_fedavg_weighted_mean_by_hand():
     s = build_strategy(exp_with("fedavg"), num_sites=2)
     replies = replies_from([{"w": np.array([1, 2], np.float32)}, {"w": np.array([5, 6], np.float32)}], [1, 3])
@@ -62,12 +63,16 @@ def test_fedmedian_and_trimmed_mean_by_hand():
     models = [{"w": np.array([v, -v], np.float32)} for v in vals]
     med, _ = run_round(build_strategy(exp_with("fedmedian"), num_sites=5), G1, replies_from(models, [1] * 5))
     np.testing.assert_allclose(med["w"], [3.0, -3.0])
-    trim, _ = run_round(build_strategy(exp_with("fedtrimmedavg", beta=0.2), num_sites=5), G1,
-                        replies_from(models, [1] * 5))
+    trim, _ = run_round(
+        build_strategy(exp_with("fedtrimmedavg", beta=0.2), num_sites=5), G1, replies_from(models, [1] * 5)
+    )
     np.testing.assert_allclose(trim["w"], [3.0, -3.0])  # drops 1 and 100: mean(2, 3, 4)
     vals = [0.0, 1.0, 2.0, 4.0, 100.0]
-    trim, _ = run_round(build_strategy(exp_with("fedtrimmedavg", beta=0.2), num_sites=5), G1,
-                        replies_from([{"w": np.array([v, v], np.float32)} for v in vals], [1] * 5))
+    trim, _ = run_round(
+        build_strategy(exp_with("fedtrimmedavg", beta=0.2), num_sites=5),
+        G1,
+        replies_from([{"w": np.array([v, v], np.float32)} for v in vals], [1] * 5),
+    )
     np.testing.assert_allclose(trim["w"], [7 / 3, 7 / 3], rtol=1e-6)
 
 
@@ -76,8 +81,9 @@ def test_krum_picks_the_central_update_by_hand():
     # neighbours 0.9 and 1.2 (0.01 + 0.04 = 0.05), the lowest; the outlier 50 is never picked
     vals = [0.9, 1.0, 1.2, 1.6, 50.0]
     models = [{"w": np.array([v, 0.0], np.float32)} for v in vals]
-    out, _ = run_round(build_strategy(exp_with("krum", num_malicious_nodes=1), num_sites=5), G1,
-                       replies_from(models, [10, 1, 1, 1, 1]))
+    out, _ = run_round(
+        build_strategy(exp_with("krum", num_malicious_nodes=1), num_sites=5), G1, replies_from(models, [10, 1, 1, 1, 1])
+    )
     np.testing.assert_allclose(out["w"], [1.0, 0.0])
 
 
@@ -85,13 +91,12 @@ def test_fedadam_first_round_by_hand():
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     s = build_strategy(exp_with("fedadam", eta=eta, beta_1=b1, beta_2=b2, tau=tau), num_sites=2)
     g = {"w": np.array([1.0, -1.0], np.float32)}
-    replies = replies_from([{"w": np.array([1.5, -1.0], np.float32)}, {"w": np.array([0.5, -3.0], np.float32)}],
-                           [1, 1])
+    replies = replies_from([{"w": np.array([1.5, -1.0], np.float32)}, {"w": np.array([0.5, -3.0], np.float32)}], [1, 1])
     out, _ = run_round(s, g, replies)
     delta = np.array([0.0, -1.0])  # mean(1.5, 0.5) - 1, mean(-1, -3) + 1
     m = (1 - b1) * delta
-    v = (1 - b2) * delta ** 2
-    eta_norm = eta * np.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)  # Flower's bias correction at round 1
+    v = (1 - b2) * delta**2
+    eta_norm = eta * np.sqrt(1 - b2**2) / (1 - b1**2)  # Flower's bias correction at round 1
     np.testing.assert_allclose(out["w"], g["w"] + eta_norm * m / (np.sqrt(v) + tau), rtol=1e-6)
 
 
@@ -108,10 +113,18 @@ def test_scaffold_model_and_control_variate_by_hand():
     s = RobustStrategy(Scaffold(param_keys=["w"], num_sites=4, server_learning_rate=0.5, **FLOWER_COMMON))
     g = {"w": np.array([2.0, 0.0], np.float32), "buf": np.array([1.0], np.float32)}
     replies = [
-        make_reply({"w": np.array([0.0, 2.0], np.float32), "buf": np.array([3.0], np.float32)}, num_examples=1,
-                   site="a", extra_records={keys.SCAFFOLD_DC: arrays_of({"w": np.array([1.0, 1.0], np.float32)})}),
-        make_reply({"w": np.array([4.0, 6.0], np.float32), "buf": np.array([5.0], np.float32)}, num_examples=3,
-                   site="b", extra_records={keys.SCAFFOLD_DC: arrays_of({"w": np.array([3.0, -1.0], np.float32)})}),
+        make_reply(
+            {"w": np.array([0.0, 2.0], np.float32), "buf": np.array([3.0], np.float32)},
+            num_examples=1,
+            site="a",
+            extra_records={keys.SCAFFOLD_DC: arrays_of({"w": np.array([1.0, 1.0], np.float32)})},
+        ),
+        make_reply(
+            {"w": np.array([4.0, 6.0], np.float32), "buf": np.array([5.0], np.float32)},
+            num_examples=3,
+            site="b",
+            extra_records={keys.SCAFFOLD_DC: arrays_of({"w": np.array([3.0, -1.0], np.float32)})},
+        ),
     ]
     out, _ = run_round(s, g, replies)
     # weighted avg w = (0*1 + 4*3)/4 = 3, (2 + 18)/4 = 5; x + 0.5*(avg - x) = (2.5, 2.5); buf: 1 + 0.5*(4.5-1)
@@ -124,8 +137,9 @@ def test_scaffold_model_and_control_variate_by_hand():
 def test_fedbn_keeps_norm_arrays_and_averages_the_rest():
     s = RobustStrategy(FedBN(local_keys=["norm.weight"], **FLOWER_COMMON))
     g = {"conv": np.array([0.0, 0.0], np.float32), "norm.weight": np.array([7.0], np.float32)}
-    replies = replies_from([{"conv": np.array([1.0, 3.0], np.float32)}, {"conv": np.array([3.0, 5.0], np.float32)}],
-                           [1, 1])
+    replies = replies_from(
+        [{"conv": np.array([1.0, 3.0], np.float32)}, {"conv": np.array([3.0, 5.0], np.float32)}], [1, 1]
+    )
     out, _ = run_round(s, g, replies)
     np.testing.assert_allclose(out["conv"], [2.0, 4.0])
     np.testing.assert_allclose(out["norm.weight"], [7.0])  # never averaged
@@ -154,8 +168,10 @@ def _build(name: str, n: int):
 
 def _replies(name: str, models, weights):
     extra = (lambda: {keys.SCAFFOLD_DC: arrays_of({"w": np.zeros(3, np.float32)})}) if name == "scaffold" else dict
-    return [make_reply({"w": np.array(m, np.float32)}, num_examples=w, site=f"site-{i}", extra_records=extra())
-            for i, (m, w) in enumerate(zip(models, weights))]
+    return [
+        make_reply({"w": np.array(m, np.float32)}, num_examples=w, site=f"site-{i}", extra_records=extra())
+        for i, (m, w) in enumerate(zip(models, weights))
+    ]
 
 
 G3 = {"w": np.zeros(3, np.float32)}
@@ -166,9 +182,8 @@ G3 = {"w": np.zeros(3, np.float32)}
 @given(models=site_models, weights=weights_st, data=st.data())
 def test_result_does_not_depend_on_reply_order(name, models, weights, data):
     order = data.draw(st.permutations(range(len(models))))
-    a, _ = run_round(_build(name, len(models)), G3, _replies(name, models, weights[:len(models)]))
-    b, _ = run_round(_build(name, len(models)), G3,
-                     [_replies(name, models, weights[:len(models)])[i] for i in order])
+    a, _ = run_round(_build(name, len(models)), G3, _replies(name, models, weights[: len(models)]))
+    b, _ = run_round(_build(name, len(models)), G3, [_replies(name, models, weights[: len(models)])[i] for i in order])
     np.testing.assert_allclose(a["w"], b["w"], rtol=1e-5, atol=1e-4)
 
 
@@ -176,14 +191,18 @@ def test_result_does_not_depend_on_reply_order(name, models, weights, data):
 @HYP
 @given(models=site_models, w=st.integers(min_value=1, max_value=100))
 def test_equal_weights_give_the_plain_mean(name, models, w):
-    s = (_build(name, len(models)) if name != "fedavgm"
-         else build_strategy(exp_with("fedavgm", server_momentum=0.0), num_sites=len(models)))
+    s = (
+        _build(name, len(models))
+        if name != "fedavgm"
+        else build_strategy(exp_with("fedavgm", server_momentum=0.0), num_sites=len(models))
+    )
     out, _ = run_round(s, G3, _replies(name, models, [w] * len(models)))
     np.testing.assert_allclose(out["w"], np.mean(np.array(models, np.float32), axis=0), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum",
-                                  "scaffold", "ditto", "fedbn"])
+@pytest.mark.parametrize(
+    "name", ["fedavg", "fedprox", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "scaffold", "ditto", "fedbn"]
+)
 @HYP
 @given(model=st.lists(finite, min_size=3, max_size=3), w=st.integers(min_value=1, max_value=100))
 def test_one_site_gives_that_sites_model(name, model, w):
@@ -191,10 +210,14 @@ def test_one_site_gives_that_sites_model(name, model, w):
         s = RobustStrategy(FedBN(local_keys=["n"], **FLOWER_COMMON))
         out, _ = run_round(s, {**G3, "n": np.ones(1, np.float32)}, _replies(name, [model], [w]))
     else:
-        s = (_build(name, 1) if name not in ("krum", "multikrum")
-             else build_strategy(exp_with(name, num_malicious_nodes=0, **({"num_nodes_to_select": 1}
-                                                                           if name == "multikrum" else {})),
-                                 num_sites=1))
+        s = (
+            _build(name, 1)
+            if name not in ("krum", "multikrum")
+            else build_strategy(
+                exp_with(name, num_malicious_nodes=0, **({"num_nodes_to_select": 1} if name == "multikrum" else {})),
+                num_sites=1,
+            )
+        )
         out, _ = run_round(s, G3, _replies(name, [model], [w]))
     np.testing.assert_allclose(out["w"], np.array(model, np.float32), rtol=1e-6)
 
@@ -204,8 +227,10 @@ def test_one_site_gives_that_sites_model(name, model, w):
 FLOWER_EQUIVALENT = {
     "fedavg": (dict(), lambda: fl.FedAvg(**FLOWER_COMMON)),
     "fedprox": (dict(proximal_mu=0.3), lambda: fl.FedProx(proximal_mu=0.3, **FLOWER_COMMON)),
-    "fedadam": (dict(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2),
-                lambda: fl.FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, **FLOWER_COMMON)),
+    "fedadam": (
+        dict(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2),
+        lambda: fl.FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, **FLOWER_COMMON),
+    ),
 }
 
 
@@ -214,11 +239,15 @@ def test_configured_strategy_equals_flowers_own(name):
     params, flower_factory = FLOWER_EQUIVALENT[name]
     ours, theirs = build_strategy(exp_with(name, **params), num_sites=3), flower_factory()
     rng = np.random.default_rng(0)
-    g_ours = g_theirs = {"conv.weight": rng.normal(size=(4, 3)).astype(np.float32),
-                         "conv.bias": rng.normal(size=(4,)).astype(np.float32)}
+    g_ours = g_theirs = {
+        "conv.weight": rng.normal(size=(4, 3)).astype(np.float32),
+        "conv.bias": rng.normal(size=(4,)).astype(np.float32),
+    }
     for rnd in (1, 2, 3):  # three rounds: FedAdam's moments carry over
-        models = [{k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in g_ours.items()}
-                  for _ in range(3)]
+        models = [
+            {k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in g_ours.items()}
+            for _ in range(3)
+        ]
         weights = [10, 25, 7]
         a, ma = run_round(ours, g_ours, replies_from(models, weights), rnd=rnd)
         b, mb = run_round(theirs, g_theirs, copy.deepcopy(replies_from(models, weights)), rnd=rnd)
@@ -231,14 +260,24 @@ def test_configured_strategy_equals_flowers_own(name):
 
 
 def test_base_strategies_are_flowers_classes():
-    for name, cls in [("fedavg", fl.FedAvg), ("fedavgm", fl.FedAvgM), ("fedprox", fl.FedProx),
-                      ("fedadam", fl.FedAdam), ("fedyogi", fl.FedYogi), ("fedadagrad", fl.FedAdagrad),
-                      ("fedmedian", fl.FedMedian), ("fedtrimmedavg", fl.FedTrimmedAvg), ("krum", fl.Krum),
-                      ("multikrum", fl.MultiKrum), ("qfedavg", fl.QFedAvg)]:
+    for name, cls in [
+        ("fedavg", fl.FedAvg),
+        ("fedavgm", fl.FedAvgM),
+        ("fedprox", fl.FedProx),
+        ("fedadam", fl.FedAdam),
+        ("fedyogi", fl.FedYogi),
+        ("fedadagrad", fl.FedAdagrad),
+        ("fedmedian", fl.FedMedian),
+        ("fedtrimmedavg", fl.FedTrimmedAvg),
+        ("krum", fl.Krum),
+        ("multikrum", fl.MultiKrum),
+        ("qfedavg", fl.QFedAvg),
+    ]:
         assert type(build_base_strategy(exp_with(name), num_sites=5)) is cls, name
 
 
 # ---- strategy state: save/load gives identical next-round aggregation ---------------------------
+
 
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedadagrad", "fedavgm", "scaffold"])
 def test_state_round_trip_gives_identical_next_round(name, tmp_path):
@@ -251,11 +290,24 @@ def test_state_round_trip_gives_identical_next_round(name, tmp_path):
     g = {"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
 
     def round_replies():
-        dc = (lambda: {keys.SCAFFOLD_DC: arrays_of({k: rng.normal(size=v.shape).astype(np.float32)
-                                                      for k, v in g.items()})}) if name == "scaffold" else dict
-        return [make_reply({k: (v + rng.normal(scale=0.2, size=v.shape)).astype(np.float32) for k, v in g.items()},
-                           num_examples=int(rng.integers(5, 50)), site=f"site-{i}", extra_records=dc())
-                for i in range(3)]
+        dc = (
+            (
+                lambda: {
+                    keys.SCAFFOLD_DC: arrays_of({k: rng.normal(size=v.shape).astype(np.float32) for k, v in g.items()})
+                }
+            )
+            if name == "scaffold"
+            else dict
+        )
+        return [
+            make_reply(
+                {k: (v + rng.normal(scale=0.2, size=v.shape)).astype(np.float32) for k, v in g.items()},
+                num_examples=int(rng.integers(5, 50)),
+                site=f"site-{i}",
+                extra_records=dc(),
+            )
+            for i in range(3)
+        ]
 
     first = build()
     for rnd in (1, 2):

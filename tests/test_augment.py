@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from client.augment import make_augment
+from medflower.client.augment import make_augment
 
 
 def test_none_is_no_op() -> None:

@@ -1,6 +1,6 @@
 """Checkpoints and the participation policy, with the real ClientApp called in-process.
 
-``InlineGrid`` delivers each Message by calling ``client.app`` directly (no Flower runtime), so a
+``InlineGrid`` delivers each Message by calling ``medflower.client.app`` directly (no Flower runtime), so a
 "coordinator crash" is an exception at a chosen round and a "dropped site" a node that never
 answers. The deployed version of the same scenarios is in tests/test_deploy_netns.py.
 """
@@ -18,13 +18,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from client import app as client_app
 from medflower import keys
+from medflower.client import app as client_app
 from medflower.config import ConfigError, ParticipationConfig, quickstart_experiment
-from server import checkpoint as ck
-from server.app import run_server
-from server.loop import History, RoundAborted, RoundRecord
-from server.participation import relax_availability, wait_for_sites
+from medflower.server import checkpoint as ck
+from medflower.server.app import run_server
+from medflower.server.loop import History, RoundAborted, RoundRecord
+from medflower.server.participation import relax_availability, wait_for_sites
 
 
 class Crash(RuntimeError):
@@ -36,9 +36,16 @@ class InlineGrid:
 
     def __init__(self, exp, *, crash_at_round: int | None = None, silent_from: dict[int, int] | None = None):
         n = exp.partition.num_sites
-        self.contexts = {101 + i: Context(run_id=1, node_id=101 + i, state=RecordDict(), run_config={},
-                                          node_config={keys.NODE_PARTITION_ID: i, keys.NODE_NUM_PARTITIONS: n})
-                         for i in range(n)}
+        self.contexts = {
+            101 + i: Context(
+                run_id=1,
+                node_id=101 + i,
+                state=RecordDict(),
+                run_config={},
+                node_config={keys.NODE_PARTITION_ID: i, keys.NODE_NUM_PARTITIONS: n},
+            )
+            for i in range(n)
+        }
         self.crash_at_round = crash_at_round
         self.silent_from = silent_from or {}  # node id -> first round it stays silent
         self.sent: list[tuple[int, str, int]] = []  # (round, type, node)
@@ -64,10 +71,14 @@ class InlineGrid:
 
 def _exp(rounds: int = 3, **participation):
     exp = quickstart_experiment()
-    return replace(exp, name="ckpt-test", data=replace(exp.data, synthetic_samples=150),
-                   train=replace(exp.train, rounds=rounds),
-                   strategy=replace(exp.strategy, fraction_evaluate=0.0),
-                   participation=replace(exp.participation, startup_timeout=0.0, **participation))
+    return replace(
+        exp,
+        name="ckpt-test",
+        data=replace(exp.data, synthetic_samples=150),
+        train=replace(exp.train, rounds=rounds),
+        strategy=replace(exp.strategy, fraction_evaluate=0.0),
+        participation=replace(exp.participation, startup_timeout=0.0, **participation),
+    )
 
 
 def test_crashed_run_resumes_without_repeating_or_losing_a_round(tmp_path: Path, flower_identity) -> None:
@@ -104,14 +115,16 @@ def test_resumed_model_is_the_checkpointed_one(tmp_path: Path, flower_identity) 
 
 
 def _strategy(exp):
-    from strategies import build_strategy
+    from medflower.strategies import build_strategy
 
     return build_strategy(exp, num_sites=exp.partition.num_sites)
 
 
 def test_checkpoint_of_another_experiment_is_refused(tmp_path: Path) -> None:
     exp = _exp()
-    ck.save_checkpoint(tmp_path, exp, ck.Checkpoint(round=1, arrays=ArrayRecord({"w": torch.ones(2)}), history=History()))
+    ck.save_checkpoint(
+        tmp_path, exp, ck.Checkpoint(round=1, arrays=ArrayRecord({"w": torch.ones(2)}), history=History())
+    )
     other = replace(exp, train=replace(exp.train, lr=0.5))
     with pytest.raises(ConfigError, match="other settings"):
         ck.load_checkpoint(tmp_path, other)
@@ -130,7 +143,9 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path: Path, mon
 
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(OSError, match="power cut"):
-        ck.save_checkpoint(tmp_path, exp, ck.Checkpoint(round=2, arrays=ArrayRecord({"w": torch.ones(3)}), history=hist))
+        ck.save_checkpoint(
+            tmp_path, exp, ck.Checkpoint(round=2, arrays=ArrayRecord({"w": torch.ones(3)}), history=hist)
+        )
     monkeypatch.undo()
     loaded = ck.load_checkpoint(tmp_path, exp)
     assert loaded.round == 1 and np.all(loaded.arrays["w"].numpy() == 0)
@@ -139,18 +154,32 @@ def test_a_crash_while_writing_keeps_the_previous_checkpoint(tmp_path: Path, mon
 
 def test_strategy_state_round_trips_through_the_checkpoint(tmp_path: Path) -> None:
     exp = _exp()
-    state = {"format": 1, "m": np.arange(6, dtype=np.float32).reshape(2, 3), "t": (1, 2.5, "x"),
-             "rec": MetricRecord({"a": 1.0}), "cfg": ConfigRecord({"b": "c"}), "nested": {"k": [np.ones(2), None]}}
-    ck.save_checkpoint(tmp_path, exp, ck.Checkpoint(round=4, arrays=ArrayRecord({"w": torch.ones(1)}),
-                                                    history=History(), strategy_state=state))
+    state = {
+        "format": 1,
+        "m": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "t": (1, 2.5, "x"),
+        "rec": MetricRecord({"a": 1.0}),
+        "cfg": ConfigRecord({"b": "c"}),
+        "nested": {"k": [np.ones(2), None]},
+    }
+    ck.save_checkpoint(
+        tmp_path,
+        exp,
+        ck.Checkpoint(round=4, arrays=ArrayRecord({"w": torch.ones(1)}), history=History(), strategy_state=state),
+    )
     got = ck.load_checkpoint(tmp_path, exp).strategy_state
     np.testing.assert_array_equal(got["m"], state["m"])
     assert got["m"].dtype == np.float32 and got["t"] == (1, 2.5, "x")
     assert dict(got["rec"]) == {"a": 1.0} and dict(got["cfg"]) == {"b": "c"}
     np.testing.assert_array_equal(got["nested"]["k"][0], np.ones(2))
     with pytest.raises(TypeError, match="strategy_state.bad"):
-        ck.save_checkpoint(tmp_path, exp, ck.Checkpoint(round=5, arrays=ArrayRecord({"w": torch.ones(1)}),
-                                                        history=History(), strategy_state={"bad": object()}))
+        ck.save_checkpoint(
+            tmp_path,
+            exp,
+            ck.Checkpoint(
+                round=5, arrays=ArrayRecord({"w": torch.ones(1)}), history=History(), strategy_state={"bad": object()}
+            ),
+        )
 
 
 def test_a_silent_site_is_skipped_and_named_in_the_summary(tmp_path: Path, flower_identity) -> None:

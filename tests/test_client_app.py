@@ -8,17 +8,20 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import app as client_app
 from medflower import keys
+from medflower.client import app as client_app
 from medflower.config import quickstart_experiment
 from medflower.modelspec import build_experiment_model
-from simulation.sites import build_sites
+from medflower.simulation.sites import build_sites
 
 
 def _exp(batch_size: int = 16, epochs: int = 2):
     exp = quickstart_experiment()
-    return replace(exp, data=replace(exp.data, synthetic_samples=200),
-                   train=replace(exp.train, batch_size=batch_size, local_epochs=epochs))
+    return replace(
+        exp,
+        data=replace(exp.data, synthetic_samples=200),
+        train=replace(exp.train, batch_size=batch_size, local_epochs=epochs),
+    )
 
 
 def _message(exp, kind: str, extra: dict | None = None) -> Message:
@@ -29,8 +32,13 @@ def _message(exp, kind: str, extra: dict | None = None) -> Message:
 
 
 def _context(pid: int, exp) -> Context:
-    return Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: pid,
-                   keys.NODE_NUM_PARTITIONS: exp.partition.num_sites}, state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={keys.NODE_PARTITION_ID: pid, keys.NODE_NUM_PARTITIONS: exp.partition.num_sites},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 @pytest.mark.parametrize("batch_size", [7, 64])

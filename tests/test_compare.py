@@ -11,7 +11,7 @@ import pytest
 
 from medflower.cli import main
 from medflower.config import ExperimentConfig
-from simulation.compare import POOLED_TEST, derive, run_compare
+from medflower.simulation.compare import POOLED_TEST, derive, run_compare
 
 TINY = """
 name: tiny-shift
@@ -56,11 +56,16 @@ def test_partition_preview_prints_tables_and_writes_plots(tmp_path: Path, capsys
 
 
 def test_identifiability_is_near_chance_without_shift(tmp_path: Path) -> None:
-    from simulation.measure import site_identifiability
-    from simulation.sites import build_sites
+    from medflower.simulation.measure import site_identifiability
+    from medflower.simulation.sites import build_sites
 
-    exp = ExperimentConfig.from_dict({"seed": 3, "data": {"kind": "synthetic", "synthetic_samples": 240},
-                                      "partition": {"kind": "iid", "num_sites": 3}})
+    exp = ExperimentConfig.from_dict(
+        {
+            "seed": 3,
+            "data": {"kind": "synthetic", "synthetic_samples": 240},
+            "partition": {"kind": "iid", "num_sites": 3},
+        }
+    )
     ident = site_identifiability(build_sites(exp), seed=0)
     assert ident["balanced_accuracy"] < 0.5, ident  # chance is 0.333
 
@@ -101,7 +106,9 @@ def test_compare_baselines_fill_the_matrix(tmp_path: Path) -> None:
     for n in names:
         assert d["local_own_site"][n] == res["matrix"][f"local:{n}"][n]["accuracy"]
     written = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert written["matrix"]["pooled"][POOLED_TEST]["accuracy"] == pytest.approx(res["matrix"]["pooled"][POOLED_TEST]["accuracy"])
+    assert written["matrix"]["pooled"][POOLED_TEST]["accuracy"] == pytest.approx(
+        res["matrix"]["pooled"][POOLED_TEST]["accuracy"]
+    )
     assert "| local:site-1" in (tmp_path / "cmp" / "compare.md").read_text()
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
 

@@ -46,7 +46,9 @@ def test_wrong_type_names_key(tmp_path: Path) -> None:
 
 
 def test_bad_choice_lists_valid_values(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"train\.optimizer: invalid value 'rmsprop'; valid choices are 'sgd', 'adam', 'adamw'"):
+    with pytest.raises(
+        ConfigError, match=r"train\.optimizer: invalid value 'rmsprop'; valid choices are 'sgd', 'adam', 'adamw'"
+    ):
         load_experiment(write(tmp_path, "train: {optimizer: rmsprop}\n"))
     with pytest.raises(ConfigError, match=r"model\.name: invalid value 'resnet1000'.*'resnet18'"):
         load_experiment(write(tmp_path, "model: {name: resnet1000}\n"))

@@ -22,8 +22,16 @@ BRAIN = "segmentation/brain_mr_tumour"
 
 
 def _isbi_cfg(**kw) -> DataConfig:
-    base = dict(kind="folders", path="x", image_dir="image", label_dir="label", size=(32, 32),
-                intensity="window", window=(0.0, 255.0), mask_values=(255, 0))
+    base = dict(
+        kind="folders",
+        path="x",
+        image_dir="image",
+        label_dir="label",
+        size=(32, 32),
+        intensity="window",
+        window=(0.0, 255.0),
+        mask_values=(255, 0),
+    )
     return DataConfig(**(base | kw))
 
 
@@ -47,7 +55,7 @@ def test_folder_pair_segmentation_is_resized_and_mapped(shared_data: Path, tmp_p
     assert (len(ds.train), len(ds.val), len(ds.test)) == (7, 1, 2)  # 10 images, 10% val, 20% test
     assert ds.train.images.shape[1:] == (1, 32, 32) and ds.train.targets.shape[1:] == (1, 32, 32)
     assert ds.num_classes == 2 and ds.in_channels == 1 and ds.img_size == (32, 32)
-    assert 0.0 <= ds.train.images.min() and ds.train.images.max() <= 1.0  # window [0, 255] -> [0, 1]
+    assert ds.train.images.min() >= 0.0 and ds.train.images.max() <= 1.0  # window [0, 255] -> [0, 1]
     assert set(np.unique(ds.train.targets).tolist()) == {0, 1}
     # mask_values [255, 0]: the (black) membranes are class 1, a minority of the pixels
     assert 0.1 < ds.train.targets.mean() < 0.4
@@ -57,8 +65,9 @@ def test_folder_pair_segmentation_is_resized_and_mapped(shared_data: Path, tmp_p
 
 def test_unexpected_mask_values_name_the_file(shared_data: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"label/0\.png.*mask values \[0, 255\].*data.mask_values"):
-        load_file_dataset(_isbi_cfg(mask_values=None), path=_isbi_subset(shared_data, tmp_path, 2),
-                          task="segmentation", seed=0)
+        load_file_dataset(
+            _isbi_cfg(mask_values=None), path=_isbi_subset(shared_data, tmp_path, 2), task="segmentation", seed=0
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -75,10 +84,13 @@ def test_patient_never_spans_two_splits(shared_data: Path, tmp_path: Path, seed:
 
 
 def test_explicit_split_with_a_crossing_patient_is_refused_without_printing_the_id(
-        shared_data: Path, tmp_path: Path) -> None:
+    shared_data: Path, tmp_path: Path
+) -> None:
     img = shared_data / ISBI
-    rows = [[str(img / "image" / f"{i}.png"), str(img / "label" / f"{i}.png"), "MRN-0042", s]
-            for i, s in enumerate(["train", "train", "test"])]
+    rows = [
+        [str(img / "image" / f"{i}.png"), str(img / "label" / f"{i}.png"), "MRN-0042", s]
+        for i, s in enumerate(["train", "train", "test"])
+    ]
     csv = _write_manifest(tmp_path / "m.csv", ["image", "label", "patient_id", "split"], rows)
     with pytest.raises(DataError, match=r"m\.csv row 4") as err:
         load_file_dataset(_isbi_cfg(kind="manifest"), path=csv, task="segmentation", seed=0)
@@ -105,8 +117,9 @@ def test_classification_manifest_with_class_names_and_rgb(shared_data: Path, tmp
         Image.fromarray(np.stack([grey] * 3, axis=-1)).save(p)
         rows.append([p.name, ["normal", "abnormal"][i % 2]])
     csv = _write_manifest(tmp_path / "m.csv", ["image", "diagnosis"], rows)
-    cfg = DataConfig(kind="manifest", path="x", label_column="diagnosis", classes=("normal", "abnormal"),
-                     channels=1, size=(32, 32))
+    cfg = DataConfig(
+        kind="manifest", path="x", label_column="diagnosis", classes=("normal", "abnormal"), channels=1, size=(32, 32)
+    )
     ds = load_file_dataset(cfg, path=csv, task="classification", seed=0)
     assert ds.in_channels == 1 and ds.num_classes == 2
     allx = np.concatenate([ds.train.targets, ds.val.targets, ds.test.targets])
@@ -126,12 +139,31 @@ def test_missing_column_lists_the_columns(tmp_path: Path) -> None:
 
 def test_decathlon_dataset_json_3d_slabs_and_patches(shared_data: Path, tmp_path: Path) -> None:
     brain = shared_data / BRAIN
-    meta = {"name": "brain", "labels": {"0": "background", "1": "tumour"}, "modality": {"0": "MR"},
-            "training": [{"image": str(brain / f"brain{i}_image.nii.gz"),
-                          "label": str(brain / f"brain{i}_label.nii.gz"), "patient_id": f"brain{i}"} for i in (1, 2)]}
+    meta = {
+        "name": "brain",
+        "labels": {"0": "background", "1": "tumour"},
+        "modality": {"0": "MR"},
+        "training": [
+            {
+                "image": str(brain / f"brain{i}_image.nii.gz"),
+                "label": str(brain / f"brain{i}_label.nii.gz"),
+                "patient_id": f"brain{i}",
+            }
+            for i in (1, 2)
+        ],
+    }
     (tmp_path / "dataset.json").write_text(json.dumps(meta))
-    cfg = DataConfig(kind="decathlon", path="x", size=(32, 32, 16), slabs=2, split_by="sample", val_fraction=0.0,
-                     test_fraction=0.5, intensity="zscore", patch_size=(16, 16, 8))
+    cfg = DataConfig(
+        kind="decathlon",
+        path="x",
+        size=(32, 32, 16),
+        slabs=2,
+        split_by="sample",
+        val_fraction=0.0,
+        test_fraction=0.5,
+        intensity="zscore",
+        patch_size=(16, 16, 8),
+    )
     ds = load_file_dataset(cfg, path=tmp_path / "dataset.json", task="segmentation", seed=0)
     assert ds.num_classes == 2 and ds.img_size == (16, 16, 8)
     # each patient: 2 slabs of 32x32x8, one train and one test; train slabs become 2x2x1 grid patches
@@ -148,40 +180,55 @@ def test_decathlon_dataset_json_3d_slabs_and_patches(shared_data: Path, tmp_path
 
 
 def test_experiment_manifest_paths_resolve_from_the_yaml_and_partition_by_patient(
-        shared_data: Path, tmp_path: Path) -> None:
+    shared_data: Path, tmp_path: Path
+) -> None:
     brain = shared_data / BRAIN
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     rows = [[str(brain / f"brain{i}_image.nii.gz"), str(brain / f"brain{i}_label.nii.gz"), f"p{i}"] for i in (1, 2)]
     _write_manifest(data_dir / "brain.csv", ["image", "label", "patient_id"], rows)
     exp_yaml = tmp_path / "exp.yaml"
-    exp_yaml.write_text(yaml.safe_dump({
-        "task": "segmentation",
-        "data": {"kind": "manifest", "path": "data/brain.csv", "size": [32, 32, 16], "slabs": 4,
-                 "split_by": "sample", "val_fraction": 0.25, "test_fraction": 0.25},
-        "partition": {"kind": "natural", "group": "patient", "num_sites": 2, "min_site_size": 1},
-        "model": {"name": "unet", "spatial_dims": 3},
-    }))
+    exp_yaml.write_text(
+        yaml.safe_dump(
+            {
+                "task": "segmentation",
+                "data": {
+                    "kind": "manifest",
+                    "path": "data/brain.csv",
+                    "size": [32, 32, 16],
+                    "slabs": 4,
+                    "split_by": "sample",
+                    "val_fraction": 0.25,
+                    "test_fraction": 0.25,
+                },
+                "partition": {"kind": "natural", "group": "patient", "num_sites": 2, "min_site_size": 1},
+                "model": {"name": "unet", "spatial_dims": 3},
+            }
+        )
+    )
     exp = load_experiment(exp_yaml)
     ds = load_dataset(exp)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 2, 2)
-    from simulation.sites import build_sites
+    from medflower.simulation.sites import build_sites
 
     sites = build_sites(exp)
     assert [len(s.train) for s in sites] == [2, 2]
     assert [set(s.train.groups["patient"].tolist()) for s in sites] in ([{0}, {1}], [{1}, {0}])
 
 
-@pytest.mark.parametrize("data, match", [
-    ({"kind": "folders"}, "data.path: required"),
-    ({"intensity": "window"}, "data.window: required"),
-    ({"window": [1, 0]}, "data.window"),
-    ({"size": [64, 64], "patch_size": [128, 128]}, "data.patch_size.*exceeds"),
-    ({"size": [64, 64, 10], "slabs": 4}, "data.slabs: 4 does not divide"),
-    ({"mask_values": [0, 255], "num_classes": 3}, "data.mask_values"),
-    ({"orientation": "XYZ"}, "data.orientation"),
-    ({"split_by": "image"}, "split_by.*'patient', 'sample'"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"kind": "folders"}, "data.path: required"),
+        ({"intensity": "window"}, "data.window: required"),
+        ({"window": [1, 0]}, "data.window"),
+        ({"size": [64, 64], "patch_size": [128, 128]}, "data.patch_size.*exceeds"),
+        ({"size": [64, 64, 10], "slabs": 4}, "data.slabs: 4 does not divide"),
+        ({"mask_values": [0, 255], "num_classes": 3}, "data.mask_values"),
+        ({"orientation": "XYZ"}, "data.orientation"),
+        ({"split_by": "image"}, "split_by.*'patient', 'sample'"),
+    ],
+)
 def test_data_config_errors_name_the_key(data: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         ExperimentConfig.from_dict({"data": data})

@@ -19,8 +19,8 @@ import tomli
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from deploy import certs, nodecheck
 from medflower.cli import main as cli
+from medflower.deploy import certs, nodecheck
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ def test_node_key_is_what_flower_loads_and_registers(tmp_path: Path) -> None:
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 
@@ -112,9 +112,22 @@ def tls_server(serve) -> int:
 
 def test_node_check_passes_against_the_coordinator(fed, tls_server, tmp_path: Path, capsys) -> None:
     key = certs.make_node_key(tmp_path / "site", site="hospital-a")
-    rc = cli(["node", "check", "--coordinator", f"127.0.0.1:{tls_server}", "--ca", str(fed.ca_cert),
-              "--key", str(key.private_key), "--pub", str(key.public_key),
-              "--node-config", "partition-id=0 num-partitions=3"])
+    rc = cli(
+        [
+            "node",
+            "check",
+            "--coordinator",
+            f"127.0.0.1:{tls_server}",
+            "--ca",
+            str(fed.ca_cert),
+            "--key",
+            str(key.private_key),
+            "--pub",
+            str(key.public_key),
+            "--node-config",
+            "partition-id=0 num-partitions=3",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "all checks passed" in out and "/health answered 200" in out
@@ -144,11 +157,14 @@ def test_node_check_reports_nothing_listening(fed) -> None:
 def test_node_check_flags_an_expired_ca_and_a_wrong_file(tmp_path: Path, fed) -> None:
     key, ca = certs.make_ca(common_name="old", days=1)
     builder = x509.CertificateBuilder().subject_name(ca.subject).issuer_name(ca.subject).public_key(key.public_key())
-    now = dt.datetime.now(dt.timezone.utc)
-    expired = (builder.serial_number(1).not_valid_before(now - dt.timedelta(days=10))
-               .not_valid_after(now - dt.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-               .sign(key, certs.hashes.SHA384()))
+    now = dt.datetime.now(dt.UTC)
+    expired = (
+        builder.serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=10))
+        .not_valid_after(now - dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(key, certs.hashes.SHA384())
+    )
     (tmp_path / "old.crt").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
     assert "expired" in nodecheck.check_ca(tmp_path / "old.crt").detail
     res = nodecheck.check_ca(fed.coordinator_cert)
@@ -184,12 +200,27 @@ def test_node_check_data_and_key_problems(tmp_path: Path) -> None:
 
 def test_connection_entry_is_added_without_touching_others(tmp_path: Path, monkeypatch, fed) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    assert cli(["deploy", "connection", "--name", "fed", "--address", "coordinator.example.org:9093",
-                "--ca", str(fed.ca_cert)]) == 0
+    assert (
+        cli(
+            [
+                "deploy",
+                "connection",
+                "--name",
+                "fed",
+                "--address",
+                "coordinator.example.org:9093",
+                "--ca",
+                str(fed.ca_cert),
+            ]
+        )
+        == 0
+    )
     data = tomli.loads((tmp_path / "home" / "config.toml").read_text())
     assert data["superlink"]["default"] == "fed"
-    assert data["superlink"]["fed"] == {"address": "coordinator.example.org:9093",
-                                        "root-certificates": str(fed.ca_cert.resolve())}
+    assert data["superlink"]["fed"] == {
+        "address": "coordinator.example.org:9093",
+        "root-certificates": str(fed.ca_cert.resolve()),
+    }
     assert "local" in data["superlink"]  # Flower's own entry is kept
     assert cli(["deploy", "connection", "--name", "fed", "--address", "nohostport", "--ca", str(fed.ca_cert)]) == 2
 

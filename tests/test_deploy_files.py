@@ -1,7 +1,7 @@
 """The container files and deploy/README.md stay in step with the tested launch scripts.
 
 There is no Docker engine here, so the compose file and Dockerfile are checked statically: the
-compose services run the same scripts with the same flags as :class:`deploy.lab.Lab` (which the
+compose services run the same scripts with the same flags as :class:`medflower.deploy.lab.Lab` (which the
 namespace test runs), and everything the Dockerfile copies or greps exists. The README's commands
 are checked to use only flags their program accepts (the namespace test checks they were run).
 """
@@ -17,8 +17,8 @@ import pytest
 import tomli
 import yaml
 
-from deploy import readme_check
-from deploy.lab import Lab, Site
+from medflower.deploy import readme_check
+from medflower.deploy.lab import Lab, Site
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -95,7 +95,7 @@ def test_dockerfile_copies_every_package_pip_installs() -> None:
     for src in copied:
         assert (REPO / src).exists(), src
     pyproject = tomli.loads((REPO / "pyproject.toml").read_text())
-    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert packages <= copied, packages - copied
     assert pyproject["project"]["readme"] in copied
     # the compose commands are relative to WORKDIR, where deploy/ is copied
@@ -107,13 +107,17 @@ def test_dockerfile_copies_every_package_pip_installs() -> None:
 def test_dockerfile_installs_the_pinned_torch_from_the_chosen_wheel_index() -> None:
     text = _dockerfile()
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", text, re.M)
-    assert 'https://download.pytorch.org/whl/${TORCH_VARIANT}' in text
+    assert "https://download.pytorch.org/whl/${TORCH_VARIANT}" in text
     grep = re.search(r"TORCH_PIN=\"\$\((.*?)\)\"", text).group(1)
     pin = subprocess.run(["bash", "-c", grep], cwd=REPO, capture_output=True, text=True).stdout.strip()
     deps = tomli.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert pin.startswith("torch==") and pin in deps
-    for var in ("FLWR_TELEMETRY_ENABLED=0", "FLWR_DISABLE_UPDATE_CHECK=1", "RAY_USAGE_STATS_ENABLED=0",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1"):
+    for var in (
+        "FLWR_TELEMETRY_ENABLED=0",
+        "FLWR_DISABLE_UPDATE_CHECK=1",
+        "RAY_USAGE_STATS_ENABLED=0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+    ):
         assert var in text
     assert re.search(r"^USER medflower$", text, re.M)  # not root
     assert _compose()["x-image"]["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -136,10 +140,16 @@ def test_readme_commands_use_only_flags_their_program_accepts() -> None:
 
 
 def test_readme_checker_catches_an_unrun_command() -> None:
-    recorded = [["medflower", "deploy", "certs", "--out", "x", "--name", "n"], ["flwr", "run", "/repo", "medflower",
-                "--run-config", "a=1", "--format", "json"]]
-    assert readme_check.unexercised(["medflower deploy certs --out /c --name a", "flwr run . medflower --run-config x"],
-                                    recorded) == []
+    recorded = [
+        ["medflower", "deploy", "certs", "--out", "x", "--name", "n"],
+        ["flwr", "run", "/repo", "medflower", "--run-config", "a=1", "--format", "json"],
+    ]
+    assert (
+        readme_check.unexercised(
+            ["medflower deploy certs --out /c --name a", "flwr run . medflower --run-config x"], recorded
+        )
+        == []
+    )
     assert readme_check.unexercised(["medflower deploy certs --out /c --days 3"], recorded) != []
     assert readme_check.unexercised(["flwr ls medflower"], recorded) != []
     assert readme_check.unexercised(["rm -rf /"], recorded) != []

@@ -1,7 +1,7 @@
 """A real deployment on one machine: a coordinator and 3 hospitals in their own network namespaces.
 
 TLS and SuperNode authentication are on; everything is started by the commands and scripts of
-deploy/README.md (through :class:`deploy.lab.Lab`, which records every command it runs). Covers:
+deploy/README.md (through :class:`medflower.deploy.lab.Lab`, which records every command it runs). Covers:
 a run to completion through ``flwr run``; an unregistered node is refused; the ServerApp is killed
 and a resubmitted run resumes from the checkpoint with no round repeated or lost; a hospital's link
 is cut mid-round and the run completes with the others, the absence recorded in summary.json.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from deploy.lab import Lab, LabError, netns_unavailable_reason, wait_for
+from medflower.deploy.lab import Lab, LabError, netns_unavailable_reason, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -65,7 +65,8 @@ def _experiment(root: Path, name: str, rounds: int) -> Path:
         "model: {name: cnn}\n"
         f"train: {{rounds: {rounds}, batch_size: 32}}\n"
         "strategy: {fraction_evaluate: 0.0}\n"
-        "participation: {min_sites: 2, round_timeout: 240, startup_timeout: 120}\n")
+        "participation: {min_sites: 2, round_timeout: 240, startup_timeout: 120}\n"
+    )
     return path
 
 
@@ -83,13 +84,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_lab_cleans_up_namespaces_and_processes_even_on_failure(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="boom"):
-        with Lab(tmp_path, num_sites=1, tag=f"mf{os.getpid()}x0") as tiny:
-            proc = tiny.spawn(tiny.sites[0].ns, ["sleep", "300"], name="sleeper")
-            names = set(tiny._namespaces)
-            res = tiny.run(tiny.sites[0].ns, ["ip", "-o", "-4", "addr", "show", "eth0"])
-            assert f"{tiny.sites[0].ip}/24" in res.stdout  # its own address, on its own interface
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Lab(tmp_path, num_sites=1, tag=f"mf{os.getpid()}x0") as tiny:
+        proc = tiny.spawn(tiny.sites[0].ns, ["sleep", "300"], name="sleeper")
+        names = set(tiny._namespaces)
+        res = tiny.run(tiny.sites[0].ns, ["ip", "-o", "-4", "addr", "show", "eth0"])
+        assert f"{tiny.sites[0].ip}/24" in res.stdout  # its own address, on its own interface
+        raise RuntimeError("boom")
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not names & {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert proc.popen.poll() is not None
@@ -140,16 +140,19 @@ def test_unregistered_node_is_refused(lab: Lab) -> None:
     assert "Failed to activate SuperNode" in log, log[-3000:]
     assert len(_nodes(lab)) == NUM_SITES  # only the registered hospitals exist for the coordinator
     # what the administrator does to admit, then remove, a site
-    res = lab.run(lab.coord_ns, ["flwr", "supernode", "register", str(lab.rogue_site.pub), "medflower",
-                                 "--name", "rogue", "--format", "json"], home=lab.admin_home)
-    node_id = json.loads(res.stdout[res.stdout.index("{"):])["node-id"]
+    res = lab.run(
+        lab.coord_ns,
+        ["flwr", "supernode", "register", str(lab.rogue_site.pub), "medflower", "--name", "rogue", "--format", "json"],
+        home=lab.admin_home,
+    )
+    node_id = json.loads(res.stdout[res.stdout.index("{") :])["node-id"]
     lab.run(lab.coord_ns, ["flwr", "supernode", "unregister", str(node_id), "medflower"], home=lab.admin_home)
     assert str(node_id) not in {str(n.get("node-id")) for n in _nodes(lab) if n.get("status") != "unregistered"}
 
 
 def _nodes(lab: Lab) -> list[dict]:
     res = lab.run(lab.coord_ns, ["flwr", "supernode", "ls", "medflower", "--format", "json"], home=lab.admin_home)
-    return json.loads(res.stdout[res.stdout.index("{"):])["nodes"]
+    return json.loads(res.stdout[res.stdout.index("{") :])["nodes"]
 
 
 def _received_train(site_log: Path, run_id: int) -> int:
@@ -163,15 +166,20 @@ def test_serverapp_restart_resumes_and_a_cut_site_is_skipped(lab: Lab) -> None:
     exp = _experiment(lab.root, "deploy-resume", rounds=2)
     run_config = {"experiment": str(exp), "output-dir": str(out)}
     first = lab.flwr_run(run_config)
-    wait_for(lambda: _checkpoint_round(out) >= 1, timeout=RUN_TIMEOUT, interval=0.2,
-             what="the checkpoint of round 1", lab=lab)
+    wait_for(
+        lambda: _checkpoint_round(out) >= 1,
+        timeout=RUN_TIMEOUT,
+        interval=0.2,
+        what="the checkpoint of round 1",
+        lab=lab,
+    )
     pids = wait_for(lab.serverapp_pids, timeout=30, what="the ServerApp process", lab=lab)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)  # the coordinator's ServerApp dies mid-run
     wait_for(lambda: not lab.serverapp_pids(), timeout=30, what="the ServerApp to die", lab=lab)
     before = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    from server.checkpoint import load_checkpoint  # noqa: PLC0415 - imports torch: only here
-    from medflower.config import load_experiment  # noqa: PLC0415
+    from medflower.config import load_experiment
+    from medflower.server.checkpoint import load_checkpoint
 
     ckpt_before = load_checkpoint(out / "checkpoint", load_experiment(exp))
     assert ckpt_before is not None and ckpt_before.round == before["round"] >= 1
@@ -180,8 +188,13 @@ def test_serverapp_restart_resumes_and_a_cut_site_is_skipped(lab: Lab) -> None:
 
     second = lab.flwr_run(run_config)
     site3 = lab.sites[2]
-    wait_for(lambda: _received_train(site3.proc.log, second) >= 1, timeout=RUN_TIMEOUT, interval=0.2,
-             what="hospital-3 to receive its train instruction in the resumed run", lab=lab)
+    wait_for(
+        lambda: _received_train(site3.proc.log, second) >= 1,
+        timeout=RUN_TIMEOUT,
+        interval=0.2,
+        what="hospital-3 to receive its train instruction in the resumed run",
+        lab=lab,
+    )
     lab.cut_link(site3)  # mid-round: the site got its instructions, its reply cannot come back
 
     summary = _summary(out, lab, second)
@@ -203,7 +216,7 @@ def test_serverapp_restart_resumes_and_a_cut_site_is_skipped(lab: Lab) -> None:
 
 def test_readme_commands_were_run(lab: Lab) -> None:
     """Every command in deploy/README.md was run by this module (or by a script it ran)."""
-    from deploy.readme_check import readme_commands, unexercised  # noqa: PLC0415
+    from medflower.deploy.readme_check import readme_commands, unexercised
 
     ran = {tuple(c[:2]) for c in lab.commands}
     if not {("flwr", "run"), ("flwr", "stop")} <= ran:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import app as client_app
 from medflower import keys
+from medflower.client import app as client_app
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 
@@ -52,24 +52,41 @@ def dicom_site(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
         for i in range(12):
             img = rng.integers(0, 1000, (16, 16)) + (400 if label == "malignant" else 0)
             _write_dicom(root / label / f"Doe_Jane_{label}_{i}.dcm", img, i)
-    return ExperimentConfig.from_dict({
-        "name": "privacy", "data": {"kind": "folders", "path": str(root), "size": [16, 16],
-                                    "val_fraction": 0.25, "test_fraction": 0.25},
-        "partition": {"kind": "iid", "num_sites": 1, "min_site_size": 1},
-        "model": {"name": "cnn"}, "train": {"batch_size": 4},
-    })
+    return ExperimentConfig.from_dict(
+        {
+            "name": "privacy",
+            "data": {
+                "kind": "folders",
+                "path": str(root),
+                "size": [16, 16],
+                "val_fraction": 0.25,
+                "test_fraction": 0.25,
+            },
+            "partition": {"kind": "iid", "num_sites": 1, "min_site_size": 1},
+            "model": {"name": "cnn"},
+            "train": {"batch_size": 4},
+        }
+    )
 
 
 def _context(exp: ExperimentConfig) -> Context:
-    return Context(run_id=1, node_id=7, state=RecordDict(), run_config={},
-                   node_config={keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 1})
+    return Context(
+        run_id=1,
+        node_id=7,
+        state=RecordDict(),
+        run_config={},
+        node_config={keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 1},
+    )
 
 
 def _instruction(exp: ExperimentConfig, kind: str, split: str = "val") -> Message:
     model = build_experiment_model(exp)
     cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1, keys.EVAL_SPLIT: split})
-    return Message(content=RecordDict({keys.ARRAYS: ArrayRecord(model.state_dict()), keys.CONFIG: cfg}),
-                   dst_node_id=7, message_type=kind)
+    return Message(
+        content=RecordDict({keys.ARRAYS: ArrayRecord(model.state_dict()), keys.CONFIG: cfg}),
+        dst_node_id=7,
+        message_type=kind,
+    )
 
 
 def _serialized(content: RecordDict) -> bytes:

@@ -38,8 +38,14 @@ def shims(tmp_path: Path):
     env.pop("FLWR_HOME", None)
 
     def run(script: str, *args: str, extra_env: dict | None = None) -> tuple[subprocess.CompletedProcess, list[dict]]:
-        res = subprocess.run([str(DEPLOY / script), *args], env={**env, **(extra_env or {})}, capture_output=True,
-                             text=True, cwd=tmp_path, timeout=30)
+        res = subprocess.run(
+            [str(DEPLOY / script), *args],
+            env={**env, **(extra_env or {})},
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=30,
+        )
         calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         log.unlink(missing_ok=True)
         return res, calls
@@ -64,13 +70,19 @@ def test_coordinator_runs_superlink_with_tls_auth_and_no_runtime_installs(shims,
     assert argv[0] == "flower-superlink"
     pairs = dict(zip(argv[1::1], argv[2::1]))
     assert pairs["--ssl-ca-certfile"] == f"{certs}/ca.crt"
-    assert pairs["--ssl-certfile"] == f"{certs}/coordinator.crt" and pairs["--ssl-keyfile"] == f"{certs}/coordinator.key"
+    assert (
+        pairs["--ssl-certfile"] == f"{certs}/coordinator.crt" and pairs["--ssl-keyfile"] == f"{certs}/coordinator.key"
+    )
     assert pairs["--database"] == f"{tmp_path}/st/superlink.db" and pairs["--port"] == "9443"
     assert "--enable-supernode-auth" in argv and "--disable-runtime-dependency-installation" in argv
     assert "--insecure" not in argv
-    assert call["env"] == {"FLWR_HOME": f"{tmp_path}/st/flwr-home", "FLWR_TELEMETRY_ENABLED": "0",
-                           "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-                           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    assert call["env"] == {
+        "FLWR_HOME": f"{tmp_path}/st/flwr-home",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
 
 
 def test_coordinator_refuses_to_start_without_its_certificate(shims, tmp_path: Path) -> None:
@@ -85,35 +97,83 @@ def test_hospital_checks_then_runs_supernode_with_site_config(shims, tmp_path: P
     site = tmp_path / "conf" / "site.yaml"
     site.parent.mkdir()
     site.write_text("name: h\n")
-    res, calls = shims("start-hospital.sh", "--coordinator", "coordinator:9093", "--ca", "ca.crt", "--key", "h.key",
-                       "--site-config", "conf/site.yaml", "--state", str(tmp_path / "fh"))
+    res, calls = shims(
+        "start-hospital.sh",
+        "--coordinator",
+        "coordinator:9093",
+        "--ca",
+        "ca.crt",
+        "--key",
+        "h.key",
+        "--site-config",
+        "conf/site.yaml",
+        "--state",
+        str(tmp_path / "fh"),
+    )
     assert res.returncode == 0, res.stderr
     check, node = calls
     node_config = f"site-config='{site}'"  # absolute: the ClientApp process runs in another folder
-    assert check["argv"] == ["medflower", "node", "check", "--coordinator", "coordinator:9093", "--ca", "ca.crt",
-                             "--key", "h.key", "--node-config", node_config]
-    assert node["argv"] == ["flower-supernode", "--superlink", "coordinator:9093", "--root-certificates", "ca.crt",
-                            "--auth-supernode-private-key", "h.key", "--node-config", node_config]
+    assert check["argv"] == [
+        "medflower",
+        "node",
+        "check",
+        "--coordinator",
+        "coordinator:9093",
+        "--ca",
+        "ca.crt",
+        "--key",
+        "h.key",
+        "--node-config",
+        node_config,
+    ]
+    assert node["argv"] == [
+        "flower-supernode",
+        "--superlink",
+        "coordinator:9093",
+        "--root-certificates",
+        "ca.crt",
+        "--auth-supernode-private-key",
+        "h.key",
+        "--node-config",
+        node_config,
+    ]
     assert node["env"]["FLWR_HOME"] == str(tmp_path / "fh")
     assert node["env"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
 
 
 def test_hospital_does_not_start_when_its_check_fails(shims, tmp_path: Path) -> None:
-    res, calls = shims("start-hospital.sh", "--coordinator", "c:1", "--ca", "ca.crt", "--key", "k",
-                       "--node-config", "partition-id=0 num-partitions=3", extra_env={"SHIM_RC_medflower": "1"})
+    res, calls = shims(
+        "start-hospital.sh",
+        "--coordinator",
+        "c:1",
+        "--ca",
+        "ca.crt",
+        "--key",
+        "k",
+        "--node-config",
+        "partition-id=0 num-partitions=3",
+        extra_env={"SHIM_RC_medflower": "1"},
+    )
     assert res.returncode == 1
     assert [c["argv"][0] for c in calls] == ["medflower"]  # no flower-supernode after a failed check
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ca", "a", "--key", "k", "--node-config", "x=1"], "--coordinator HOST:PORT is required"),
-    (["--coordinator", "c:1", "--ca", "a", "--key", "k"], "--site-config site.yaml (or --node-config) is required"),
-    (["--coordinator", "c:1", "--ca", "a", "--key", "k", "--site-config", "s.yaml", "--node-config", "x=1"],
-     "not both"),
-    (["--coordinator", "c:1", "--bogus"], "unknown argument '--bogus'"),
-    (["--coordinator", "c:1", "--ca", "a", "--key", "k", "--site-config", "nowhere/site.yaml"],
-     "--site-config nowhere/site.yaml: file not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ca", "a", "--key", "k", "--node-config", "x=1"], "--coordinator HOST:PORT is required"),
+        (["--coordinator", "c:1", "--ca", "a", "--key", "k"], "--site-config site.yaml (or --node-config) is required"),
+        (
+            ["--coordinator", "c:1", "--ca", "a", "--key", "k", "--site-config", "s.yaml", "--node-config", "x=1"],
+            "not both",
+        ),
+        (["--coordinator", "c:1", "--bogus"], "unknown argument '--bogus'"),
+        (
+            ["--coordinator", "c:1", "--ca", "a", "--key", "k", "--site-config", "nowhere/site.yaml"],
+            "--site-config nowhere/site.yaml: file not found",
+        ),
+    ],
+)
 def test_hospital_argument_errors_name_the_argument(shims, args, message) -> None:
     res, calls = shims("start-hospital.sh", *args)
     assert res.returncode == 2 and calls == []

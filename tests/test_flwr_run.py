@@ -35,19 +35,41 @@ def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     if shutil.which("flwr") is None:
         pytest.skip("the flwr CLI is not on PATH (install medflower first)")
     exp = tmp_path / "exp.yaml"
-    exp.write_text("name: flwr-run\ndata: {kind: synthetic, synthetic_samples: 300}\n"
-                   "partition: {num_sites: 2, alpha: 5.0}\ntrain: {rounds: 2}\n")
+    exp.write_text(
+        "name: flwr-run\ndata: {kind: synthetic, synthetic_samples: 300}\n"
+        "partition: {num_sites: 2, alpha: 5.0}\ntrain: {rounds: 2}\n"
+    )
     http_port, control_port = _free_port(), _free_port()
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home"), "FLWR_TELEMETRY_ENABLED": "0",
-           "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port), "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+    }
     out = tmp_path / "out"
     try:
         proc = subprocess.run(
-            ["flwr", "run", ".", "local", "--stream", "--federation-config", "num-supernodes=2",
-             "--run-config", f'experiment="{exp}" output-dir="{out}"'],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+            [
+                "flwr",
+                "run",
+                ".",
+                "local",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=2",
+                "--run-config",
+                f'experiment="{exp}" output-dir="{out}"',
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
     finally:
         _kill_superlinks(http_port)
     log = proc.stdout + proc.stderr

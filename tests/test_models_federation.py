@@ -15,7 +15,7 @@ BRAIN = "segmentation/brain_mr_tumour"
 
 
 def _simulate(exp_yaml: Path, out: Path) -> dict:
-    from simulation.runner import simulate
+    from medflower.simulation.runner import simulate
 
     return simulate(load_experiment(exp_yaml), out)
 
@@ -28,15 +28,29 @@ def test_2d_unet_federation_reports_dice_per_round_and_site(shared_data: Path, t
         for i in range(16):
             (root / sub / f"{i}.png").symlink_to(shared_data / ISBI / sub / f"{i}.png")
     exp = tmp_path / "exp.yaml"
-    exp.write_text(yaml.safe_dump({
-        "name": "tiny-seg2d", "task": "segmentation",
-        "data": {"kind": "folders", "path": "isbi", "image_dir": "image", "label_dir": "label", "size": [32, 32],
-                 "intensity": "window", "window": [0, 255], "mask_values": [255, 0],
-                 "val_fraction": 0.125, "test_fraction": 0.25},
-        "partition": {"kind": "iid", "num_sites": 2, "min_site_size": 2},
-        "model": {"name": "unet", "params": {"channels": [8, 16, 32], "strides": [2, 2]}},
-        "train": {"rounds": 3, "local_epochs": 3, "batch_size": 2, "lr": 0.01},
-    }))
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-seg2d",
+                "task": "segmentation",
+                "data": {
+                    "kind": "folders",
+                    "path": "isbi",
+                    "image_dir": "image",
+                    "label_dir": "label",
+                    "size": [32, 32],
+                    "intensity": "window",
+                    "window": [0, 255],
+                    "mask_values": [255, 0],
+                    "val_fraction": 0.125,
+                    "test_fraction": 0.25,
+                },
+                "partition": {"kind": "iid", "num_sites": 2, "min_site_size": 2},
+                "model": {"name": "unet", "params": {"channels": [8, 16, 32], "strides": [2, 2]}},
+                "train": {"rounds": 3, "local_epochs": 3, "batch_size": 2, "lr": 0.01},
+            }
+        )
+    )
     summary = _simulate(exp, tmp_path / "out")
     rounds = summary["rounds"]
     assert len(rounds) == 3
@@ -51,18 +65,33 @@ def test_2d_unet_federation_reports_dice_per_round_and_site(shared_data: Path, t
 @pytest.mark.slow
 def test_3d_federation_one_patient_per_site_with_sliding_window(shared_data: Path, tmp_path: Path) -> None:
     brain = shared_data / BRAIN
-    rows = ["image,label,patient_id"] + [f"{brain}/brain{i}_image.nii.gz,{brain}/brain{i}_label.nii.gz,b{i}"
-                                         for i in (1, 2)]
+    rows = ["image,label,patient_id"] + [
+        f"{brain}/brain{i}_image.nii.gz,{brain}/brain{i}_label.nii.gz,b{i}" for i in (1, 2)
+    ]
     (tmp_path / "brain.csv").write_text("\n".join(rows) + "\n")
     exp = tmp_path / "exp.yaml"
-    exp.write_text(yaml.safe_dump({
-        "name": "tiny-seg3d", "task": "segmentation",
-        "data": {"kind": "manifest", "path": "brain.csv", "size": [32, 32, 16], "slabs": 2, "split_by": "sample",
-                 "val_fraction": 0.0, "test_fraction": 0.5, "intensity": "zscore", "patch_size": [16, 16, 8]},
-        "partition": {"kind": "natural", "group": "patient", "num_sites": 2, "min_site_size": 1},
-        "model": {"name": "unet", "spatial_dims": 3, "params": {"channels": [8, 16, 32], "strides": [2, 2]}},
-        "train": {"rounds": 1, "local_epochs": 1, "batch_size": 4},
-    }))
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "tiny-seg3d",
+                "task": "segmentation",
+                "data": {
+                    "kind": "manifest",
+                    "path": "brain.csv",
+                    "size": [32, 32, 16],
+                    "slabs": 2,
+                    "split_by": "sample",
+                    "val_fraction": 0.0,
+                    "test_fraction": 0.5,
+                    "intensity": "zscore",
+                    "patch_size": [16, 16, 8],
+                },
+                "partition": {"kind": "natural", "group": "patient", "num_sites": 2, "min_site_size": 1},
+                "model": {"name": "unet", "spatial_dims": 3, "params": {"channels": [8, 16, 32], "strides": [2, 2]}},
+                "train": {"rounds": 1, "local_epochs": 1, "batch_size": 4},
+            }
+        )
+    )
     summary = _simulate(exp, tmp_path / "out")
     (rnd,) = summary["rounds"]
     assert rnd["aggregated"] and set(rnd["sites_train"]) == {"site-0", "site-1"}

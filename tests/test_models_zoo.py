@@ -33,8 +33,13 @@ ZOO = [
 @pytest.mark.parametrize("name, task, size2, size3, params", ZOO, ids=[z[0] for z in ZOO])
 def test_every_network_builds_and_runs_forward(name, task, size2, size3, params, spatial_dims) -> None:
     size = size2 if spatial_dims == 2 else size3
-    model = build_model(ModelConfig(name=name, spatial_dims=spatial_dims, params=params), in_channels=3,
-                        out_channels=2, img_size=size, task=task)
+    model = build_model(
+        ModelConfig(name=name, spatial_dims=spatial_dims, params=params),
+        in_channels=3,
+        out_channels=2,
+        img_size=size,
+        task=task,
+    )
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())  # GroupNorm default
     assert any(isinstance(m, (nn.GroupNorm, nn.LayerNorm)) for m in model.modules())
     model.eval()
@@ -46,8 +51,7 @@ def test_every_network_builds_and_runs_forward(name, task, size2, size3, params,
 
 def test_unet_with_groupnorm_trains_on_two_classes() -> None:
     """MONAI's U-Net cannot GroupNorm(8) its 2-class output; the zoo adds a 1x1 head instead."""
-    model = build_model(ModelConfig(name="unet"), in_channels=1, out_channels=2, img_size=(32, 32),
-                        task="segmentation")
+    model = build_model(ModelConfig(name="unet"), in_channels=1, out_channels=2, img_size=(32, 32), task="segmentation")
     x, y = torch.randn(2, 1, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).long()
     from medflower.tasks import make_loss
 
@@ -57,54 +61,79 @@ def test_unet_with_groupnorm_trains_on_two_classes() -> None:
 
 
 def test_norm_is_configurable() -> None:
-    bn = build_model(ModelConfig(name="densenet121", norm="batch"), in_channels=1, out_channels=3,
-                     img_size=(32, 32))
+    bn = build_model(ModelConfig(name="densenet121", norm="batch"), in_channels=1, out_channels=3, img_size=(32, 32))
     assert any(isinstance(m, nn.BatchNorm2d) for m in bn.modules())
-    inst = build_model(ModelConfig(name="unet", norm="instance"), in_channels=1, out_channels=2, img_size=(32, 32),
-                       task="segmentation")
+    inst = build_model(
+        ModelConfig(name="unet", norm="instance"), in_channels=1, out_channels=2, img_size=(32, 32), task="segmentation"
+    )
     assert any(isinstance(m, nn.InstanceNorm2d) for m in inst.modules())
 
 
 def test_params_are_validated_against_the_monai_signature() -> None:
     with pytest.raises(ConfigError, match=r"model.params.hiden_size: not an argument of 'vit'; valid: .*hidden_size"):
-        build_model(ModelConfig(name="vit", params={"hiden_size": 64}), in_channels=1, out_channels=2,
-                    img_size=(28, 28))
+        build_model(
+            ModelConfig(name="vit", params={"hiden_size": 64}), in_channels=1, out_channels=2, img_size=(28, 28)
+        )
     with pytest.raises(ConfigError, match="multiples of 8"):
-        build_model(ModelConfig(name="swinunetr", params={"feature_size": 12}), in_channels=1, out_channels=2,
-                    img_size=(32, 32), task="segmentation")
+        build_model(
+            ModelConfig(name="swinunetr", params={"feature_size": 12}),
+            in_channels=1,
+            out_channels=2,
+            img_size=(32, 32),
+            task="segmentation",
+        )
     with pytest.raises(ConfigError, match="model.params.in_channels: set by medflower"):
-        build_model(ModelConfig(name="unet", params={"in_channels": 3}), in_channels=1, out_channels=2,
-                    img_size=(32, 32), task="segmentation")
-    small = build_model(ModelConfig(name="unet", params={"channels": [8, 16, 32], "strides": [2, 2]}),
-                        in_channels=1, out_channels=2, img_size=(32, 32), task="segmentation")
-    default = build_model(ModelConfig(name="unet"), in_channels=1, out_channels=2, img_size=(32, 32),
-                          task="segmentation")
+        build_model(
+            ModelConfig(name="unet", params={"in_channels": 3}),
+            in_channels=1,
+            out_channels=2,
+            img_size=(32, 32),
+            task="segmentation",
+        )
+    small = build_model(
+        ModelConfig(name="unet", params={"channels": [8, 16, 32], "strides": [2, 2]}),
+        in_channels=1,
+        out_channels=2,
+        img_size=(32, 32),
+        task="segmentation",
+    )
+    default = build_model(
+        ModelConfig(name="unet"), in_channels=1, out_channels=2, img_size=(32, 32), task="segmentation"
+    )
     assert count_parameters(small) < count_parameters(default)
 
 
-@pytest.mark.parametrize("name, size, norm, match", [
-    ("swinunetr", (48, 48), "group", "multiple of 32"),
-    ("densenet121", (28, 28), "group", "every axis must be >= 32"),
-    ("efficientnet-b0", (32, 32), "instance", "model.norm: 'instance'"),
-    ("unet", (36, 36), "group", "multiple of 8"),
-    ("basicunet", (64, 64, 8), "group", ">= 16"),
-])
+@pytest.mark.parametrize(
+    "name, size, norm, match",
+    [
+        ("swinunetr", (48, 48), "group", "multiple of 32"),
+        ("densenet121", (28, 28), "group", "every axis must be >= 32"),
+        ("efficientnet-b0", (32, 32), "instance", "model.norm: 'instance'"),
+        ("unet", (36, 36), "group", "multiple of 8"),
+        ("basicunet", (64, 64, 8), "group", ">= 16"),
+    ],
+)
 def test_input_size_limits_are_named_before_building(name, size, norm, match) -> None:
     task = "classification" if name in ("densenet121", "efficientnet-b0") else "segmentation"
     with pytest.raises(ConfigError, match=f"{match}.*data.size"):
-        build_model(ModelConfig(name=name, spatial_dims=len(size), norm=norm), in_channels=1, out_channels=2,
-                    img_size=size, task=task)
+        build_model(
+            ModelConfig(name=name, spatial_dims=len(size), norm=norm),
+            in_channels=1,
+            out_channels=2,
+            img_size=size,
+            task=task,
+        )
 
 
 def test_task_and_model_must_match() -> None:
     with pytest.raises(ConfigError, match="not a segmenter; valid for segmentation: unet, basicunet, swinunetr"):
-        build_model(ModelConfig(name="resnet18"), in_channels=1, out_channels=2, img_size=(32, 32),
-                    task="segmentation")
+        build_model(ModelConfig(name="resnet18"), in_channels=1, out_channels=2, img_size=(32, 32), task="segmentation")
 
 
 def test_vit_returns_logits_through_logits_of() -> None:
-    vit = build_model(ModelConfig(name="vit", params={"num_layers": 1}), in_channels=3, out_channels=5,
-                      img_size=(28, 28))
+    vit = build_model(
+        ModelConfig(name="vit", params={"num_layers": 1}), in_channels=3, out_channels=5, img_size=(28, 28)
+    )
     raw = vit(torch.randn(2, 3, 28, 28))
     assert isinstance(raw, tuple) and logits_of(raw).shape == (2, 5)
 
@@ -129,7 +158,7 @@ def test_dice_and_hd95_on_known_masks() -> None:
     assert d[0] == pytest.approx(1.0) and d[1] == pytest.approx(15 / 25) and d[2] == pytest.approx(0.0)
     assert d[3] == pytest.approx(1.0)
     assert h[0] == pytest.approx(0.0) and h[1] == pytest.approx(2.0) and h[3] == pytest.approx(0.0)
-    assert h[2] == pytest.approx(math.sqrt(20 ** 2 + 20 ** 2))  # missed lesion: the worst distance
+    assert h[2] == pytest.approx(math.sqrt(20**2 + 20**2))  # missed lesion: the worst distance
 
 
 class OnlyROI(nn.Module):
@@ -147,14 +176,17 @@ class OnlyROI(nn.Module):
 
 
 def test_sliding_window_covers_whole_volumes_with_patch_sized_windows() -> None:
-    exp = ExperimentConfig.from_dict({"task": "segmentation", "data": {
-        "kind": "synthetic", "size": [32, 32, 16], "patch_size": [16, 16, 8]}})
+    exp = ExperimentConfig.from_dict(
+        {"task": "segmentation", "data": {"kind": "synthetic", "size": [32, 32, 16], "patch_size": [16, 16, 8]}}
+    )
     roi = inference_roi(exp)
     assert roi == (16, 16, 8)
     assert inference_roi(ExperimentConfig.from_dict({"task": "classification"})) is None
     model = OnlyROI(roi)
-    split = ArraySplit(np.random.default_rng(0).normal(size=(2, 1, 32, 32, 16)).astype(np.float32),
-                       np.zeros((2, 1, 32, 32, 16), np.int64))
+    split = ArraySplit(
+        np.random.default_rng(0).normal(size=(2, 1, 32, 32, 16)).astype(np.float32),
+        np.zeros((2, 1, 32, 32, 16), np.int64),
+    )
     with pytest.raises(RuntimeError, match="not the patch size"):
         predict(model, split, task="segmentation")
     out = predict(model, split, task="segmentation", roi_size=roi)

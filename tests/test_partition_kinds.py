@@ -8,8 +8,16 @@ import pytest
 from medflower.config import ConfigError, ExperimentConfig
 from medflower.config.partition import PartitionConfig
 from medflower.data import ArraySplit
-from simulation.partition import (PartitionError, assign, dirichlet_proportions, fit_site_sizes,
-                                  partition_proportions, pathological_classes, plan_partition, quantity_shares)
+from medflower.simulation.partition import (
+    PartitionError,
+    assign,
+    dirichlet_proportions,
+    fit_site_sizes,
+    partition_proportions,
+    pathological_classes,
+    plan_partition,
+    quantity_shares,
+)
 
 
 def labels_of(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -23,8 +31,16 @@ def split_of(labels: np.ndarray, **groups: np.ndarray) -> ArraySplit:
 @pytest.mark.parametrize("mode", ["first-deterministic", "random", "deterministic"])
 def test_pathological_sites_hold_exactly_k_classes(mode: str) -> None:
     labels = labels_of(2000, 6)
-    props = partition_proportions(labels, num_classes=6, num_sites=8, kind="pathological", classes_per_site=2,
-                                  class_assignment=mode, seed=3, min_site_size=1)
+    props = partition_proportions(
+        labels,
+        num_classes=6,
+        num_sites=8,
+        kind="pathological",
+        classes_per_site=2,
+        class_assignment=mode,
+        seed=3,
+        min_site_size=1,
+    )
     parts = assign(labels, props, np.random.default_rng(0))
     for p in parts:
         assert len(np.unique(labels[p])) == 2
@@ -44,8 +60,15 @@ def test_pathological_modes_follow_flower() -> None:
 
 def test_pathological_class_held_by_no_site_is_left_out_with_a_warning() -> None:
     labels = labels_of(600, 5)
-    props = partition_proportions(labels, num_classes=5, num_sites=2, kind="pathological", classes_per_site=1,
-                                  class_assignment="deterministic", min_site_size=1)
+    props = partition_proportions(
+        labels,
+        num_classes=5,
+        num_sites=2,
+        kind="pathological",
+        classes_per_site=1,
+        class_assignment="deterministic",
+        min_site_size=1,
+    )
     with pytest.warns(UserWarning, match=r"classes \[2, 3, 4\] are held by no site"):
         parts = assign(labels, props, np.random.default_rng(0))
     assert set(labels[np.concatenate(parts)].tolist()) == {0, 1}
@@ -53,15 +76,17 @@ def test_pathological_class_held_by_no_site_is_left_out_with_a_warning() -> None
 
 def test_power_law_and_explicit_sizes() -> None:
     labels = labels_of(1200, 3)
-    props = partition_proportions(labels, num_classes=3, num_sites=4, kind="iid", quantity="power-law",
-                                  exponent=1.0, min_site_size=1)
+    props = partition_proportions(
+        labels, num_classes=3, num_sites=4, kind="iid", quantity="power-law", exponent=1.0, min_site_size=1
+    )
     sizes = np.array([len(p) for p in assign(labels, props, np.random.default_rng(0))])
     expected = 1200 * quantity_shares(4, "power-law", exponent=1.0)
     assert sizes.sum() == 1200
     assert np.abs(sizes - expected).max() <= 3  # 576, 288, 192, 144
     assert list(sizes) == sorted(sizes, reverse=True)
-    props = partition_proportions(labels, num_classes=3, num_sites=3, kind="iid", quantity="sizes",
-                                  sizes=(1, 1, 4), min_site_size=1)
+    props = partition_proportions(
+        labels, num_classes=3, num_sites=3, kind="iid", quantity="sizes", sizes=(1, 1, 4), min_site_size=1
+    )
     sizes = [len(p) for p in assign(labels, props, np.random.default_rng(0))]
     assert sizes == pytest.approx([200, 200, 800], abs=3)
 
@@ -75,15 +100,19 @@ def test_label_and_quantity_skew_combine() -> None:
     fitted = fit_site_sizes(d, counts, shares)
     np.testing.assert_allclose(fitted.sum(axis=1), 1.0)  # every sample placed
     np.testing.assert_allclose((fitted * counts[:, None]).sum(axis=0), shares * counts.sum(), rtol=1e-6)
+
     # odds ratio between two classes and two sites is unchanged: diag(a) D diag(b)
     def cross(m: np.ndarray) -> float:
         return m[0, 0] * m[1, 1] / (m[0, 1] * m[1, 0])
+
     assert cross(fitted) == pytest.approx(cross(d), rel=1e-6)
     # and the whole thing through the public entry point, seeded
-    a = partition_proportions(labels, num_classes=3, num_sites=4, kind="dirichlet", alpha=0.5, quantity="power-law",
-                              seed=5, min_site_size=50)
-    b = partition_proportions(labels, num_classes=3, num_sites=4, kind="dirichlet", alpha=0.5, quantity="power-law",
-                              seed=5, min_site_size=50)
+    a = partition_proportions(
+        labels, num_classes=3, num_sites=4, kind="dirichlet", alpha=0.5, quantity="power-law", seed=5, min_site_size=50
+    )
+    b = partition_proportions(
+        labels, num_classes=3, num_sites=4, kind="dirichlet", alpha=0.5, quantity="power-law", seed=5, min_site_size=50
+    )
     np.testing.assert_array_equal(a, b)
     sizes = [len(p) for p in assign(labels, a, np.random.default_rng(0))]
     assert sizes == pytest.approx(list(3000 * quantity_shares(4, "power-law")), abs=4)
@@ -116,28 +145,40 @@ def test_natural_partition_follows_groups_in_every_split() -> None:
 def test_natural_partition_errors_name_the_fix() -> None:
     train = split_of(labels_of(60, 2), scanner=np.array(["ge", "siemens"] * 30))
     with pytest.raises(PartitionError, match=r"num_sites: is 3 but group 'scanner' has 2 values \(ge, siemens\)"):
-        plan_partition(PartitionConfig(kind="natural", num_sites=3, group="scanner"), {"train": train},
-                       num_classes=2, seed=0)
+        plan_partition(
+            PartitionConfig(kind="natural", num_sites=3, group="scanner"), {"train": train}, num_classes=2, seed=0
+        )
     with pytest.raises(PartitionError, match=r"no group 'hospital'; its groups are: scanner"):
-        plan_partition(PartitionConfig(kind="natural", num_sites=2, group="hospital"), {"train": train},
-                       num_classes=2, seed=0)
+        plan_partition(
+            PartitionConfig(kind="natural", num_sites=2, group="hospital"), {"train": train}, num_classes=2, seed=0
+        )
     with pytest.raises(PartitionError, match=r"min_site_size=40: .*'ge' \(30 training samples\)"):
-        plan_partition(PartitionConfig(kind="natural", num_sites=2, group="scanner", min_site_size=40),
-                       {"train": train}, num_classes=2, seed=0)
+        plan_partition(
+            PartitionConfig(kind="natural", num_sites=2, group="scanner", min_site_size=40),
+            {"train": train},
+            num_classes=2,
+            seed=0,
+        )
 
 
-@pytest.mark.parametrize("partition, message", [
-    ({"kind": "natural"}, r"partition\.group: required when partition\.kind is 'natural'"),
-    ({"kind": "iid", "group": "hospital"}, r"partition\.group: only used when partition\.kind is 'natural'"),
-    ({"kind": "natural", "group": "h", "quantity": "power-law"}, r"partition\.quantity: must be 'none'"),
-    ({"quantity": "sizes"}, r"partition\.sizes: required when partition\.quantity is 'sizes'"),
-    ({"quantity": "sizes", "sizes": [1, 2]}, r"partition\.sizes: has 2 values but partition\.num_sites is 3"),
-    ({"quantity": "sizes", "sizes": [1, 0, 2]}, r"partition\.sizes: every size must be > 0"),
-    ({"sizes": [1, 1, 1]}, r"partition\.sizes: only used when partition\.quantity is 'sizes'"),
-    ({"kind": "shards"}, r"partition\.kind: invalid value 'shards'; valid choices are 'iid', 'dirichlet', "
-                         r"'pathological', 'natural'"),
-    ({"class_assignment": "first"}, r"partition\.class_assignment: invalid value 'first'"),
-])
+@pytest.mark.parametrize(
+    "partition, message",
+    [
+        ({"kind": "natural"}, r"partition\.group: required when partition\.kind is 'natural'"),
+        ({"kind": "iid", "group": "hospital"}, r"partition\.group: only used when partition\.kind is 'natural'"),
+        ({"kind": "natural", "group": "h", "quantity": "power-law"}, r"partition\.quantity: must be 'none'"),
+        ({"quantity": "sizes"}, r"partition\.sizes: required when partition\.quantity is 'sizes'"),
+        ({"quantity": "sizes", "sizes": [1, 2]}, r"partition\.sizes: has 2 values but partition\.num_sites is 3"),
+        ({"quantity": "sizes", "sizes": [1, 0, 2]}, r"partition\.sizes: every size must be > 0"),
+        ({"sizes": [1, 1, 1]}, r"partition\.sizes: only used when partition\.quantity is 'sizes'"),
+        (
+            {"kind": "shards"},
+            r"partition\.kind: invalid value 'shards'; valid choices are 'iid', 'dirichlet', "
+            r"'pathological', 'natural'",
+        ),
+        ({"class_assignment": "first"}, r"partition\.class_assignment: invalid value 'first'"),
+    ],
+)
 def test_partition_config_errors(partition: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig.from_dict({"partition": partition})
@@ -145,17 +186,21 @@ def test_partition_config_errors(partition: dict, message: str) -> None:
 
 def test_unreachable_min_size_names_the_setting() -> None:
     labels = labels_of(400, 4)  # power law with exponent 3: the smallest of 4 sites gets 1.3% of 400
-    with pytest.raises(PartitionError, match=r"no IID partition gave every one of 4 sites >= 20 samples "
-                                             r"\(smallest: 6\); .*soften partition\.quantity"):
-        partition_proportions(labels, num_classes=4, num_sites=4, kind="iid", quantity="power-law", exponent=3.0,
-                              min_site_size=20)
+    with pytest.raises(
+        PartitionError,
+        match=r"no IID partition gave every one of 4 sites >= 20 samples "
+        r"\(smallest: 6\); .*soften partition\.quantity",
+    ):
+        partition_proportions(
+            labels, num_classes=4, num_sites=4, kind="iid", quantity="power-law", exponent=3.0, min_site_size=20
+        )
 
 
 def test_natural_partition_end_to_end_from_a_manifest_hospital_column(tmp_path) -> None:
     """SYNTHETIC PNGs listed in a CSV manifest with a hospital column become one site per hospital."""
     from PIL import Image
 
-    from simulation.sites import build_sites
+    from medflower.simulation.sites import build_sites
 
     rng = np.random.default_rng(0)
     rows = ["image,label,hospital,split"]
@@ -164,10 +209,14 @@ def test_natural_partition_end_to_end_from_a_manifest_hospital_column(tmp_path) 
         split = ["test", "test", "test", "val", "val", "val", "train", "train", "train"][i % 9]
         rows.append(f"s{i}.png,{i % 2},{['north', 'south', 'east'][i % 3]},{split}")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    exp = ExperimentConfig.from_dict({
-        "data": {"kind": "manifest", "path": "m.csv", "group_columns": ["hospital"], "size": [16, 16]},
-        "partition": {"kind": "natural", "group": "hospital", "num_sites": 3, "min_site_size": 1},
-        "shift": {"sites": {"site-1": "strong"}}}, base_dir=tmp_path)
+    exp = ExperimentConfig.from_dict(
+        {
+            "data": {"kind": "manifest", "path": "m.csv", "group_columns": ["hospital"], "size": [16, 16]},
+            "partition": {"kind": "natural", "group": "hospital", "num_sites": 3, "min_site_size": 1},
+            "shift": {"sites": {"site-1": "strong"}},
+        },
+        base_dir=tmp_path,
+    )
     sites = build_sites(exp)
     assert [s.info["group"]["hospital"] for s in sites] == ["east", "north", "south"]
     for s in sites:

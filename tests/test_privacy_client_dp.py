@@ -9,9 +9,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.schema import ConfigError
-from strategies import build_strategy
-from strategies.privacy import ClientLevelDP, find_client_dp, wrap_privacy
-from strategies.state import load_strategy_state, strategy_state_dict
+from medflower.strategies import build_strategy
+from medflower.strategies.privacy import ClientLevelDP, find_client_dp, wrap_privacy
+from medflower.strategies.state import load_strategy_state, strategy_state_dict
 
 DELTA = 1e-5
 
@@ -24,11 +24,14 @@ class _Grid:
 
 
 def _exp(**privacy) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "data": {"kind": "synthetic", "synthetic_samples": 100, "synthetic_size": 16},
-        "partition": {"num_sites": 3}, "train": {"rounds": 3},
-        "privacy": {"mode": "client", "target_epsilon": 5.0, "target_delta": DELTA, **privacy},
-    })
+    return ExperimentConfig.from_dict(
+        {
+            "data": {"kind": "synthetic", "synthetic_samples": 100, "synthetic_size": 16},
+            "partition": {"num_sites": 3},
+            "train": {"rounds": 3},
+            "privacy": {"mode": "client", "target_epsilon": 5.0, "target_delta": DELTA, **privacy},
+        }
+    )
 
 
 def _arrays(value: float) -> ArrayRecord:
@@ -38,9 +41,13 @@ def _arrays(value: float) -> ArrayRecord:
 def _replies(msgs: list[Message], sizes=(10, 50, 200)) -> list[Message]:
     out = []
     for i, (msg, n) in enumerate(zip(msgs, sizes)):
-        content = RecordDict({keys.ARRAYS: _arrays(float(i + 1)),
-                              keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 0.5}),
-                              keys.SITE: ConfigRecord({keys.SITE_NAME: f"site-{i}"})})
+        content = RecordDict(
+            {
+                keys.ARRAYS: _arrays(float(i + 1)),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.TRAIN_LOSS: 0.5}),
+                keys.SITE: ConfigRecord({keys.SITE_NAME: f"site-{i}"}),
+            }
+        )
         out.append(Message(content=content, reply_to=msg))
     return out
 
@@ -86,13 +93,15 @@ def test_restarted_coordinator_continues_the_accountant(flower_identity) -> None
     again = build_strategy(exp, num_sites=3)
     load_strategy_state(again, state)
     _, metrics = _round(again, 2)
-    assert metrics[keys.DP_EPSILON] == pytest.approx(_gaussian_epsilon(find_client_dp(again).noise_multiplier, 2),
-                                                     rel=0.01)
+    assert metrics[keys.DP_EPSILON] == pytest.approx(
+        _gaussian_epsilon(find_client_dp(again).noise_multiplier, 2), rel=0.01
+    )
 
 
 def test_client_dp_needs_a_mean_aggregation() -> None:
-    exp = ExperimentConfig.from_dict({"partition": {"num_sites": 3}, "strategy": {"name": "fedmedian"},
-                                      "privacy": {"mode": "client"}})
+    exp = ExperimentConfig.from_dict(
+        {"partition": {"num_sites": 3}, "strategy": {"name": "fedmedian"}, "privacy": {"mode": "client"}}
+    )
     with pytest.raises(ConfigError, match="privacy.mode 'client' needs a strategy that aggregates with FedAvg's mean"):
         build_strategy(exp, num_sites=3)
 
@@ -105,17 +114,24 @@ def test_adaptive_count_noise_too_low_is_a_clear_error() -> None:
 def test_client_side_clipping_mod_clips_the_update(flower_identity) -> None:
     from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-    from client.privacy import client_dp_mod
+    from medflower.client.privacy import client_dp_mod
 
     exp = _exp(clipping_side="client", clipping_norm=0.5)
     cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), KEY_CLIPPING_NORM: 0.5})
-    msg = Message(content=RecordDict({keys.ARRAYS: _arrays(0.0), keys.CONFIG: cfg}), dst_node_id=1,
-                  message_type="train")
+    msg = Message(
+        content=RecordDict({keys.ARRAYS: _arrays(0.0), keys.CONFIG: cfg}), dst_node_id=1, message_type="train"
+    )
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     reply = client_dp_mod(msg, ctx, lambda m, c: _replies([m])[0])
     update = reply.content[keys.ARRAYS]["w"].numpy()
     assert np.linalg.norm(update) == pytest.approx(0.5, rel=1e-5)  # |(1,1,1,1)| = 2 clipped to 0.5
     # without the server's clipping norm, the mod is a pass-through
-    plain = Message(content=RecordDict({keys.ARRAYS: _arrays(0.0), keys.CONFIG: ConfigRecord(
-        {keys.EXPERIMENT: exp.to_json()})}), dst_node_id=1, message_type="train")
-    assert np.linalg.norm(client_dp_mod(plain, ctx, lambda m, c: _replies([m])[0]).content[keys.ARRAYS]["w"].numpy()) == 2.0
+    plain = Message(
+        content=RecordDict({keys.ARRAYS: _arrays(0.0), keys.CONFIG: ConfigRecord({keys.EXPERIMENT: exp.to_json()})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    assert (
+        np.linalg.norm(client_dp_mod(plain, ctx, lambda m, c: _replies([m])[0]).content[keys.ARRAYS]["w"].numpy())
+        == 2.0
+    )

@@ -12,12 +12,14 @@ from medflower.schema import ConfigError
 
 
 def _exp(privacy: dict, **train) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "data": {"kind": "synthetic", "synthetic_samples": 200, "synthetic_size": 16},
-        "partition": {"kind": "iid", "num_sites": 2},
-        "train": {"rounds": 3, "batch_size": 16, **train},
-        "privacy": privacy,
-    })
+    return ExperimentConfig.from_dict(
+        {
+            "data": {"kind": "synthetic", "synthetic_samples": 200, "synthetic_size": 16},
+            "partition": {"kind": "iid", "num_sites": 2},
+            "train": {"rounds": 3, "batch_size": 16, **train},
+            "privacy": privacy,
+        }
+    )
 
 
 def test_defaults_and_example_yaml() -> None:
@@ -28,7 +30,9 @@ def test_defaults_and_example_yaml() -> None:
 
 
 def test_unknown_mode_lists_the_choices() -> None:
-    with pytest.raises(ConfigError, match="privacy.mode: invalid value 'dp'; valid choices are 'none', 'sample', 'client'"):
+    with pytest.raises(
+        ConfigError, match="privacy.mode: invalid value 'dp'; valid choices are 'none', 'sample', 'client'"
+    ):
         _exp({"mode": "dp"})
     with pytest.raises(ConfigError, match="unknown key privacy.epsilon"):
         _exp({"mode": "sample", "epsilon": 3})
@@ -41,7 +45,9 @@ def test_a_site_may_only_be_stricter() -> None:
     # the hospital's node config: the smallest value wins, a larger one never applies
     assert exp.privacy.site_budget("site-1", node_epsilon=1.0)[0] == 1.0
     assert exp.privacy.site_budget("site-0", node_epsilon=20.0)[0] == 8.0
-    with pytest.raises(ConfigError, match="privacy.sites.site-1.target_epsilon: 9.0 is larger than privacy.target_epsilon 8.0"):
+    with pytest.raises(
+        ConfigError, match="privacy.sites.site-1.target_epsilon: 9.0 is larger than privacy.target_epsilon 8.0"
+    ):
         _exp({"mode": "sample", "target_epsilon": 8.0, "sites": {"site-1": {"target_epsilon": 9.0}}})
 
 
@@ -62,21 +68,22 @@ def test_client_mode_rejects_sample_only_settings() -> None:
 
 
 def test_site_plan_spans_the_whole_run_and_checks_delta() -> None:
-    from client.privacy import site_plan
+    from medflower.client.privacy import site_plan
 
     exp = _exp({"mode": "sample", "target_epsilon": 3.0}, local_epochs=2)
     plan = site_plan(exp, site="site-0", num_train=100)
     assert plan.steps_per_epoch == 7 and plan.sample_rate == 1 / 7
     assert plan.steps_per_round == 14 and plan.planned_steps == 3 * 14
-    one_round = site_plan(_exp({"mode": "sample", "target_epsilon": 3.0}, local_epochs=2, rounds=1),
-                          site="site-0", num_train=100)
+    one_round = site_plan(
+        _exp({"mode": "sample", "target_epsilon": 3.0}, local_epochs=2, rounds=1), site="site-0", num_train=100
+    )
     assert one_round.noise_multiplier < plan.noise_multiplier  # more rounds planned -> more noise per step
     with pytest.raises(ConfigError, match="privacy.target_delta: 0.01 is not below 1/n = 0.01 for site 'site-0'"):
         site_plan(_exp({"mode": "sample", "target_delta": 0.01}), site="site-0", num_train=100)
 
 
 def test_node_config_budget_must_be_a_positive_number() -> None:
-    from client.privacy import RoundPrivacy
+    from medflower.client.privacy import RoundPrivacy
 
     exp = _exp({"mode": "sample"})
     ctx = Context(run_id=1, node_id=1, node_config={"dp-target-epsilon": "strict"}, state=RecordDict(), run_config={})
@@ -85,10 +92,11 @@ def test_node_config_budget_must_be_a_positive_number() -> None:
 
 
 def test_sample_dp_rejects_strategies_that_edit_local_training() -> None:
-    from strategies import build_strategy
-    from strategies.privacy import wrap_privacy
+    from medflower.strategies import build_strategy
+    from medflower.strategies.privacy import wrap_privacy
 
-    exp = ExperimentConfig.from_dict({"partition": {"num_sites": 2}, "strategy": {"name": "fedprox"},
-                                      "privacy": {"mode": "sample"}})
+    exp = ExperimentConfig.from_dict(
+        {"partition": {"num_sites": 2}, "strategy": {"name": "fedprox"}, "privacy": {"mode": "sample"}}
+    )
     with pytest.raises(ConfigError, match="privacy.mode 'sample' cannot be combined with strategy.name 'fedprox'"):
         wrap_privacy(build_strategy(exp, num_sites=2), exp, num_sites=2)

@@ -8,23 +8,25 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client import app as client_app
-from client.privacy import PrivacyLedger, RoundPrivacy, load_ledger, site_plan
 from medflower import keys
+from medflower.client import app as client_app
+from medflower.client.privacy import PrivacyLedger, RoundPrivacy, load_ledger, site_plan
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
-from simulation.sites import build_sites
+from medflower.simulation.sites import build_sites
 
 DELTA = 1e-5
 
 
 def _exp(**privacy) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "data": {"kind": "synthetic", "synthetic_samples": 240, "synthetic_size": 16},
-        "partition": {"kind": "iid", "num_sites": 2},
-        "train": {"rounds": 3, "batch_size": 16, "lr": 0.003},
-        "privacy": {"mode": "sample", "target_epsilon": 4.0, "target_delta": DELTA, **privacy},
-    })
+    return ExperimentConfig.from_dict(
+        {
+            "data": {"kind": "synthetic", "synthetic_samples": 240, "synthetic_size": 16},
+            "partition": {"kind": "iid", "num_sites": 2},
+            "train": {"rounds": 3, "batch_size": 16, "lr": 0.003},
+            "privacy": {"mode": "sample", "target_epsilon": 4.0, "target_delta": DELTA, **privacy},
+        }
+    )
 
 
 def _message(exp: ExperimentConfig, server_round: int) -> Message:
@@ -34,8 +36,13 @@ def _message(exp: ExperimentConfig, server_round: int) -> Message:
 
 
 def _context(**node) -> Context:
-    return Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 2, **node},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 2, **node},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _independent_epsilon(q: float, sigma: float, steps: int, delta: float = DELTA) -> float:
@@ -74,7 +81,8 @@ def test_restarted_client_continues_its_ledger(flower_identity, tmp_path: Path) 
     m = client_app.train(_message(exp, 2), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)})).content[keys.METRICS]
     assert m[keys.DP_STEPS] == 2 * plan.steps_per_round
     assert m[keys.DP_EPSILON] == pytest.approx(
-        _independent_epsilon(plan.sample_rate, plan.noise_multiplier, 2 * plan.steps_per_round), rel=0.01)
+        _independent_epsilon(plan.sample_rate, plan.noise_multiplier, 2 * plan.steps_per_round), rel=0.01
+    )
     # without the checkpoint, a restarted node would have started over (what the ledger prevents)
     fresh = client_app.train(_message(exp, 2), _context()).content[keys.METRICS]
     assert fresh[keys.DP_STEPS] == plan.steps_per_round and fresh[keys.DP_EPSILON] < m[keys.DP_EPSILON]
@@ -104,10 +112,12 @@ def test_site_refuses_when_the_next_round_would_exceed_its_budget(flower_identit
 
 def test_hospital_node_config_makes_the_budget_stricter() -> None:
     exp = _exp()
-    strict = RoundPrivacy.start(exp, _context(**{keys.NODE_DP_TARGET_EPSILON: 1.0}), site="site-0",
-                                num_train=100, server_round=1)
-    loose = RoundPrivacy.start(exp, _context(**{keys.NODE_DP_TARGET_EPSILON: 40.0}), site="site-0",
-                               num_train=100, server_round=1)
+    strict = RoundPrivacy.start(
+        exp, _context(**{keys.NODE_DP_TARGET_EPSILON: 1.0}), site="site-0", num_train=100, server_round=1
+    )
+    loose = RoundPrivacy.start(
+        exp, _context(**{keys.NODE_DP_TARGET_EPSILON: 40.0}), site="site-0", num_train=100, server_round=1
+    )
     assert strict.plan.target_epsilon == 1.0 and loose.plan.target_epsilon == 4.0
     assert strict.plan.noise_multiplier > loose.plan.noise_multiplier
 

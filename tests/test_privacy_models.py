@@ -17,8 +17,19 @@ from medflower.modelspec import build_experiment_model
 from medflower.schema import ConfigError
 from medflower.tasks import logits_of, make_loss
 
-VIT = dict(in_channels=1, img_size=(16, 16), patch_size=4, hidden_size=32, mlp_dim=64, num_layers=2,
-           num_heads=4, classification=True, num_classes=3, spatial_dims=2, post_activation=None)
+VIT = dict(
+    in_channels=1,
+    img_size=(16, 16),
+    patch_size=4,
+    hidden_size=32,
+    mlp_dim=64,
+    num_layers=2,
+    num_heads=4,
+    classification=True,
+    num_classes=3,
+    spatial_dims=2,
+    post_activation=None,
+)
 
 
 def _assert_per_sample_grads_match(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> None:
@@ -35,7 +46,7 @@ def _assert_per_sample_grads_match(model: torch.nn.Module, x: torch.Tensor, y: t
         model.zero_grad(set_to_none=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch: full backward hooks (disabled) with input not requiring grad
-            loss_fn(logits_of(model(x[i:i + 1])), y[i:i + 1]).backward()
+            loss_fn(logits_of(model(x[i : i + 1])), y[i : i + 1]).backward()
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(got[n][i], p.grad, rtol=1e-4, atol=1e-6, msg=f"{n}, sample {i}")
@@ -45,8 +56,9 @@ def _assert_per_sample_grads_match(model: torch.nn.Module, x: torch.Tensor, y: t
 def test_cnn_with_batchnorm_is_fixed_and_per_sample_exact() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(name="cnn", norm="batch")
-    model = make_dp_compatible(build_model(cfg, in_channels=1, out_channels=2, img_size=(16, 16)), cfg,
-                               in_channels=1, img_size=(16, 16))
+    model = make_dp_compatible(
+        build_model(cfg, in_channels=1, out_channels=2, img_size=(16, 16)), cfg, in_channels=1, img_size=(16, 16)
+    )
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.modules())
     _assert_per_sample_grads_match(model, torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 1, 0]), "classification")
@@ -67,21 +79,31 @@ def test_dpvit_is_monai_vit_and_per_sample_exact() -> None:
 def test_unet_segmentation_per_sample_exact() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig(name="unet", params={"channels": (8, 16), "strides": (2,), "num_res_units": 1})
-    model = make_dp_compatible(build_model(cfg, in_channels=1, out_channels=2, img_size=(16, 16), task="segmentation"),
-                               cfg, in_channels=1, img_size=(16, 16))
+    model = make_dp_compatible(
+        build_model(cfg, in_channels=1, out_channels=2, img_size=(16, 16), task="segmentation"),
+        cfg,
+        in_channels=1,
+        img_size=(16, 16),
+    )
     y = (torch.rand(3, 1, 16, 16) > 0.5).long()
     _assert_per_sample_grads_match(model, torch.randn(3, 1, 16, 16), y, "segmentation")
 
 
 def _exp(model: dict) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "data": {"kind": "synthetic", "synthetic_samples": 100, "synthetic_size": 16},
-        "model": model, "privacy": {"mode": "sample"}})
+    return ExperimentConfig.from_dict(
+        {
+            "data": {"kind": "synthetic", "synthetic_samples": 100, "synthetic_size": 16},
+            "model": model,
+            "privacy": {"mode": "sample"},
+        }
+    )
 
 
 def test_server_and_sites_build_the_same_dp_model() -> None:
-    a, b = build_experiment_model(_exp({"name": "cnn", "norm": "batch"})), build_experiment_model(
-        _exp({"name": "cnn", "norm": "batch"}))
+    a, b = (
+        build_experiment_model(_exp({"name": "cnn", "norm": "batch"})),
+        build_experiment_model(_exp({"name": "cnn", "norm": "batch"})),
+    )
     assert list(a.state_dict()) == list(b.state_dict())
     assert not any("running_mean" in k for k in a.state_dict())
 

@@ -6,17 +6,19 @@ import json
 import math
 
 from medflower.config import quickstart_experiment
-from server.loop import History, RoundRecord
-from server.results import select_round, summary_dict, write_summary
+from medflower.server.loop import History, RoundRecord
+from medflower.server.results import select_round, summary_dict, write_summary
 
 
 def _hist() -> History:
-    return History(rounds=[
-        RoundRecord(round=1, evaluate={"eval-loss": 0.50}, global_test={"auc": 0.70, "loss": 0.1}),
-        RoundRecord(round=2, evaluate={"eval-loss": 0.30}, global_test={"auc": 0.80, "loss": 0.9}),
-        RoundRecord(round=3, evaluate={"eval-loss": math.nan}, global_test={"auc": 0.99, "loss": 0.0}),
-        RoundRecord(round=4, evaluate={"eval-loss": 0.40}, global_test={"auc": math.nan}),
-    ])
+    return History(
+        rounds=[
+            RoundRecord(round=1, evaluate={"eval-loss": 0.50}, global_test={"auc": 0.70, "loss": 0.1}),
+            RoundRecord(round=2, evaluate={"eval-loss": 0.30}, global_test={"auc": 0.80, "loss": 0.9}),
+            RoundRecord(round=3, evaluate={"eval-loss": math.nan}, global_test={"auc": 0.99, "loss": 0.0}),
+            RoundRecord(round=4, evaluate={"eval-loss": 0.40}, global_test={"auc": math.nan}),
+        ]
+    )
 
 
 def test_selects_lowest_validation_loss_not_best_test() -> None:

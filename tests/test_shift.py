@@ -7,7 +7,7 @@ import pytest
 
 from medflower.config import ConfigError, ExperimentConfig
 from medflower.config.shift import PRESETS, ShiftProfile, preset_profile
-from simulation.shift import SiteScanner
+from medflower.simulation.shift import SiteScanner
 
 LOW, HIGH = -1.0, 1.0
 
@@ -25,9 +25,14 @@ def scanner(profile: ShiftProfile, *, seed: int = 0, site: int = 0, size: int = 
 
 
 def exp_with(shift: dict, seed: int = 0, **partition) -> ExperimentConfig:
-    return ExperimentConfig.from_dict({
-        "seed": seed, "data": {"kind": "synthetic", "synthetic_samples": 120},
-        "partition": {"kind": "iid", "num_sites": 3, "min_site_size": 5, **partition}, "shift": shift})
+    return ExperimentConfig.from_dict(
+        {
+            "seed": seed,
+            "data": {"kind": "synthetic", "synthetic_samples": 120},
+            "partition": {"kind": "iid", "num_sites": 3, "min_site_size": 5, **partition},
+            "shift": shift,
+        }
+    )
 
 
 def test_same_seed_same_images_different_seed_or_site_differs() -> None:
@@ -67,16 +72,28 @@ def test_noise_is_fresh_per_image_and_per_split() -> None:
     assert (tr - x).std() == pytest.approx(0.2, rel=0.15)
 
 
-@pytest.mark.parametrize("profile, check", [
-    (ShiftProfile(intensity_scale=0.5), lambda x, y: (y - LOW).mean() == pytest.approx(0.5 * (x - LOW).mean(), rel=1e-4)),
-    (ShiftProfile(intensity_shift=0.25), lambda x, y: (y - x).mean() == pytest.approx(0.5, rel=1e-4)),
-    (ShiftProfile(gamma=2.0), lambda x, y: y.mean() < x.mean() - 0.05),
-    (ShiftProfile(blur_sigma=1.5), lambda x, y: np.abs(np.diff(y, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean()),
-    (ShiftProfile(downsample=4.0), lambda x, y: np.abs(np.diff(y, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean()),
-    (ShiftProfile(gibbs_alpha=0.6), lambda x, y: 0.02 < np.abs(y - x).mean() < 0.3),
-    (ShiftProfile(kspace_spike=0.2), lambda x, y: np.abs(np.fft.fft2((y - x)[:, 0])).max(axis=(1, 2)).min() > 20),
-    (ShiftProfile(noise="rician", noise_std=0.05), lambda x, y: y.std() > x.std()),
-])
+@pytest.mark.parametrize(
+    "profile, check",
+    [
+        (
+            ShiftProfile(intensity_scale=0.5),
+            lambda x, y: (y - LOW).mean() == pytest.approx(0.5 * (x - LOW).mean(), rel=1e-4),
+        ),
+        (ShiftProfile(intensity_shift=0.25), lambda x, y: (y - x).mean() == pytest.approx(0.5, rel=1e-4)),
+        (ShiftProfile(gamma=2.0), lambda x, y: y.mean() < x.mean() - 0.05),
+        (
+            ShiftProfile(blur_sigma=1.5),
+            lambda x, y: np.abs(np.diff(y, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean(),
+        ),
+        (
+            ShiftProfile(downsample=4.0),
+            lambda x, y: np.abs(np.diff(y, axis=-1)).mean() < 0.6 * np.abs(np.diff(x, axis=-1)).mean(),
+        ),
+        (ShiftProfile(gibbs_alpha=0.6), lambda x, y: 0.02 < np.abs(y - x).mean() < 0.3),
+        (ShiftProfile(kspace_spike=0.2), lambda x, y: np.abs(np.fft.fft2((y - x)[:, 0])).max(axis=(1, 2)).min() > 20),
+        (ShiftProfile(noise="rician", noise_std=0.05), lambda x, y: y.std() > x.std()),
+    ],
+)
 def test_each_parameter_changes_images_as_documented(profile: ShiftProfile, check) -> None:
     x = images()
     y = scanner(profile).apply(x, "train")
@@ -89,13 +106,14 @@ def test_rgb_and_3d_images_keep_their_shape() -> None:
     out = scanner(preset_profile("mr-old-scanner")).apply(rgb, "val")
     assert out.shape == rgb.shape
     vol = np.random.default_rng(0).random((2, 1, 8, 8, 8)).astype(np.float32)
-    sc3 = SiteScanner(profile=preset_profile("strong"), seed=0, site_index=0, value_range=(0.0, 1.0),
-                      spatial_shape=(8, 8, 8))
+    sc3 = SiteScanner(
+        profile=preset_profile("strong"), seed=0, site_index=0, value_range=(0.0, 1.0), spatial_shape=(8, 8, 8)
+    )
     assert sc3.apply(vol, "train").shape == vol.shape
 
 
 def test_build_sites_shifts_named_sites_in_every_split_deterministically() -> None:
-    from simulation.sites import _build, build_sites
+    from medflower.simulation.sites import _build, build_sites
 
     plain = build_sites(exp_with({}))
     exp = exp_with({"sites": {"site-1": "strong", "site-2": {"preset": "mild", "noise_std": 0.1}}})
@@ -118,11 +136,17 @@ def test_shift_yaml_forms_round_trip_and_errors_name_the_key() -> None:
     assert exp.shift.profile("site-2") == ShiftProfile(**{**PRESETS["strong"], "gamma": 0.8})
     assert exp.shift.profile("site-1").is_identity()
     assert ExperimentConfig.from_json(exp.to_json()) == exp
-    with pytest.raises(ConfigError, match=r"shift\.sites\.site-5: no such site; with partition\.num_sites=3 the "
-                                          r"sites are site-0, site-1, site-2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"shift\.sites\.site-5: no such site; with partition\.num_sites=3 the "
+        r"sites are site-0, site-1, site-2",
+    ):
         exp_with({"sites": {"site-5": "strong"}})
-    with pytest.raises(ConfigError, match=r"shift\.sites\.site-1: unknown preset 'strng'; valid presets are none, mild, "
-                                          r"strong"):
+    with pytest.raises(
+        ConfigError,
+        match=r"shift\.sites\.site-1: unknown preset 'strng'; valid presets are none, mild, "
+        r"strong",
+    ):
         exp_with({"sites": {"site-1": "strng"}})
     with pytest.raises(ConfigError, match=r"shift\.sites\.site-1\.preset: unknown preset 'x'"):
         exp_with({"sites": {"site-1": {"preset": "x"}}})

@@ -17,8 +17,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_quickstart_learns_through_flower(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    proc = subprocess.run([sys.executable, "-m", "medflower.cli", "simulate", "-o", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medflower.cli", "simulate", "-o", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     rounds = summary["rounds"]
@@ -36,8 +42,13 @@ def test_quickstart_learns_through_flower(tmp_path: Path) -> None:
 def test_bad_experiment_exits_with_a_named_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {rounds: -1}\n")
-    proc = subprocess.run([sys.executable, "-m", "medflower.cli", "simulate", str(bad)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "medflower.cli", "simulate", str(bad)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "bad.yaml: train.rounds: must be >= 1, got -1" in proc.stderr
 
@@ -46,12 +57,17 @@ def test_bad_experiment_exits_with_a_named_error(tmp_path: Path) -> None:
 def test_batchnorm_model_federates(tmp_path: Path) -> None:
     """BatchNorm's 0-d int64 `num_batches_tracked` survives aggregation, screening and reloading."""
     from medflower.config import ExperimentConfig
-    from simulation.runner import simulate
+    from medflower.simulation.runner import simulate
 
-    exp = ExperimentConfig.from_dict({
-        "name": "bn", "data": {"kind": "synthetic", "synthetic_samples": 200},
-        "partition": {"num_sites": 2, "alpha": 5.0}, "model": {"name": "cnn", "norm": "batch"},
-        "train": {"rounds": 2}})
+    exp = ExperimentConfig.from_dict(
+        {
+            "name": "bn",
+            "data": {"kind": "synthetic", "synthetic_samples": 200},
+            "partition": {"num_sites": 2, "alpha": 5.0},
+            "model": {"name": "cnn", "norm": "batch"},
+            "train": {"rounds": 2},
+        }
+    )
     summary = simulate(exp, tmp_path / "bn")
     assert [r["aggregated"] for r in summary["rounds"]] == [True, True], summary["rounds"][-1]["failures"]
     assert all(not r["failures"] for r in summary["rounds"])

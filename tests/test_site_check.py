@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from client.site import load_site_config, run_check
 from medflower.cli import main as cli_main
+from medflower.client.site import load_site_config, run_check
 from medflower.config import ConfigError, ExperimentConfig
 
 NIFTI = "nifti"
@@ -39,20 +39,33 @@ def _check(site: Path) -> tuple[int, str]:
 
 
 def _nifti_site(tmp_path: Path, image: Path, mask: Path) -> Path:
-    return _site(tmp_path, "segmentation",
-                 {"kind": "manifest", "path": _manifest(tmp_path, ["image", "label"], [[image, mask]])})
+    return _site(
+        tmp_path, "segmentation", {"kind": "manifest", "path": _manifest(tmp_path, ["image", "label"], [[image, mask]])}
+    )
 
 
 def test_nifti_image_and_mask_pass(shared_data: Path, tmp_path: Path) -> None:
-    rc, out = _check(_nifti_site(tmp_path, shared_data / NIFTI / "anatomical.nii",
-                                 shared_data / NIFTI / "monai_anatomical_label.nii.gz"))
+    rc, out = _check(
+        _nifti_site(
+            tmp_path, shared_data / NIFTI / "anatomical.nii", shared_data / NIFTI / "monai_anatomical_label.nii.gz"
+        )
+    )
     assert rc == 0, out
     assert "readable: 1/1" in out and "33x41x25" in out and "2.0x2.0x2.0" in out and "site check OK" in out
 
 
 def test_png_folder_pair_passes_with_label_balance(shared_data: Path, tmp_path: Path) -> None:
-    site = _site(tmp_path, "segmentation", {"kind": "folders", "path": str(shared_data / ISBI), "image_dir": "image",
-                                             "label_dir": "label", "mask_values": [0, 255]})
+    site = _site(
+        tmp_path,
+        "segmentation",
+        {
+            "kind": "folders",
+            "path": str(shared_data / ISBI),
+            "image_dir": "image",
+            "label_dir": "label",
+            "mask_values": [0, 255],
+        },
+    )
     rc, out = _check(site)
     assert rc == 0, out
     assert "readable: 30/30" in out and "512x512 (x30)" in out and "stored mask values: [0, 255]" in out
@@ -68,8 +81,17 @@ def _dicom_identifiers(paths: list[Path]) -> set[str]:
         files = sorted(p.iterdir()) if p.is_dir() else [p]
         for f in files:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-            for tag in ("PatientName", "PatientID", "PatientBirthDate", "StudyDate", "SeriesDate",
-                        "AcquisitionDate", "InstitutionName", "ReferringPhysicianName", "AccessionNumber"):
+            for tag in (
+                "PatientName",
+                "PatientID",
+                "PatientBirthDate",
+                "StudyDate",
+                "SeriesDate",
+                "AcquisitionDate",
+                "InstitutionName",
+                "ReferringPhysicianName",
+                "AccessionNumber",
+            ):
                 v = str(ds.get(tag, "") or "").strip()
                 if len(v) >= 3:
                     values.add(v)
@@ -77,12 +99,16 @@ def _dicom_identifiers(paths: list[Path]) -> set[str]:
 
 
 @pytest.mark.parametrize("files", [["CT_small.dcm", "MR_small.dcm"], ["monai_CT_DICOM"], ["emri_small.dcm"]])
-def test_dicom_files_and_series_pass_and_no_identifier_is_printed(shared_data: Path, tmp_path: Path,
-                                                                   files: list[str]) -> None:
+def test_dicom_files_and_series_pass_and_no_identifier_is_printed(
+    shared_data: Path, tmp_path: Path, files: list[str]
+) -> None:
     paths = [shared_data / "dicom" / f for f in files]
     rows = [[p, k % 2, f"pseudo-{k}"] for k, p in enumerate(paths)]
-    site = _site(tmp_path, "classification", {"kind": "manifest",
-                                              "path": _manifest(tmp_path, ["image", "label", "patient_id"], rows)})
+    site = _site(
+        tmp_path,
+        "classification",
+        {"kind": "manifest", "path": _manifest(tmp_path, ["image", "label", "patient_id"], rows)},
+    )
     rc, out = _check(site)
     assert rc == 0, out
     assert f"readable: {len(files)}/{len(files)}" in out and "dicom" in out
@@ -123,10 +149,15 @@ def test_mask_on_another_grid_fails_naming_the_mask(shared_data: Path, tmp_path:
 
 
 def test_missing_file_fails_naming_it(shared_data: Path, tmp_path: Path) -> None:
-    rows = [[shared_data / ISBI / "image" / "0.png", shared_data / ISBI / "label" / "0.png"],
-            [tmp_path / "gone.png", shared_data / ISBI / "label" / "1.png"]]
-    site = _site(tmp_path, "segmentation", {"kind": "manifest", "mask_values": [0, 255],
-                                             "path": _manifest(tmp_path, ["image", "label"], rows)})
+    rows = [
+        [shared_data / ISBI / "image" / "0.png", shared_data / ISBI / "label" / "0.png"],
+        [tmp_path / "gone.png", shared_data / ISBI / "label" / "1.png"],
+    ]
+    site = _site(
+        tmp_path,
+        "segmentation",
+        {"kind": "manifest", "mask_values": [0, 255], "path": _manifest(tmp_path, ["image", "label"], rows)},
+    )
     rc, out = _check(site)
     assert rc == 1
     assert "manifest.csv row 3" in out and "gone.png: file not found" in out and "readable: 1/2" in out
@@ -134,29 +165,41 @@ def test_missing_file_fails_naming_it(shared_data: Path, tmp_path: Path) -> None
 
 def test_patient_in_two_explicit_splits_fails_without_its_id(shared_data: Path, tmp_path: Path) -> None:
     img = shared_data / ISBI
-    rows = [[img / "image" / f"{i}.png", img / "label" / f"{i}.png", "DOE^JANE", s]
-            for i, s in enumerate(["train", "test"])]
-    site = _site(tmp_path, "segmentation", {"kind": "manifest", "mask_values": [0, 255], "path": _manifest(
-        tmp_path, ["image", "label", "patient_id", "split"], rows)})
+    rows = [
+        [img / "image" / f"{i}.png", img / "label" / f"{i}.png", "DOE^JANE", s] for i, s in enumerate(["train", "test"])
+    ]
+    site = _site(
+        tmp_path,
+        "segmentation",
+        {
+            "kind": "manifest",
+            "mask_values": [0, 255],
+            "path": _manifest(tmp_path, ["image", "label", "patient_id", "split"], rows),
+        },
+    )
     rc, out = _check(site)
     assert rc == 1 and "more than one split" in out and "row 2 (train)" in out and "row 3 (test)" in out
     assert "DOE" not in out
 
 
 def test_cli_site_check_exit_codes(shared_data: Path, tmp_path: Path, capsys) -> None:
-    good = _nifti_site(tmp_path, shared_data / NIFTI / "anatomical.nii",
-                       shared_data / NIFTI / "monai_anatomical_label.nii.gz")
+    good = _nifti_site(
+        tmp_path, shared_data / NIFTI / "anatomical.nii", shared_data / NIFTI / "monai_anatomical_label.nii.gz"
+    )
     assert cli_main(["site", "check", str(good)]) == 0
     assert cli_main(["site", "check", str(tmp_path / "nope.yaml")]) == 2
     assert "site file not found" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("raw, match", [
-    ({"name": "Dr Smith's PC", "task": "classification", "data": {"kind": "manifest", "path": "m.csv"}}, "name:"),
-    ({"name": "a", "task": "classification", "data": {"kind": "synthetic"}}, "data.kind: a site reads its own"),
-    ({"name": "a", "data": {"kind": "manifest", "path": "m.csv"}}, "task: required"),
-    ({"name": "a", "task": "detection", "data": {"kind": "manifest", "path": "m.csv"}}, "task: invalid value"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"name": "Dr Smith's PC", "task": "classification", "data": {"kind": "manifest", "path": "m.csv"}}, "name:"),
+        ({"name": "a", "task": "classification", "data": {"kind": "synthetic"}}, "data.kind: a site reads its own"),
+        ({"name": "a", "data": {"kind": "manifest", "path": "m.csv"}}, "task: required"),
+        ({"name": "a", "task": "detection", "data": {"kind": "manifest", "path": "m.csv"}}, "task: invalid value"),
+    ],
+)
 def test_site_yaml_errors_name_the_file_and_key(tmp_path: Path, raw: dict, match: str) -> None:
     path = tmp_path / "site.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -165,11 +208,24 @@ def test_site_yaml_errors_name_the_file_and_key(tmp_path: Path, raw: dict, match
 
 
 def test_site_inherits_preparation_from_the_experiment_and_keeps_its_own(tmp_path: Path) -> None:
-    site = _site(tmp_path, "segmentation", {"kind": "folders", "path": "data", "image_dir": "img",
-                                             "val_fraction": 0.3, "mask_values": [0, 1]})
-    exp = ExperimentConfig.from_dict({"task": "segmentation", "data": {
-        "kind": "synthetic", "size": [64, 64], "intensity": "window", "window": [0, 255], "mask_values": [0, 255],
-        "val_fraction": 0.05}})
+    site = _site(
+        tmp_path,
+        "segmentation",
+        {"kind": "folders", "path": "data", "image_dir": "img", "val_fraction": 0.3, "mask_values": [0, 1]},
+    )
+    exp = ExperimentConfig.from_dict(
+        {
+            "task": "segmentation",
+            "data": {
+                "kind": "synthetic",
+                "size": [64, 64],
+                "intensity": "window",
+                "window": [0, 255],
+                "mask_values": [0, 255],
+                "val_fraction": 0.05,
+            },
+        }
+    )
     cfg = load_site_config(site, exp)
     assert cfg.data.size == (64, 64) and cfg.data.window == (0.0, 255.0)  # from the experiment
     assert cfg.data.mask_values == (0, 1) and cfg.data.val_fraction == 0.3  # the site's own
@@ -182,8 +238,8 @@ def test_deployed_client_trains_on_its_site_yaml(shared_data: Path, tmp_path: Pa
     """The ClientApp with ``site-config`` (deployment) reads the hospital's files, not a simulated partition."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-    from client import app as client_app
     from medflower import keys
+    from medflower.client import app as client_app
     from medflower.modelspec import build_experiment_model
 
     root = tmp_path / "hospital"
@@ -191,28 +247,54 @@ def test_deployed_client_trains_on_its_site_yaml(shared_data: Path, tmp_path: Pa
         (root / sub).mkdir(parents=True)
         for i in range(6):
             shutil.copy(shared_data / ISBI / sub / f"{i}.png", root / sub / f"{i}.png")
-    site = _site(tmp_path, "segmentation", {"kind": "folders", "path": "hospital", "image_dir": "image",
-                                             "label_dir": "label", "val_fraction": 0.2, "test_fraction": 0.2},
-                 name="st-elsewhere")
-    exp = ExperimentConfig.from_dict({
-        "task": "segmentation",
-        "data": {"kind": "synthetic", "size": [32, 32], "intensity": "window", "window": [0, 255],
-                 "mask_values": [255, 0]},
-        "model": {"name": "unet", "in_channels": 1, "out_channels": 2, "img_size": [32, 32]},
-        "train": {"batch_size": 2},
-    })
+    site = _site(
+        tmp_path,
+        "segmentation",
+        {
+            "kind": "folders",
+            "path": "hospital",
+            "image_dir": "image",
+            "label_dir": "label",
+            "val_fraction": 0.2,
+            "test_fraction": 0.2,
+        },
+        name="st-elsewhere",
+    )
+    exp = ExperimentConfig.from_dict(
+        {
+            "task": "segmentation",
+            "data": {
+                "kind": "synthetic",
+                "size": [32, 32],
+                "intensity": "window",
+                "window": [0, 255],
+                "mask_values": [255, 0],
+            },
+            "model": {"name": "unet", "in_channels": 1, "out_channels": 2, "img_size": [32, 32]},
+            "train": {"batch_size": 2},
+        }
+    )
     model = build_experiment_model(exp)
-    ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_SITE_CONFIG: str(site)}, state=RecordDict(),
-                  run_config={})
+    ctx = Context(
+        run_id=1, node_id=1, node_config={keys.NODE_SITE_CONFIG: str(site)}, state=RecordDict(), run_config={}
+    )
     cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1})
-    msg = Message(content=RecordDict({keys.ARRAYS: ArrayRecord(model.state_dict()), keys.CONFIG: cfg}),
-                  dst_node_id=1, message_type="train")
+    msg = Message(
+        content=RecordDict({keys.ARRAYS: ArrayRecord(model.state_dict()), keys.CONFIG: cfg}),
+        dst_node_id=1,
+        message_type="train",
+    )
     reply = client_app.train(msg, ctx)
     assert reply.content[keys.SITE][keys.SITE_NAME] == "st-elsewhere"
     assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 4  # 6 images: 1 val, 1 test, 4 train
     cfg_ev = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1, keys.EVAL_SPLIT: "test"})
-    ev = client_app.evaluate_(Message(content=RecordDict({keys.ARRAYS: reply.content[keys.ARRAYS],
-                                                          keys.CONFIG: cfg_ev}), dst_node_id=1,
-                                      message_type="evaluate"), ctx)
+    ev = client_app.evaluate_(
+        Message(
+            content=RecordDict({keys.ARRAYS: reply.content[keys.ARRAYS], keys.CONFIG: cfg_ev}),
+            dst_node_id=1,
+            message_type="evaluate",
+        ),
+        ctx,
+    )
     m = ev.content[keys.METRICS]
     assert 0.0 <= m["test-dice"] <= 1.0 and m["test-hd95"] >= 0.0

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulation.partition import PartitionError, assign, dirichlet_proportions, partition_proportions
+from medflower.simulation.partition import PartitionError, assign, dirichlet_proportions, partition_proportions
 
 
 def labels_of(n: int, k: int, seed: int = 0) -> np.ndarray:
@@ -15,8 +15,13 @@ def labels_of(n: int, k: int, seed: int = 0) -> np.ndarray:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(30, 400), k=st.integers(1, 6), sites=st.integers(1, 6),
-       alpha=st.floats(0.05, 50), seed=st.integers(0, 2**31))
+@given(
+    n=st.integers(30, 400),
+    k=st.integers(1, 6),
+    sites=st.integers(1, 6),
+    alpha=st.floats(0.05, 50),
+    seed=st.integers(0, 2**31),
+)
 def test_disjoint_and_complete(n: int, k: int, sites: int, alpha: float, seed: int) -> None:
     labels = labels_of(n, k, seed)
     props = dirichlet_proportions(k, sites, alpha, np.random.default_rng(seed))
@@ -38,8 +43,9 @@ def test_same_seed_same_partition_different_seed_differs() -> None:
 
 def test_min_site_size_is_enforced() -> None:
     labels = labels_of(300, 2)
-    props = partition_proportions(labels, num_classes=2, num_sites=5, kind="dirichlet", alpha=0.1,
-                                  min_site_size=20, seed=0)
+    props = partition_proportions(
+        labels, num_classes=2, num_sites=5, kind="dirichlet", alpha=0.1, min_site_size=20, seed=0
+    )
     sizes = [len(p) for p in assign(labels, props, np.random.default_rng(0))]
     assert min(sizes) >= 20 and sum(sizes) == 300
 

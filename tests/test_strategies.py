@@ -14,30 +14,32 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from client import app as client_app
-from client.strategy_hooks import STATE_CI, STATE_LOCAL, STATE_PERSONAL, SiteStrategy, proximal_term
-from client.train import LocalHooks, TrainStats, make_loader, train_epochs
 from medflower import keys
+from medflower.client import app as client_app
+from medflower.client.strategy_hooks import STATE_CI, STATE_LOCAL, STATE_PERSONAL, SiteStrategy, proximal_term
+from medflower.client.train import LocalHooks, TrainStats, make_loader, train_epochs
 from medflower.config import ConfigError, load_experiment, quickstart_experiment
 from medflower.config.attack import AttackConfig
 from medflower.config.strategy import STRATEGY_NAMES, StrategyConfig
 from medflower.modelspec import build_experiment_model
-from server.loop import RoundAborted, run_rounds
-from simulation.attack import poison
-from simulation.inprocess import InProcessGrid
-from strategies import build_strategy, load_strategy_state, strategy_state_dict
-from strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
+from medflower.server.loop import RoundAborted, run_rounds
+from medflower.simulation.attack import poison
+from medflower.simulation.inprocess import InProcessGrid
+from medflower.strategies import build_strategy, load_strategy_state, strategy_state_dict
+from medflower.strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def exp_with(name: str, **params):
     exp = quickstart_experiment()
-    return replace(exp, data=replace(exp.data, synthetic_samples=200),
-                   strategy=StrategyConfig(name=name, params=params))
+    return replace(
+        exp, data=replace(exp.data, synthetic_samples=200), strategy=StrategyConfig(name=name, params=params)
+    )
 
 
 # ---- configuration -----------------------------------------------------------------------------
+
 
 def _yaml(tmp_path: Path, text: str) -> Path:
     p = tmp_path / "exp.yaml"
@@ -47,26 +49,38 @@ def _yaml(tmp_path: Path, text: str) -> Path:
 
 def test_unknown_param_names_the_key_and_lists_valid_ones(tmp_path):
     p = _yaml(tmp_path, "strategy:\n  name: fedadam\n  params: {etaa: 0.1}\n")
-    with pytest.raises(ConfigError, match=r"exp\.yaml: strategy\.params\.etaa: not a parameter of 'fedadam'; "
-                                          r"valid parameters are eta, beta_1, beta_2, tau"):
+    with pytest.raises(
+        ConfigError,
+        match=r"exp\.yaml: strategy\.params\.etaa: not a parameter of 'fedadam'; "
+        r"valid parameters are eta, beta_1, beta_2, tau",
+    ):
         load_experiment(p)
-    with pytest.raises(ConfigError, match=r"strategy\.params\.beta: not a parameter of 'fedavg'; 'fedavg' takes "
-                                          r"no parameters"):
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy\.params\.beta: not a parameter of 'fedavg'; 'fedavg' takes "
+        r"no parameters",
+    ):
         load_experiment(_yaml(tmp_path, "strategy: {name: fedavg, params: {beta: 0.1}}\n"))
 
 
 def test_bad_name_lists_valid_names(tmp_path):
-    with pytest.raises(ConfigError, match=r"strategy\.name: invalid value 'fedsgd'; valid choices are .*'fedavg'.*"
-                                          r"'scaffold'.*'ditto'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"strategy\.name: invalid value 'fedsgd'; valid choices are .*'fedavg'.*"
+        r"'scaffold'.*'ditto'",
+    ):
         load_experiment(_yaml(tmp_path, "strategy: {name: fedsgd}\n"))
 
 
-@pytest.mark.parametrize("params, message", [
-    ("{name: fedtrimmedavg, params: {beta: 0.7}}", r"strategy\.params\.beta: must be <= 0.499"),
-    ("{name: fedprox, params: {proximal_mu: high}}", r"strategy\.params\.proximal_mu: expected a number"),
-    ("{name: krum, params: {num_malicious_nodes: -1}}", r"strategy\.params\.num_malicious_nodes: must be >= 0"),
-    ("{name: fedavg, max_update_norm: 0}", r"strategy\.max_update_norm: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ("{name: fedtrimmedavg, params: {beta: 0.7}}", r"strategy\.params\.beta: must be <= 0.499"),
+        ("{name: fedprox, params: {proximal_mu: high}}", r"strategy\.params\.proximal_mu: expected a number"),
+        ("{name: krum, params: {num_malicious_nodes: -1}}", r"strategy\.params\.num_malicious_nodes: must be >= 0"),
+        ("{name: fedavg, max_update_norm: 0}", r"strategy\.max_update_norm: must be > 0"),
+    ],
+)
 def test_param_values_are_validated(tmp_path, params, message):
     with pytest.raises(ConfigError, match=message):
         load_experiment(_yaml(tmp_path, f"strategy: {params}\n"))
@@ -116,6 +130,7 @@ def test_readme_documents_every_strategy():
 
 # ---- update screening in every strategy --------------------------------------------------------
 
+
 def _global_and_layout(name: str):
     exp = exp_with(name, **({"num_malicious_nodes": 0} if name == "bulyan" else {}))
     model = build_experiment_model(exp)
@@ -126,9 +141,10 @@ def _global_and_layout(name: str):
 def _good_reply(name, g, params, strategy, i, rng):
     local = set(getattr(strategy.strategy, "local_keys", []))
     arrays = {k: (v + rng.normal(scale=0.01, size=v.shape)).astype(v.dtype) for k, v in g.items() if k not in local}
-    extra = ({keys.SCAFFOLD_DC: arrays_of({k: np.zeros_like(g[k]) for k in params})} if name == "scaffold" else {})
-    return make_reply(arrays, num_examples=20 + i, site=f"site-{i}", extra_records=extra,
-                      metrics={keys.TRAIN_LOSS: 0.5})
+    extra = {keys.SCAFFOLD_DC: arrays_of({k: np.zeros_like(g[k]) for k in params})} if name == "scaffold" else {}
+    return make_reply(
+        arrays, num_examples=20 + i, site=f"site-{i}", extra_records=extra, metrics={keys.TRAIN_LOSS: 0.5}
+    )
 
 
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
@@ -167,15 +183,18 @@ def _screen(strategy, g, reply):
 G = {"w": np.zeros((2, 2), np.float32), "step": np.zeros((), np.int64)}
 
 
-@pytest.mark.parametrize("arrays, weight, metrics, reason", [
-    ({"w": np.full((2, 2), np.inf, np.float32), "step": np.zeros((), np.int64)}, 5, {}, "not finite (0 NaN, 4 Inf"),
-    ({"w": np.zeros((2, 2), np.float64), "step": np.zeros((), np.int64)}, 5, {}, "dtype float64"),
-    ({"w": np.zeros((2, 2), np.float32)}, 5, {}, "missing array(s) step"),
-    ({**G, "extra": np.zeros(1, np.float32)}, 5, {}, "unexpected array(s) extra"),
-    (G, 0, {}, "must be a finite number > 0"),
-    (G, float("nan"), {}, "must be a finite number > 0"),
-    (G, 5, {keys.TRAIN_LOSS: float("nan")}, "metric 'train-loss' is not finite"),
-])
+@pytest.mark.parametrize(
+    "arrays, weight, metrics, reason",
+    [
+        ({"w": np.full((2, 2), np.inf, np.float32), "step": np.zeros((), np.int64)}, 5, {}, "not finite (0 NaN, 4 Inf"),
+        ({"w": np.zeros((2, 2), np.float64), "step": np.zeros((), np.int64)}, 5, {}, "dtype float64"),
+        ({"w": np.zeros((2, 2), np.float32)}, 5, {}, "missing array(s) step"),
+        ({**G, "extra": np.zeros(1, np.float32)}, 5, {}, "unexpected array(s) extra"),
+        (G, 0, {}, "must be a finite number > 0"),
+        (G, float("nan"), {}, "must be a finite number > 0"),
+        (G, 5, {keys.TRAIN_LOSS: float("nan")}, "metric 'train-loss' is not finite"),
+    ],
+)
 def test_rejection_reasons(arrays, weight, metrics, reason):
     s = build_strategy(exp_with("fedavg"), num_sites=1)
     valid, rejected = _screen(s, G, make_reply(arrays, num_examples=weight, site="hospital-a", metrics=metrics))
@@ -212,12 +231,15 @@ def test_nonfinite_aggregate_is_discarded_and_server_state_rolled_back(caplog):
 
 def test_inconsistent_evaluate_metrics_do_not_crash():
     s = build_strategy(exp_with("fedavg"), num_sites=2)
-    replies = [make_reply(None, num_examples=3, site="a", metrics={"val-accuracy": 0.5}, message_type="evaluate"),
-               make_reply(None, num_examples=3, site="b", metrics={"other": 0.5}, message_type="evaluate")]
+    replies = [
+        make_reply(None, num_examples=3, site="a", metrics={"val-accuracy": 0.5}, message_type="evaluate"),
+        make_reply(None, num_examples=3, site="b", metrics={"other": 0.5}, message_type="evaluate"),
+    ]
     assert s.aggregate_evaluate(1, replies) is None
 
 
 # ---- the round loop counts rejected updates as failures ----------------------------------------
+
 
 def _fake_app(bad_site: int) -> ClientApp:
     """Sites that 'train' instantly: site ``bad_site`` sends NaN weights."""
@@ -229,16 +251,24 @@ def _fake_app(bad_site: int) -> ClientApp:
         w = msg.content[keys.ARRAYS]["w"].numpy() + 1.0
         if pid == bad_site:
             w = w * np.nan
-        content = RecordDict({keys.ARRAYS: arrays_of({"w": w.astype(np.float32)}),
-                              keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 0.1}),
-                              keys.SITE: ConfigRecord({keys.SITE_NAME: f"site-{pid}"})})
+        content = RecordDict(
+            {
+                keys.ARRAYS: arrays_of({"w": w.astype(np.float32)}),
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 0.1}),
+                keys.SITE: ConfigRecord({keys.SITE_NAME: f"site-{pid}"}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         pid = int(context.node_config[keys.NODE_PARTITION_ID])
-        content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, "val-accuracy": 0.5}),
-                              keys.SITE: ConfigRecord({keys.SITE_NAME: f"site-{pid}"})})
+        content = RecordDict(
+            {
+                keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, "val-accuracy": 0.5}),
+                keys.SITE: ConfigRecord({keys.SITE_NAME: f"site-{pid}"}),
+            }
+        )
         return Message(content=content, reply_to=msg)
 
     return app
@@ -247,9 +277,18 @@ def _fake_app(bad_site: int) -> ClientApp:
 def _loop(min_sites, on_too_few, rounds=2):
     grid = InProcessGrid(_fake_app(bad_site=1), num_sites=3)
     strategy = build_strategy(exp_with("fedavg"), num_sites=3)
-    return run_rounds(grid, strategy, initial_arrays=arrays_of({"w": np.zeros(2, np.float32)}), num_rounds=rounds,
-                      train_config=ConfigRecord(), evaluate_config=ConfigRecord(), timeout=10,
-                      min_sites=min_sites, on_too_few=on_too_few, final_site_test=False)
+    return run_rounds(
+        grid,
+        strategy,
+        initial_arrays=arrays_of({"w": np.zeros(2, np.float32)}),
+        num_rounds=rounds,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+        timeout=10,
+        min_sites=min_sites,
+        on_too_few=on_too_few,
+        final_site_test=False,
+    )
 
 
 def test_round_loop_records_rejections_and_completes_with_the_others():
@@ -273,6 +312,7 @@ def test_too_few_valid_replies_is_reported_and_policy_followed(caplog):
 
 # ---- the sites' half ---------------------------------------------------------------------------
 
+
 def _message(exp, model, kind="train", config=None, extra=None) -> Message:
     cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1, **(config or {})})
     content = RecordDict({keys.ARRAYS: ArrayRecord(model.state_dict()), keys.CONFIG: cfg, **(extra or {})})
@@ -280,8 +320,13 @@ def _message(exp, model, kind="train", config=None, extra=None) -> Message:
 
 
 def _context(pid: int, exp, **node) -> Context:
-    return Context(run_id=1, node_id=1, node_config={keys.NODE_PARTITION_ID: pid,
-                   keys.NODE_NUM_PARTITIONS: exp.partition.num_sites, **node}, state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=1,
+        node_config={keys.NODE_PARTITION_ID: pid, keys.NODE_NUM_PARTITIONS: exp.partition.num_sites, **node},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def test_fedprox_proximal_term_gradient(flower_identity):
@@ -301,8 +346,9 @@ def test_fedprox_proximal_term_gradient(flower_identity):
 
 def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     """One SGD step: y = x - lr (g + c - c_i); with c_i = 0, c_i+ = -c + (x - y)/lr = g."""
-    exp = replace(exp_with("scaffold"), train=replace(exp_with("scaffold").train, optimizer="sgd", momentum=0.0,
-                                                       lr=0.1))
+    exp = replace(
+        exp_with("scaffold"), train=replace(exp_with("scaffold").train, optimizer="sgd", momentum=0.0, lr=0.1)
+    )
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
@@ -319,8 +365,9 @@ def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     opt.step()
     for (n, p), gn in zip(model.named_parameters(), g):
         torch.testing.assert_close(p.detach(), x[n] - 0.1 * (gn + c[n]))
-    _, extra, _ = local.after_train(model, TrainStats(num_examples=8, num_steps=1, loss=0.1),
-                                    site=type("S", (), {"name": "site-0"})(), seed=0)
+    _, extra, _ = local.after_train(
+        model, TrainStats(num_examples=8, num_steps=1, loss=0.1), site=type("S", (), {"name": "site-0"})(), seed=0
+    )
     dc = extra[keys.SCAFFOLD_DC]
     for (n, _), gn in zip(model.named_parameters(), g):
         torch.testing.assert_close(torch.from_numpy(dc[n].numpy()), gn, rtol=1e-4, atol=1e-5)
@@ -395,7 +442,7 @@ def test_local_hooks_plug_into_train_epochs():
     """The hooks are what train_epochs calls: a huge proximal pull keeps the weights at home."""
     torch.manual_seed(0)
     exp = exp_with("fedprox")
-    from simulation.sites import build_sites
+    from medflower.simulation.sites import build_sites
 
     site = build_sites(exp)[0]
     model = build_experiment_model(exp)

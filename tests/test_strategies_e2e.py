@@ -1,7 +1,7 @@
 """Whole federations with the strategies Flower lacks and with poisoned sites.
 
-The in-process runs use ``simulation.inprocess`` (the real ServerApp loop and ClientApp, no Ray);
-one run goes through Flower's simulation engine (``simulation.runner.simulate``) as users run it.
+The in-process runs use ``medflower.simulation.inprocess`` (the real ServerApp loop and ClientApp, no Ray);
+one run goes through Flower's simulation engine (``medflower.simulation.runner.simulate``) as users run it.
 """
 
 from __future__ import annotations
@@ -12,28 +12,35 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from client.app import app as client_app
-from client.strategy_hooks import STATE_CI, STATE_LOCAL, STATE_PERSONAL
+from medflower.client.app import app as client_app
+from medflower.client.strategy_hooks import STATE_CI, STATE_LOCAL, STATE_PERSONAL
 from medflower.config import quickstart_experiment
 from medflower.config.attack import AttackConfig
 from medflower.config.strategy import StrategyConfig
-from simulation.inprocess import InProcessGrid, simulate_inprocess
+from medflower.simulation.inprocess import InProcessGrid, simulate_inprocess
 
 
 def small(name: str, rounds: int = 2, **params):
     exp = quickstart_experiment()
-    train = replace(exp.train, rounds=rounds, optimizer="sgd" if name == "scaffold" else exp.train.optimizer,
-                    lr=0.05 if name == "scaffold" else exp.train.lr)
-    return replace(exp, data=replace(exp.data, synthetic_samples=300), train=train,
-                   strategy=StrategyConfig(name=name, params=params))
+    train = replace(
+        exp.train,
+        rounds=rounds,
+        optimizer="sgd" if name == "scaffold" else exp.train.optimizer,
+        lr=0.05 if name == "scaffold" else exp.train.lr,
+    )
+    return replace(
+        exp,
+        data=replace(exp.data, synthetic_samples=300),
+        train=train,
+        strategy=StrategyConfig(name=name, params=params),
+    )
 
 
 def _finite(d: dict) -> bool:
     return all(v is None or math.isfinite(v) for v in d.values())
 
 
-@pytest.mark.parametrize("name, state_key", [("scaffold", STATE_CI), ("fedbn", STATE_LOCAL),
-                                             ("ditto", STATE_PERSONAL)])
+@pytest.mark.parametrize("name, state_key", [("scaffold", STATE_CI), ("fedbn", STATE_LOCAL), ("ditto", STATE_PERSONAL)])
 def test_strategies_flower_lacks_run_end_to_end(name, state_key, tmp_path, flower_identity):
     exp = small(name)
     grid = InProcessGrid(client_app, num_sites=exp.partition.num_sites)
@@ -63,7 +70,7 @@ def test_wrong_shape_site_is_left_out_in_a_whole_run(tmp_path, flower_identity):
 
 @pytest.mark.slow
 def test_nonfinite_site_through_flowers_simulation_engine(tmp_path):
-    from simulation.runner import simulate
+    from medflower.simulation.runner import simulate
 
     exp = replace(small("fedavg", rounds=1), attack=AttackConfig(kind="nonfinite", sites=("site-0",)))
     exp = replace(exp, participation=replace(exp.participation, min_sites=2))

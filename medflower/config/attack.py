@@ -3,7 +3,7 @@
 It exists to measure how robust an aggregation strategy is (see ``bench/strategies.py --attack``).
 Only a simulated site (``node_config["partition-id"]``) ever applies it; a deployed hospital node
 ignores it with a warning, so a coordinator's config can never make a real site sabotage a run.
-See :mod:`simulation.attack`.
+See :mod:`medflower.simulation.attack`.
 """
 
 from __future__ import annotations

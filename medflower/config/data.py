@@ -1,7 +1,7 @@
 """``data:`` — which data set the experiment uses, how its images are prepared, how it is split.
 
 The same section describes a simulated data set (an experiment) and a hospital's own files (the
-``data:`` section of a site YAML, see :mod:`client.site`), so that one loading code path serves both.
+``data:`` section of a site YAML, see :mod:`medflower.client.site`), so that one loading code path serves both.
 Keys fall in two groups:
 
 * *where the files are* (``kind``, ``path``, the ``*_column`` names, ``image_dir``/``label_dir``);
@@ -24,8 +24,20 @@ Intensity = Literal["minmax", "zscore", "window", "none"]
 
 # keys that say how an image becomes a tensor; a site YAML inherits the ones it omits from the experiment
 PREPARATION_KEYS = (
-    "channels", "orientation", "spacing", "intensity", "window", "size", "fit", "patch_size",
-    "patch_sampling", "patches_per_image", "slabs", "classes", "num_classes", "mask_values",
+    "channels",
+    "orientation",
+    "spacing",
+    "intensity",
+    "window",
+    "size",
+    "fit",
+    "patch_size",
+    "patch_sampling",
+    "patches_per_image",
+    "slabs",
+    "classes",
+    "num_classes",
+    "mask_values",
 )
 
 
@@ -99,27 +111,36 @@ class DataConfig:
             raise ConfigError(f"data.spacing: has {len(self.spacing)} values but data.size has {len(self.size)}")
         if self.patch_size is not None:
             if self.size is not None and len(self.patch_size) != len(self.size):
-                raise ConfigError(f"data.patch_size: has {len(self.patch_size)} values but data.size has "
-                                  f"{len(self.size)}")
+                raise ConfigError(
+                    f"data.patch_size: has {len(self.patch_size)} values but data.size has {len(self.size)}"
+                )
             if self.size is not None and any(p > s for p, s in zip(self.patch_size, self.size)):
                 raise ConfigError(f"data.patch_size: {list(self.patch_size)} exceeds data.size {list(self.size)}")
         if self.slabs > 1 and self.size is not None and len(self.size) != 3:
             raise ConfigError("data.slabs: only 3D volumes can be cut into slabs (data.size has 2 values)")
         if self.slabs > 1 and self.size is not None and self.size[-1] % self.slabs:
             raise ConfigError(f"data.slabs: {self.slabs} does not divide the last axis of data.size {list(self.size)}")
-        if (self.slabs > 1 and self.size is not None and self.patch_size is not None
-                and self.patch_size[-1] > self.size[-1] // self.slabs):
-            raise ConfigError(f"data.patch_size: its last axis {self.patch_size[-1]} exceeds a slab's depth "
-                              f"{self.size[-1] // self.slabs} (data.size {list(self.size)} / data.slabs {self.slabs})")
-        if self.orientation is not None and (len(self.orientation) not in (2, 3)
-                                             or set(self.orientation.upper()) - set("RLAPSI")):
+        if (
+            self.slabs > 1
+            and self.size is not None
+            and self.patch_size is not None
+            and self.patch_size[-1] > self.size[-1] // self.slabs
+        ):
+            raise ConfigError(
+                f"data.patch_size: its last axis {self.patch_size[-1]} exceeds a slab's depth "
+                f"{self.size[-1] // self.slabs} (data.size {list(self.size)} / data.slabs {self.slabs})"
+            )
+        if self.orientation is not None and (
+            len(self.orientation) not in (2, 3) or set(self.orientation.upper()) - set("RLAPSI")
+        ):
             raise ConfigError(f"data.orientation: expected axis codes such as 'RAS' or 'LPS', got {self.orientation!r}")
         for key in ("classes", "mask_values"):
             value = getattr(self, key)
             if value is not None and (len(value) < 2 or len(set(value)) != len(value)):
                 raise ConfigError(f"data.{key}: expected at least 2 distinct values, got {list(value)}")
         if self.mask_values and self.num_classes and len(self.mask_values) != self.num_classes:
-            raise ConfigError(f"data.mask_values: lists {len(self.mask_values)} values but data.num_classes is "
-                              f"{self.num_classes}")
+            raise ConfigError(
+                f"data.mask_values: lists {len(self.mask_values)} values but data.num_classes is {self.num_classes}"
+            )
         if len(set(self.group_columns)) != len(self.group_columns):
             raise ConfigError(f"data.group_columns: duplicate names in {list(self.group_columns)}")

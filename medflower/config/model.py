@@ -8,8 +8,15 @@ from typing import Any, Literal
 from medflower.schema import rng_field
 
 ModelName = Literal[
-    "cnn", "resnet18", "resnet34", "densenet121", "efficientnet-b0", "vit",
-    "unet", "basicunet", "swinunetr",
+    "cnn",
+    "resnet18",
+    "resnet34",
+    "densenet121",
+    "efficientnet-b0",
+    "vit",
+    "unet",
+    "basicunet",
+    "swinunetr",
 ]
 NormName = Literal["group", "batch", "instance"]
 

@@ -8,8 +8,8 @@ Example (experiment YAML)::
       startup_timeout: 900  # seconds to wait for every site to connect before round 1
       on_too_few: continue  # fewer than min_sites replied: keep the model and go on ("stop": end the run)
 
-In deployment these are enforced by ``server.participation`` (waiting for sites) and
-``server.loop.run_rounds`` (timeouts, too few replies); every absence is recorded in summary.json
+In deployment these are enforced by ``medflower.server.participation`` (waiting for sites) and
+``medflower.server.loop.run_rounds`` (timeouts, too few replies); every absence is recorded in summary.json
 under the round's ``failures``.
 """
 

@@ -1,4 +1,4 @@
-"""``partition:`` — how a data set is split into simulated hospitals (see :mod:`simulation.partition`).
+"""``partition:`` — how a data set is split into simulated hospitals (see :mod:`medflower.simulation.partition`).
 
 Two independent axes, as in the FL literature: *which cases* a site sees (``kind``: IID, Dirichlet
 label skew, pathological k-classes-per-site, or the data's natural groups such as hospital or
@@ -47,22 +47,31 @@ class PartitionConfig:
 
     def __post_init__(self) -> None:
         if self.kind == "natural" and not self.group:
-            raise ConfigError("partition.group: required when partition.kind is 'natural' "
-                              "(the per-sample group key, e.g. hospital or scanner)")
+            raise ConfigError(
+                "partition.group: required when partition.kind is 'natural' "
+                "(the per-sample group key, e.g. hospital or scanner)"
+            )
         if self.kind != "natural" and self.group:
             raise ConfigError(f"partition.group: only used when partition.kind is 'natural' (kind is {self.kind!r})")
         if self.kind == "natural" and self.quantity != "none":
-            raise ConfigError("partition.quantity: must be 'none' with partition.kind 'natural' "
-                              "(a natural partition's sizes are those of its groups)")
+            raise ConfigError(
+                "partition.quantity: must be 'none' with partition.kind 'natural' "
+                "(a natural partition's sizes are those of its groups)"
+            )
         if self.quantity == "sizes":
             if self.sizes is None:
-                raise ConfigError("partition.sizes: required when partition.quantity is 'sizes' "
-                                  "(one relative size per site, e.g. [4, 2, 1, 1])")
+                raise ConfigError(
+                    "partition.sizes: required when partition.quantity is 'sizes' "
+                    "(one relative size per site, e.g. [4, 2, 1, 1])"
+                )
             if len(self.sizes) != self.num_sites:
-                raise ConfigError(f"partition.sizes: has {len(self.sizes)} values but partition.num_sites "
-                                  f"is {self.num_sites}; give one relative size per site")
+                raise ConfigError(
+                    f"partition.sizes: has {len(self.sizes)} values but partition.num_sites "
+                    f"is {self.num_sites}; give one relative size per site"
+                )
             if any(not s > 0 for s in self.sizes):
                 raise ConfigError(f"partition.sizes: every size must be > 0, got {list(self.sizes)}")
         elif self.sizes is not None:
-            raise ConfigError(f"partition.sizes: only used when partition.quantity is 'sizes' "
-                              f"(quantity is {self.quantity!r})")
+            raise ConfigError(
+                f"partition.sizes: only used when partition.quantity is 'sizes' (quantity is {self.quantity!r})"
+            )

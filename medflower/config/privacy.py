@@ -1,4 +1,4 @@
-"""``privacy:`` — differential privacy policy (see :mod:`client.privacy` and :mod:`strategies.privacy`).
+"""``privacy:`` — differential privacy policy (see :mod:`medflower.client.privacy` and :mod:`medflower.strategies.privacy`).
 
 Three modes:
 
@@ -85,15 +85,19 @@ class PrivacyConfig:
             return
         budgets = [(self.target_epsilon, self.target_delta, "privacy.target_epsilon")]
         budgets += [
-            (s.target_epsilon or self.target_epsilon, s.target_delta or self.target_delta,
-             f"privacy.sites.{n}.target_epsilon")
+            (
+                s.target_epsilon or self.target_epsilon,
+                s.target_delta or self.target_delta,
+                f"privacy.sites.{n}.target_epsilon",
+            )
             for n, s in self.sites.items()
         ]
         for eps, delta, key in budgets:
             check_budget_reachable(eps, delta, self.accountant, key=key)
 
-    def site_budget(self, site_name: str, *, node_epsilon: float | None = None,
-                    node_delta: float | None = None) -> tuple[float, float]:
+    def site_budget(
+        self, site_name: str, *, node_epsilon: float | None = None, node_delta: float | None = None
+    ) -> tuple[float, float]:
         """(epsilon, delta) for ``site_name``: the strictest of the experiment, its ``sites`` entry and
         the hospital's node config."""
         site = self.sites.get(site_name, SitePrivacy())

@@ -1,4 +1,4 @@
-"""``shift:`` — acquisition (scanner) shift per simulated site (applied by :mod:`simulation.shift`).
+"""``shift:`` — acquisition (scanner) shift per simulated site (applied by :mod:`medflower.simulation.shift`).
 
 Real hospitals differ in their scanners as well as their patients: coil sensitivity (bias field),
 noise level, reconstruction sharpness, resolution, contrast curves, MR artefacts. A site's profile
@@ -58,12 +58,17 @@ class ShiftProfile:
 PRESETS: dict[str, dict[str, Any]] = {
     "none": {},
     "mild": {"bias_field": 0.1, "gamma": 1.2, "noise_std": 0.02, "intensity_scale": 1.05},
-    "strong": {"bias_field": 0.4, "blur_sigma": 0.7, "gamma": 1.6, "noise_std": 0.06,
-               "intensity_scale": 0.8, "intensity_shift": 0.1},
+    "strong": {
+        "bias_field": 0.4,
+        "blur_sigma": 0.7,
+        "gamma": 1.6,
+        "noise_std": 0.06,
+        "intensity_scale": 0.8,
+        "intensity_shift": 0.1,
+    },
     "low-resolution": {"downsample": 2.0, "blur_sigma": 0.3},
     "ct-low-dose": {"noise_std": 0.1, "blur_sigma": 0.5},
-    "mr-old-scanner": {"bias_field": 0.3, "downsample": 1.5, "gibbs_alpha": 0.4, "noise": "rician",
-                       "noise_std": 0.05},
+    "mr-old-scanner": {"bias_field": 0.3, "downsample": 1.5, "gibbs_alpha": 0.4, "noise": "rician", "noise_std": 0.05},
     "mr-spike": {"kspace_spike": 0.1, "noise": "rician", "noise_std": 0.03},
     "bright-high-contrast": {"gamma": 0.6, "intensity_scale": 1.25, "intensity_shift": -0.05},
 }
@@ -97,8 +102,11 @@ class SiteShift:
             raise ConfigError(f"preset: unknown preset {self.preset!r}; valid presets are " + ", ".join(PRESETS))
 
     def resolve(self) -> ShiftProfile:
-        overrides = {f.name: getattr(self, f.name) for f in fields(self)
-                     if f.name != "preset" and getattr(self, f.name) is not None}
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "preset" and getattr(self, f.name) is not None
+        }
         return replace(preset_profile(self.preset), **overrides)
 
 
@@ -127,7 +135,9 @@ class ShiftConfig:
                     norm[name] = from_dict(SiteShift, value, where)
                 except ConfigError as err:
                     msg = str(err)
-                    raise ConfigError(msg if msg.startswith(where) or "unknown key" in msg else f"{where}.{msg}") from err
+                    raise ConfigError(
+                        msg if msg.startswith(where) or "unknown key" in msg else f"{where}.{msg}"
+                    ) from err
             else:
                 raise ConfigError(f"{where}: expected a preset name or a mapping, got {type(value).__name__} {value!r}")
         object.__setattr__(self, "sites", norm)
@@ -138,8 +148,9 @@ class ShiftConfig:
         for name in self.sites:
             if name not in valid:
                 shown = ", ".join(valid[:8]) + (", ..." if len(valid) > 8 else "")
-                raise ConfigError(f"shift.sites.{name}: no such site; with partition.num_sites={num_sites} "
-                                  f"the sites are {shown}")
+                raise ConfigError(
+                    f"shift.sites.{name}: no such site; with partition.num_sites={num_sites} the sites are {shown}"
+                )
 
     def profile(self, site: str) -> ShiftProfile:
         entry = self.sites.get(site)

@@ -17,8 +17,21 @@ from typing import Any, Literal, get_args
 from medflower.schema import ConfigError, from_dict, rng_field
 
 StrategyName = Literal[
-    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
-    "fedtrimmedavg", "krum", "multikrum", "bulyan", "qfedavg", "scaffold", "fedbn", "ditto",
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "qfedavg",
+    "scaffold",
+    "fedbn",
+    "ditto",
 ]
 STRATEGY_NAMES: tuple[str, ...] = get_args(StrategyName)
 
@@ -96,11 +109,21 @@ class DittoParams:
 
 
 PARAMS: dict[str, type] = {
-    "fedavg": NoParams, "fedavgm": FedAvgMParams, "fedprox": FedProxParams,
-    "fedadam": FedOptParams, "fedyogi": FedOptParams, "fedadagrad": FedAdagradParams,
-    "fedmedian": NoParams, "fedtrimmedavg": TrimmedAvgParams, "krum": KrumParams,
-    "multikrum": MultiKrumParams, "bulyan": BulyanParams, "qfedavg": QFedAvgParams,
-    "scaffold": ScaffoldParams, "fedbn": NoParams, "ditto": DittoParams,
+    "fedavg": NoParams,
+    "fedavgm": FedAvgMParams,
+    "fedprox": FedProxParams,
+    "fedadam": FedOptParams,
+    "fedyogi": FedOptParams,
+    "fedadagrad": FedAdagradParams,
+    "fedmedian": NoParams,
+    "fedtrimmedavg": TrimmedAvgParams,
+    "krum": KrumParams,
+    "multikrum": MultiKrumParams,
+    "bulyan": BulyanParams,
+    "qfedavg": QFedAvgParams,
+    "scaffold": ScaffoldParams,
+    "fedbn": NoParams,
+    "ditto": DittoParams,
 }
 
 
@@ -123,7 +146,7 @@ def parse_params(name: str, params: dict[str, Any]) -> Any:
 class StrategyConfig:
     """Aggregation strategy by name, its ``params``, sampling, and the update screening bound.
 
-    Every strategy is wrapped by :class:`strategies.robust.RobustStrategy`, which rejects updates
+    Every strategy is wrapped by :class:`medflower.strategies.robust.RobustStrategy`, which rejects updates
     that are non-finite or do not match the global model; ``max_update_norm`` additionally rejects
     updates whose L2 distance from the global model exceeds it (None = no norm bound).
     """

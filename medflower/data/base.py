@@ -41,8 +41,9 @@ class ArraySplit:
         return np.zeros(len(self.targets), dtype=np.int64)
 
     def to_torch(self) -> TensorDataset:
-        return TensorDataset(torch.from_numpy(np.ascontiguousarray(self.images)),
-                             torch.from_numpy(np.ascontiguousarray(self.targets)))
+        return TensorDataset(
+            torch.from_numpy(np.ascontiguousarray(self.images)), torch.from_numpy(np.ascontiguousarray(self.targets))
+        )
 
 
 @dataclass
@@ -83,8 +84,9 @@ class DatasetSplits:
         return getattr(self, name)
 
 
-def split_indices(n: int, fractions: tuple[float, float], seed: int, groups: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(
+    n: int, fractions: tuple[float, float], seed: int, groups: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split ``range(n)`` into train/val/test with the given (val, test) fractions.
 
     With ``groups`` (e.g. patient ids) whole groups go to one side, so no patient is on both.
@@ -100,6 +102,6 @@ def split_indices(n: int, fractions: tuple[float, float], seed: int, groups: np.
     if len(uniq) >= 3:
         n_test = max(n_test, 1 if test_f > 0 else 0)
         n_val = max(n_val, 1 if val_f > 0 else 0)
-    test_g, val_g = set(uniq[:n_test].tolist()), set(uniq[n_test:n_test + n_val].tolist())
+    test_g, val_g = set(uniq[:n_test].tolist()), set(uniq[n_test : n_test + n_val].tolist())
     where = np.array([0 if g not in test_g and g not in val_g else (1 if g in val_g else 2) for g in groups])
     return np.flatnonzero(where == 0), np.flatnonzero(where == 1), np.flatnonzero(where == 2)

@@ -1,8 +1,8 @@
 """Hospital-style data sets: a CSV manifest, a Decathlon ``dataset.json`` or an images/labels folder pair.
 
 One code path serves the simulator (an experiment's ``data.kind`` is ``manifest``, ``decathlon`` or
-``folders`` and :mod:`simulation.sites` partitions the result into sites like any public set) and a
-deployed hospital (:func:`client.site.load_site_data` reads the hospital's own files with the same
+``folders`` and :mod:`medflower.simulation.sites` partitions the result into sites like any public set) and a
+deployed hospital (:func:`medflower.client.site.load_site_data` reads the hospital's own files with the same
 :func:`load_file_dataset`).
 
 Steps: :func:`read_rows` lists the samples (image path, label or mask path, patient, split, extra
@@ -29,7 +29,13 @@ import numpy as np
 
 from medflower.data.base import ArraySplit, DataError, DatasetSplits, split_indices
 from medflower.data.readers import (
-    SUPPORTED, Prepared, balanced_patches, cut_slabs, grid_patches, prepare, segmentation_classes,
+    SUPPORTED,
+    Prepared,
+    balanced_patches,
+    cut_slabs,
+    grid_patches,
+    prepare,
+    segmentation_classes,
 )
 
 if TYPE_CHECKING:
@@ -38,8 +44,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test", "": ""}
+SPLIT_ALIASES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+    "testing": "test",
+    "": "",
+}
 
 
 @dataclass
@@ -72,8 +86,11 @@ def _label_of(value: str, cfg: DataConfig, where: str) -> int:
     except ValueError:
         label = None
     if label is None or label < 0:
-        hint = (f"one of data.classes {list(cfg.classes)}" if cfg.classes
-                else "a class index 0, 1, ... (or set data.classes to use class names)")
+        hint = (
+            f"one of data.classes {list(cfg.classes)}"
+            if cfg.classes
+            else "a class index 0, 1, ... (or set data.classes to use class names)"
+        )
         raise DataError(f"{where}: label {text!r} in column {cfg.label_column!r} is not {hint}")
     if cfg.classes is not None and label >= len(cfg.classes):
         raise DataError(f"{where}: label {label} is out of range for data.classes {list(cfg.classes)}")
@@ -101,8 +118,10 @@ def read_manifest(path: Path, cfg: DataConfig, task: str) -> RowList:
     needed = [cfg.image_column, cfg.label_column, *cfg.group_columns]
     missing = [c for c in needed if c not in columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; its columns are "
-                        f"{', '.join(map(repr, columns))} (set data.image_column / data.label_column)")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; its columns are "
+            f"{', '.join(map(repr, columns))} (set data.image_column / data.label_column)"
+        )
     if not records:
         raise DataError(f"{path}: the manifest lists no images")
     has_patients = cfg.patient_column in columns
@@ -115,13 +134,21 @@ def read_manifest(path: Path, cfg: DataConfig, task: str) -> RowList:
         raw_label = (rec.get(cfg.label_column) or "").strip()
         if not raw_label:
             raise DataError(f"{where}: empty {cfg.label_column!r}")
-        label: Path | int = (path.parent / raw_label if task == "segmentation" else _label_of(raw_label, cfg, where))
+        label: Path | int = path.parent / raw_label if task == "segmentation" else _label_of(raw_label, cfg, where)
         patient = ((rec.get(cfg.patient_column) or "").strip() or None) if has_patients else None
         split = ""
         if cfg.split_column in columns:
             split = _split_of(rec.get(cfg.split_column) or "", where, cfg.split_column)
-        rows.append(Row(where, path.parent / image, label, patient, split,
-                        {c: (rec.get(c) or "").strip() for c in cfg.group_columns}))
+        rows.append(
+            Row(
+                where,
+                path.parent / image,
+                label,
+                patient,
+                split,
+                {c: (rec.get(c) or "").strip() for c in cfg.group_columns},
+            )
+        )
     return RowList(rows, path, has_patients=has_patients)
 
 
@@ -146,8 +173,9 @@ def read_decathlon(path: Path, cfg: DataConfig, task: str) -> RowList:
         if key not in meta:
             continue
         try:
-            items = load_decathlon_datalist(path, is_segmentation=task == "segmentation", data_list_key=key,
-                                            base_dir=path.parent)
+            items = load_decathlon_datalist(
+                path, is_segmentation=task == "segmentation", data_list_key=key, base_dir=path.parent
+            )
         except (KeyError, ValueError, TypeError) as err:
             raise DataError(f"{path}: {key!r} list is malformed: {err}") from None
         for i, item in enumerate(items):
@@ -162,9 +190,16 @@ def read_decathlon(path: Path, cfg: DataConfig, task: str) -> RowList:
             missing = [c for c in cfg.group_columns if c not in item]
             if missing:
                 raise DataError(f"{where}: missing key(s) {', '.join(missing)} (data.group_columns)")
-            rows.append(Row(where, Path(item["image"]), label, str(patient) if patient is not None else None,
-                            split or _split_of(str(item.get(cfg.split_column, "")), where, cfg.split_column),
-                            {c: str(item[c]) for c in cfg.group_columns}))
+            rows.append(
+                Row(
+                    where,
+                    Path(item["image"]),
+                    label,
+                    str(patient) if patient is not None else None,
+                    split or _split_of(str(item.get(cfg.split_column, "")), where, cfg.split_column),
+                    {c: str(item[c]) for c in cfg.group_columns},
+                )
+            )
     if not rows:
         raise DataError(f"{path}: the 'training' list is empty")
     labels = meta.get("labels")
@@ -186,15 +221,18 @@ def read_folders(path: Path, cfg: DataConfig, task: str) -> RowList:
         img_dir, lab_dir = path / cfg.image_dir, path / cfg.label_dir
         for d, key in ((img_dir, "image_dir"), (lab_dir, "label_dir")):
             if not d.is_dir():
-                raise DataError(f"{d}: folder not found (data.{key}); {path} holds "
-                                + ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir())))
+                raise DataError(
+                    f"{d}: folder not found (data.{key}); {path} holds "
+                    + ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
+                )
         # a folder inside image_dir is one DICOM series
         images = sorted((p for p in img_dir.iterdir() if _is_image(p) or p.is_dir()), key=_natural)
         masks = {p.name: p for p in lab_dir.iterdir() if _is_image(p) or p.is_dir()}
         unmatched = [p.name for p in images if p.name not in masks]
         if unmatched:
-            raise DataError(f"{lab_dir}: no mask for image(s) {', '.join(unmatched[:5])} (masks must have the "
-                            "image's file name)")
+            raise DataError(
+                f"{lab_dir}: no mask for image(s) {', '.join(unmatched[:5])} (masks must have the image's file name)"
+            )
         for p in images:
             rows.append(Row(f"{cfg.image_dir}/{p.name}", p, masks[p.name]))
         if not rows:
@@ -255,14 +293,18 @@ def assign_splits(rows: list[Row], units: list[int], cfg: DataConfig, seed: int)
     explicit = [rows[u].split for u in units]
     crossing = patient_crossings(rows, [r.split for r in rows])
     if crossing:
-        raise DataError("a patient appears in more than one split of the manifest: "
-                        + "; ".join(", ".join(c) for c in crossing[:3]) + " (rows, not IDs, are shown)")
+        raise DataError(
+            "a patient appears in more than one split of the manifest: "
+            + "; ".join(", ".join(c) for c in crossing[:3])
+            + " (rows, not IDs, are shown)"
+        )
     free = [i for i, s in enumerate(explicit) if not s]
     out = list(explicit)
     if not free:
         return out
-    patient_key = [f"patient-{rows[units[i]].patient}" if rows[units[i]].patient is not None else f"row-{units[i]}"
-                   for i in free]
+    patient_key = [
+        f"patient-{rows[units[i]].patient}" if rows[units[i]].patient is not None else f"row-{units[i]}" for i in free
+    ]
     fractions = (cfg.val_fraction, cfg.test_fraction)
     if cfg.split_by == "sample":
         # each patient's samples (slabs) are split separately, so every patient is in every split
@@ -274,8 +316,11 @@ def assign_splits(rows: list[Row], units: list[int], cfg: DataConfig, seed: int)
                     out[free[members[j]]] = name
         return out
     # a patient with an explicit split elsewhere keeps it for its unassigned rows
-    fixed = {f"patient-{rows[units[i]].patient}": explicit[i] for i in range(len(units))
-             if explicit[i] and rows[units[i]].patient is not None}
+    fixed = {
+        f"patient-{rows[units[i]].patient}": explicit[i]
+        for i in range(len(units))
+        if explicit[i] and rows[units[i]].patient is not None
+    }
     codes = {k: j for j, k in enumerate(dict.fromkeys(patient_key))}
     groups = np.array([codes[k] for k in patient_key])
     tr, va, te = split_indices(len(free), fractions, seed, groups=groups)
@@ -298,8 +343,12 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
     """Read and prepare every row (raising :class:`DataError` naming the first bad file)."""
     samples, prepared = [], []
     for r, row in enumerate(rows.rows):
-        prep = prepare(row.image, row.label if isinstance(row.label, Path) else None, cfg,
-                       num_classes=segmentation_classes(cfg, rows.num_classes))
+        prep = prepare(
+            row.image,
+            row.label if isinstance(row.label, Path) else None,
+            cfg,
+            num_classes=segmentation_classes(cfg, rows.num_classes),
+        )
         prepared.append(prep)
         imgs = cut_slabs(prep.image, cfg.slabs, row.image)
         targets = cut_slabs(prep.mask, cfg.slabs, row.image) if prep.mask is not None else None
@@ -310,8 +359,10 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
     if len(shapes) > 1:
         common = shapes.most_common(1)[0][0]
         odd = next(s for s in samples if s.image.shape != common)
-        raise DataError(f"{rows.rows[odd.row].image}: prepared shape {odd.image.shape} differs from the others' "
-                        f"{common}; set data.size (and data.channels) so that every image has the same shape")
+        raise DataError(
+            f"{rows.rows[odd.row].image}: prepared shape {odd.image.shape} differs from the others' "
+            f"{common}; set data.size (and data.channels) so that every image has the same shape"
+        )
     return samples, prepared
 
 
@@ -325,8 +376,7 @@ def _stack(samples: list[Sample], idx: list[int], rows: RowList, task: str, like
             targets = np.array([samples[i].target for i in idx], dtype=np.int64)
     else:
         images = np.zeros((0, *like.image.shape), np.float32)
-        targets = (np.zeros((0, 1, *like.image.shape[1:]), np.int64) if task == "segmentation"
-                   else np.zeros(0, np.int64))
+        targets = np.zeros((0, 1, *like.image.shape[1:]), np.int64) if task == "segmentation" else np.zeros(0, np.int64)
     groups = {"row": np.array([samples[i].row for i in idx], dtype=np.int64)}
     for col in rows.rows[0].groups:
         groups[col] = np.array([rows.rows[samples[i].row].groups[col] for i in idx], dtype=str)
@@ -340,30 +390,38 @@ def _stack(samples: list[Sample], idx: list[int], rows: RowList, task: str, like
 def _patchify(split: ArraySplit, cfg: DataConfig, seed: int) -> ArraySplit:
     patch_size = tuple(cfg.patch_size or ())
     if len(split) == 0:
-        return ArraySplit(np.zeros((0, split.images.shape[1], *patch_size), np.float32),
-                          np.zeros((0, 1, *patch_size), np.int64), dict(split.groups))
+        return ArraySplit(
+            np.zeros((0, split.images.shape[1], *patch_size), np.float32),
+            np.zeros((0, 1, *patch_size), np.int64),
+            dict(split.groups),
+        )
     if cfg.patch_sampling == "balanced":
-        images, masks = balanced_patches(split.images, split.targets, patch_size, per_image=cfg.patches_per_image,
-                                         seed=seed)
+        images, masks = balanced_patches(
+            split.images, split.targets, patch_size, per_image=cfg.patches_per_image, seed=seed
+        )
     else:
         images, masks = grid_patches(split.images, split.targets, patch_size)
     per = len(images) // len(split)
     return ArraySplit(images, masks, {k: np.repeat(v, per) for k, v in split.groups.items()})
 
 
-def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name: str | None = None
-                      ) -> DatasetSplits:
+def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name: str | None = None) -> DatasetSplits:
     """Read the files ``cfg`` describes into train/val/test arrays (patient-safe splits)."""
     rows = read_rows(cfg, path, task)
     samples, _ = load_samples(rows, cfg, task)
     splits = assign_splits(rows.rows, [s.row for s in samples], cfg, seed)
     by_split = {k: [i for i, s in enumerate(splits) if s == k] for k in SPLITS}
     if not by_split["train"]:
-        raise DataError(f"{path}: no training samples after splitting {len(samples)} sample(s); lower "
-                        "data.val_fraction / data.test_fraction or mark rows 'train'")
+        raise DataError(
+            f"{path}: no training samples after splitting {len(samples)} sample(s); lower "
+            "data.val_fraction / data.test_fraction or mark rows 'train'"
+        )
     if cfg.split_by == "sample":
-        log.warning("%s: data.split_by=sample: each patient is on both sides of the split "
-                    "(test scores are not patient-independent)", path)
+        log.warning(
+            "%s: data.split_by=sample: each patient is on both sides of the split "
+            "(test scores are not patient-independent)",
+            path,
+        )
     parts = {k: _stack(samples, v, rows, task, samples[0]) for k, v in by_split.items()}
     if task == "segmentation":
         num_classes = segmentation_classes(cfg, rows.num_classes)  # masks were checked against it
@@ -376,8 +434,12 @@ def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name
         num_classes = len(cfg.classes) if cfg.classes else (rows.num_classes or max(2, top + 1))
     img_size = tuple(cfg.patch_size) if (task == "segmentation" and cfg.patch_size) else samples[0].image.shape[1:]
     return DatasetSplits(
-        name=name or path.stem, task=task, num_classes=int(num_classes),
-        in_channels=int(samples[0].image.shape[0]), img_size=tuple(int(v) for v in img_size), **parts,
+        name=name or path.stem,
+        task=task,
+        num_classes=int(num_classes),
+        in_channels=int(samples[0].image.shape[0]),
+        img_size=tuple(int(v) for v in img_size),
+        **parts,
     )
 
 
@@ -388,4 +450,3 @@ def load_manifest_dataset(exp: ExperimentConfig) -> DatasetSplits:
         raise DataError(f"data.path: required when data.kind is {exp.data.kind!r}")
     name = {"manifest": path.stem, "decathlon": path.parent.name}.get(exp.data.kind, path.name)
     return load_file_dataset(exp.data, path=path, task=exp.task, seed=exp.seed, name=name)
-

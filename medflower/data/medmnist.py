@@ -40,8 +40,9 @@ def medmnist_filename(flag: str, size: int = 28) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
 
 
-def download_medmnist(flag: str, root: str | Path, *, size: int = 28, url: str | None = None,
-                      md5: str | None = None) -> Path:
+def download_medmnist(
+    flag: str, root: str | Path, *, size: int = 28, url: str | None = None, md5: str | None = None
+) -> Path:
     """Download ``flag`` into ``root`` (if absent) and verify its MD5; returns the file's path.
 
     A file whose checksum does not match is removed and reported; nothing half-written is left
@@ -118,7 +119,10 @@ def load_medmnist(path: str | Path) -> DatasetSplits:
     if all_labels.min() < 0:
         raise DataError(f"{path}: labels must be >= 0")
     return DatasetSplits(
-        name=path.stem, task="classification", num_classes=int(all_labels.max()) + 1,
-        in_channels=splits["train"].images.shape[1], img_size=tuple(splits["train"].images.shape[2:]),
+        name=path.stem,
+        task="classification",
+        num_classes=int(all_labels.max()) + 1,
+        in_channels=splits["train"].images.shape[1],
+        img_size=tuple(splits["train"].images.shape[2:]),
         **splits,
     )

@@ -62,8 +62,9 @@ def file_format(path: Path) -> str:
 
         if is_dicom(path):
             return "dicom"
-    raise DataError(f"{path}: unsupported file type; supported: {', '.join(SUPPORTED)}, "
-                    "or a folder holding one DICOM series")
+    raise DataError(
+        f"{path}: unsupported file type; supported: {', '.join(SUPPORTED)}, or a folder holding one DICOM series"
+    )
 
 
 def _reader(fmt: str) -> Any:
@@ -97,9 +98,10 @@ def read_image(path: str | Path) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom/nibabel warnings may quote header values
-            img = LoadImage(reader=_reader(fmt), image_only=True, ensure_channel_first=True,
-                            dtype=np.float32)(str(path))
-    except Exception as err:  # noqa: BLE001 - every reader raises its own types; re-raised with the file
+            img = LoadImage(reader=_reader(fmt), image_only=True, ensure_channel_first=True, dtype=np.float32)(
+                str(path)
+            )
+    except Exception as err:
         detail = type(err).__name__ if fmt == "dicom" else f"{type(err).__name__}: {_first_line(err)}"
         raise DataError(f"{path}: cannot read as {fmt}: {detail}") from None
     if img.ndim not in (3, 4):
@@ -125,8 +127,10 @@ def grid_mismatch(image: Any, mask: Any) -> str | None:
         return f"mask shape {tuple(mask.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
     a, b = np.asarray(image.affine, dtype=np.float64), np.asarray(mask.affine, dtype=np.float64)
     if a.shape != b.shape or not np.allclose(a, b, atol=GRID_ATOL_MM):
-        return (f"mask affine differs from image affine (spacing {spacing_of(mask)} vs {spacing_of(image)}; "
-                "origin or orientation may differ)")
+        return (
+            f"mask affine differs from image affine (spacing {spacing_of(mask)} vs {spacing_of(image)}; "
+            "origin or orientation may differ)"
+        )
     return None
 
 
@@ -157,8 +161,7 @@ def _adapt_channels(img: Any, channels: int | None, path: Path) -> Any:
         from monai.transforms import RepeatChannel
 
         return RepeatChannel(repeats=channels)(img)
-    raise DataError(f"{path}: has {c} channels; data.channels is {channels} and medflower converts only "
-                    "grey<->RGB(A)")
+    raise DataError(f"{path}: has {c} channels; data.channels is {channels} and medflower converts only grey<->RGB(A)")
 
 
 def _mask_to_classes(mask: np.ndarray, cfg: DataConfig, num_classes: int, path: Path) -> np.ndarray:
@@ -176,9 +179,11 @@ def _mask_to_classes(mask: np.ndarray, cfg: DataConfig, num_classes: int, path: 
             out[mask == v] = i
         return out
     if mask.min() < 0 or mask.max() >= num_classes:
-        raise DataError(f"{path}: mask values {np.unique(mask).tolist()[:10]} fall outside the class indices "
-                        f"0..{num_classes - 1}; set data.mask_values to map stored values (e.g. [0, 255]) to "
-                        "classes, or data.num_classes")
+        raise DataError(
+            f"{path}: mask values {np.unique(mask).tolist()[:10]} fall outside the class indices "
+            f"0..{num_classes - 1}; set data.mask_values to map stored values (e.g. [0, 255]) to "
+            "classes, or data.num_classes"
+        )
     return mask
 
 
@@ -188,8 +193,7 @@ def segmentation_classes(cfg: DataConfig, listed: int | None = None) -> int:
     return cfg.num_classes or (len(cfg.mask_values) if cfg.mask_values else None) or listed or 2
 
 
-def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_classes: int | None = None
-            ) -> Prepared:
+def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_classes: int | None = None) -> Prepared:
     """Read ``image_path`` (and its mask) and apply the configured preparation with MONAI transforms.
 
     Mask values must be class indices below ``num_classes`` (default :func:`segmentation_classes`).
@@ -244,8 +248,12 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
     x = np.ascontiguousarray(torch.as_tensor(img).numpy(), dtype=np.float32)
     m = None
     if mask is not None:
-        m = _mask_to_classes(np.asarray(torch.as_tensor(mask).numpy()), cfg,
-                             num_classes or segmentation_classes(cfg), mask_path or image_path)
+        m = _mask_to_classes(
+            np.asarray(torch.as_tensor(mask).numpy()),
+            cfg,
+            num_classes or segmentation_classes(cfg),
+            mask_path or image_path,
+        )
     return Prepared(x, m, raw_shape, raw_channels, spacing, stored_values)
 
 
@@ -273,8 +281,9 @@ def grid_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, .
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
 
 
-def balanced_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, ...], *, per_image: int,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def balanced_patches(
+    images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, ...], *, per_image: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """MONAI ``RandCropByPosNegLabel``: ``per_image`` crops per image, centred on foreground and
     background voxels in equal proportion (only background where an image has no foreground).
 
@@ -283,8 +292,7 @@ def balanced_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[in
     """
     from monai.transforms import RandCropByPosNegLabel
 
-    crop = RandCropByPosNegLabel(spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=per_image,
-                                 allow_smaller=True)
+    crop = RandCropByPosNegLabel(spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=per_image, allow_smaller=True)
     crop.set_random_state(seed=seed)
     xs, ys = [], []
     for x, y in zip(images, masks):

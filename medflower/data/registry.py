@@ -25,8 +25,13 @@ def _load(exp_json: str) -> DatasetSplits:
     if d.kind == "synthetic":
         from medflower.data.synthetic import synthetic_classification
 
-        return synthetic_classification(samples=d.synthetic_samples, num_classes=d.synthetic_classes,
-                                        size=d.synthetic_size, channels=d.synthetic_channels, seed=exp.seed)
+        return synthetic_classification(
+            samples=d.synthetic_samples,
+            num_classes=d.synthetic_classes,
+            size=d.synthetic_size,
+            channels=d.synthetic_channels,
+            seed=exp.seed,
+        )
     if d.kind == "medmnist":
         from medflower.data.medmnist import download_medmnist, load_medmnist
 

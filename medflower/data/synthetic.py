@@ -13,8 +13,9 @@ import numpy as np
 from medflower.data.base import ArraySplit, DatasetSplits
 
 
-def _make(n: int, *, num_classes: int, size: int, channels: int, rng: np.random.Generator
-          ) -> tuple[np.ndarray, np.ndarray]:
+def _make(
+    n: int, *, num_classes: int, size: int, channels: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, num_classes, size=n)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
     images = np.empty((n, channels, size, size), dtype=np.float32)
@@ -36,8 +37,9 @@ def _make(n: int, *, num_classes: int, size: int, channels: int, rng: np.random.
     return images, labels.astype(np.int64)
 
 
-def synthetic_classification(*, samples: int = 1200, num_classes: int = 2, size: int = 28,
-                             channels: int = 1, seed: int = 0) -> DatasetSplits:
+def synthetic_classification(
+    *, samples: int = 1200, num_classes: int = 2, size: int = 28, channels: int = 1, seed: int = 0
+) -> DatasetSplits:
     """A SYNTHETIC data set: ``samples`` training images, plus val (15%) and test (25%) of that size."""
     rng = np.random.default_rng(seed)
     n_val, n_test = max(20, int(samples * 0.15)), max(40, int(samples * 0.25))
@@ -45,7 +47,13 @@ def synthetic_classification(*, samples: int = 1200, num_classes: int = 2, size:
     va = _make(n_val, num_classes=num_classes, size=size, channels=channels, rng=rng)
     te = _make(n_test, num_classes=num_classes, size=size, channels=channels, rng=rng)
     return DatasetSplits(
-        name="synthetic-blobs", task="classification", train=ArraySplit(*tr), val=ArraySplit(*va),
-        test=ArraySplit(*te), num_classes=num_classes, in_channels=channels, img_size=(size, size),
+        name="synthetic-blobs",
+        task="classification",
+        train=ArraySplit(*tr),
+        val=ArraySplit(*va),
+        test=ArraySplit(*te),
+        num_classes=num_classes,
+        in_channels=channels,
+        img_size=(size, size),
         synthetic=True,
     )
