@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,28 +16,8 @@ from torch.utils.data import DataLoader
 
 from medflower.config import TrainConfig
 from medflower.data import ArraySplit
+from medflower.hooks import LocalHooks, TrainStats
 from medflower.tasks import logits_of, make_loss
-
-
-@dataclass
-class LocalHooks:
-    """Strategy-specific additions to the local objective.
-
-    ``extra_loss(model) -> Tensor`` is added to the task loss (FedProx's proximal term, Ditto's
-    regularizer); ``after_backward(model)`` may edit gradients before the step (SCAFFOLD's control
-    variate correction).
-    """
-
-    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
-    after_backward: Callable[[nn.Module], None] | None = None
-
-
-@dataclass
-class TrainStats:
-    num_examples: int  # samples seen in the last epoch (not batches)
-    num_steps: int  # optimizer steps over all epochs
-    loss: float  # mean task loss over the last epoch
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

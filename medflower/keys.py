@@ -28,15 +28,8 @@ NODE_PARTITION_ID = "partition-id"  # simulation: which simulated site this node
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_SITE_CONFIG = "site-config"  # deployment: path to the hospital's site YAML
 
-# strategies (see strategies/ and client/strategy_hooks.py); all optional, absent for FedAvg
-PROXIMAL_MU = "proximal-mu"  # ConfigRecord float: FedProx's mu (Flower's FedProx sends it)
-SCAFFOLD_C = "scaffold-c"  # ArrayRecord in train messages: SCAFFOLD's server control variate
-SCAFFOLD_DC = "scaffold-dc"  # ArrayRecord in train replies: the site's control variate change
-LOCAL_KEYS = "local-keys"  # ConfigRecord list[str]: state keys that stay at the site (FedBN)
-DITTO_LAMBDA = "ditto-lambda"  # ConfigRecord float: Ditto's pull toward the global model
-DITTO_EPOCHS = "ditto-personal-epochs"  # ConfigRecord int: epochs on the personal model
-DITTO_LR = "ditto-personal-lr"  # ConfigRecord float: personal model's learning rate
-PERSONAL_PREFIX = "personal-"  # MetricRecord prefix: metrics of a site's personal model (Ditto)
+# Each aggregation method declares its own message keys in its module
+# (medflower/strategies/methods/*.py, as Method.message_keys); the registry refuses a clash.
 
 # differential privacy (see client/privacy.py and strategies/privacy.py); absent when privacy.mode is none
 DP_EPSILON = "dp-epsilon"  # MetricRecord: epsilon spent so far (site ledger in mode sample; federation in client)

@@ -21,12 +21,11 @@ import medflower._preload  # noqa: F401  (before any MONAI import: see its docst
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
 from medflower.modelspec import build_experiment_model
+from medflower.server.build import build_round
 from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
 from medflower.server.loop import History, RoundAborted, run_rounds
 from medflower.server.participation import relax_availability, wait_for_sites
 from medflower.server.results import write_summary
-from medflower.strategies import build_strategy
-from medflower.strategies.privacy import wrap_privacy
 
 FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
 
@@ -82,19 +81,17 @@ def run_server(
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
-    strategy = wrap_privacy(
-        build_strategy(exp, num_sites=num_sites), exp, num_sites=num_sites
-    )  # DP: strategies/privacy.py
+    parts = build_round(exp, num_sites=num_sites)  # the method (registry), privacy stage and screens
     base = {keys.EXPERIMENT: exp.to_json()}
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:
-        start, arrays, hist, on_round_end = resume_or_start(checkpoint_dir, exp, strategy, arrays)
+        start, arrays, hist, on_round_end = resume_or_start(checkpoint_dir, exp, parts, arrays)
     wait_for_sites(grid, expected=num_sites, policy=exp.participation)
-    relax_availability(strategy, exp.participation)  # later rounds go ahead without a dropped site
+    relax_availability(parts.base, exp.participation)  # later rounds go ahead without a dropped site
     try:
         hist = run_rounds(
             grid,
-            strategy,
+            parts,
             initial_arrays=arrays,
             num_rounds=exp.train.rounds,
             train_config=ConfigRecord(base),

@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.common.logger import log
-from flwr.serverapp.strategy import Strategy
 
 from medflower.config import ConfigError, ExperimentConfig
 from medflower.fileio import atomic_write_bytes
+from medflower.server.build import RoundParts
 from medflower.server.loop import History, RoundRecord
 
 RUN_CHECKPOINT_DIR = "checkpoint-dir"  # run_config key; "" = <output-dir>/checkpoint
 CHECKPOINT_FILE = "checkpoint.pt"
 DIGEST_FILE = "checkpoint.json"
-FORMAT = 1
+FORMAT = 2  # 2: strategy_state holds the round parts' state (strategy and privacy stage)
 
 
 @dataclass
@@ -134,24 +134,6 @@ def _history_from_dict(d: dict[str, Any]) -> History:
     return hist
 
 
-# ---- strategy state: provided by the strategies package when it can export it ----
-
-
-def export_strategy_state(strategy: Strategy) -> Any:
-    from medflower import strategies
-
-    if hasattr(strategies, "strategy_state_dict"):
-        return strategies.strategy_state_dict(strategy)
-    return None
-
-
-def import_strategy_state(strategy: Strategy, state: Any) -> None:
-    from medflower import strategies
-
-    if state is not None and hasattr(strategies, "load_strategy_state"):
-        strategies.load_strategy_state(strategy, state)
-
-
 def save_checkpoint(ckpt_dir: str | Path, exp: ExperimentConfig, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``ckpt_dir/checkpoint.pt`` (and its JSON digest)."""
     ckpt_dir = Path(ckpt_dir)
@@ -207,11 +189,11 @@ class Checkpointer:
     """``on_round_end`` callback for :func:`medflower.server.loop.run_rounds` that saves every round."""
 
     def __init__(
-        self, *, ckpt_dir: str | Path, exp: ExperimentConfig, strategy: Strategy, starts: list[dict[str, Any]]
+        self, *, ckpt_dir: str | Path, exp: ExperimentConfig, parts: RoundParts, starts: list[dict[str, Any]]
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.exp = exp
-        self.strategy = strategy
+        self.parts = parts
         self.starts = starts
 
     def __call__(self, rnd: int, arrays: ArrayRecord, hist: History) -> None:
@@ -222,7 +204,7 @@ class Checkpointer:
                 round=rnd,
                 arrays=arrays,
                 history=hist,
-                strategy_state=export_strategy_state(self.strategy),
+                strategy_state=self.parts.state_dict(),
                 starts=self.starts,
             ),
         )
@@ -230,7 +212,7 @@ class Checkpointer:
 
 
 def resume_or_start(
-    ckpt_dir: str | Path, exp: ExperimentConfig, strategy: Strategy, initial_arrays: ArrayRecord
+    ckpt_dir: str | Path, exp: ExperimentConfig, parts: RoundParts, initial_arrays: ArrayRecord
 ) -> tuple[int, ArrayRecord, History, Checkpointer]:
     """(start_round, arrays, history, on_round_end) for a fresh or a resumed run."""
     ckpt = load_checkpoint(ckpt_dir, exp)
@@ -238,7 +220,8 @@ def resume_or_start(
         start, arrays, hist, starts = 1, initial_arrays, History(), []
     else:
         start, arrays, hist, starts = ckpt.round + 1, ckpt.arrays, ckpt.history, ckpt.starts
-        import_strategy_state(strategy, ckpt.strategy_state)
+        if ckpt.strategy_state is not None:
+            parts.load_state_dict(ckpt.strategy_state)
         log(INFO, "checkpoint: resuming %r after round %d from %s", exp.name, ckpt.round, Path(ckpt_dir))
     starts = [*starts, {"start_round": start, "time": time.time()}]
-    return start, arrays, hist, Checkpointer(ckpt_dir=ckpt_dir, exp=exp, strategy=strategy, starts=starts)
+    return start, arrays, hist, Checkpointer(ckpt_dir=ckpt_dir, exp=exp, parts=parts, starts=starts)

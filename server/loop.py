@@ -1,10 +1,20 @@
-"""The round loop: Flower's ``Strategy.start`` plus what a medical federation needs.
+"""The round as an explicit pipeline: configure → send → collect → screen → aggregate → evaluate → record.
 
 ``flwr.serverapp.strategy.Strategy.start`` runs configure/aggregate for N rounds but cannot resume
-from a checkpoint, keeps no per-site record and treats a short round as a normal one. This loop
-calls the same strategy methods (so any Flower strategy works unchanged) and adds: per-site train
-and evaluation metrics by site name, a participation check, a callback after every round (for
-checkpoints), a final federated evaluation on each site's test split, and a progress line per round.
+from a checkpoint, keeps no per-site record, trusts every reply and treats a short round as a
+normal one. This pipeline calls the same Flower strategy methods for sampling and aggregation
+(so Flower's strategies work unchanged) and adds, each as one small stage:
+
+* collect: errors and silent sites become the round's failures, named by site;
+* screen: the round's :mod:`screens <medflower.server.screens>` run once on each reply;
+* aggregate: a participation check; Flower's aggregation, guarded (an aggregation error or a
+  non-finite aggregate keeps the global model and rolls the strategy's state back; the global
+  model's dtypes are restored, since Flower's FedAdam/FedMedian return float64); the privacy
+  stage's uniform weights and ledger metrics;
+* evaluate: the sites' evaluation (screened, aggregated) and the server-side test;
+* record: the round's record, a progress line and the checkpoint callback.
+
+After the last round every site evaluates the final model on its own test split.
 """
 
 from __future__ import annotations
@@ -12,16 +22,23 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
 from medflower import keys
+from medflower.server.build import RoundParts
+from medflower.server.screens import RoundView, Screened, names, run_screens, spec_of
+from medflower.strategies.privacy import sample_round_metrics
+from medflower.strategies.registry import Spec
+from medflower.strategies.state import load_strategy_state, strategy_state_dict
 
 
 class RoundAborted(RuntimeError):
@@ -36,7 +53,9 @@ class RoundRecord:
     global_test: dict[str, float] = field(default_factory=dict)  # server-side evaluation
     sites_train: dict[str, dict[str, float]] = field(default_factory=dict)
     sites_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
-    failures: list[dict[str, Any]] = field(default_factory=list)  # node id / site and reason
+    failures: list[dict[str, Any]] = field(default_factory=list)  # site, node id and reason (train)
+    evaluate_failures: list[dict[str, Any]] = field(default_factory=list)  # likewise, evaluation
+    sites_asked: int = 0  # train messages sent
     aggregated: bool = True
     seconds: float = 0.0
 
@@ -50,51 +69,267 @@ class History:
     site_names: dict[int, str] = field(default_factory=dict)  # node id -> site name (names silent sites)
 
 
-def _metrics(rec: MetricRecord | None) -> dict[str, float]:
+def metrics_dict(rec: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in (rec or {}).items() if not isinstance(v, list)}
 
 
-def site_of(msg: Message) -> str:
-    """The site name a reply carries, else its node id (errors carry no content)."""
+def reported_site_name(msg: Message) -> str:
+    """The site name a (non-error) reply carries, else its node id."""
     if not msg.has_error() and keys.SITE in msg.content.config_records:
-        return str(msg.content.config_records[keys.SITE].get(keys.SITE_NAME, msg.metadata.src_node_id))
+        name = msg.content.config_records[keys.SITE].get(keys.SITE_NAME)
+        if name is not None:
+            return str(name)
     return f"node-{msg.metadata.src_node_id}"
 
 
-def split_replies(
-    replies: Iterable[Message], sent: Iterable[Message] = (), names: dict[int, str] | None = None
-) -> tuple[list[Message], list[dict[str, Any]]]:
-    """Valid replies and failures; ``sent`` attributes errors the SuperLink raised for a node."""
-    dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
-    ok, failed = [], []
-    for msg in replies:
-        if msg.has_error():
-            nid = dst.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
-            failed.append(
-                {"site": (names or {}).get(nid, f"node-{nid}"), "node_id": nid, "reason": str(msg.error.reason)}
-            )
-        else:
-            ok.append(msg)
-    return ok, failed
+def _fmt(d: dict[str, float], wanted: tuple[str, ...]) -> str:
+    return " ".join(f"{n} {d[n]:.3f}" for n in wanted if n in d and not math.isnan(d[n]))
 
 
-def per_site(replies: list[Message]) -> dict[str, dict[str, float]]:
+def restore_dtypes(arrays: ArrayRecord, spec: Spec) -> tuple[ArrayRecord, str | None]:
+    """Cast an aggregate back to the global model's dtypes; say why if it is unusable."""
+    if set(arrays.keys()) != set(spec):
+        return arrays, f"its keys differ from the global model's ({names(set(arrays.keys()) ^ set(spec))})"
+    out = {}
+    for k, (shape, dtype) in spec.items():
+        x = arrays[k].numpy()
+        if tuple(x.shape) != shape:
+            return arrays, f"array {k!r} has shape {tuple(x.shape)}, the global model's is {shape}"
+        if np.dtype(x.dtype).kind in "fc" and not np.isfinite(x).all():
+            return arrays, f"array {k!r} is not finite"
+        if str(x.dtype) != dtype:
+            x = (np.rint(x) if np.dtype(dtype).kind in "iub" else x).astype(dtype)
+        out[k] = Array(np.array(x, order="C"))  # not ascontiguousarray: it turns 0-d into (1,)
+    return ArrayRecord(out), None
+
+
+@dataclass
+class Aggregated:
+    arrays: ArrayRecord | None  # None: the global model stays as it was
+    metrics: MetricRecord | None
+
+
+def aggregate_train(parts: RoundParts, server_round: int, valid: list[Message], global_spec: Spec) -> Aggregated:
+    """Flower's aggregation of screened replies, guarded; the strategy's state is rolled back on failure."""
+    strategy = parts.strategy
+    before = strategy_state_dict(strategy)
+    weights = parts.privacy.uniform_weights(valid) if parts.privacy is not None else nullcontext()
+    try:
+        with weights:
+            arrays, metrics = strategy.aggregate_train(server_round, valid)
+    except (AggregationError, InconsistentMessageReplies, ValueError, FloatingPointError) as err:
+        log(
+            ERROR,
+            "round %d: aggregation failed (%s: %s); global model unchanged",
+            server_round,
+            type(err).__name__,
+            err,
+        )
+        load_strategy_state(strategy, before)
+        return Aggregated(None, None)
+    if arrays is not None:
+        arrays, why = restore_dtypes(arrays, global_spec)
+        if why is not None:
+            log(ERROR, "round %d: discarded the aggregated model: %s; global model unchanged", server_round, why)
+            load_strategy_state(strategy, before)
+            return Aggregated(None, metrics)
+    return Aggregated(arrays, metrics)
+
+
+def aggregate_evaluate(parts: RoundParts, server_round: int, valid: list[Message]) -> dict[str, float]:
+    # sites with an empty validation split report 0 examples: Flower's weighted mean would divide by 0
+    if not valid or sum(float(m.get(keys.NUM_EXAMPLES, 0)) for m in _site_metrics(valid).values()) <= 0:
+        return {}
+    try:
+        return metrics_dict(parts.strategy.aggregate_evaluate(server_round, valid))
+    except (AggregationError, InconsistentMessageReplies, ValueError) as err:
+        log(WARNING, "round %d: site evaluations not aggregated (%s)", server_round, err)
+        return {}
+
+
+def _site_metrics(replies: Iterable[Message], site_names: dict[int, str] | None = None) -> dict[str, dict[str, float]]:
     out = {}
     for msg in replies:
         recs = msg.content.metric_records
         if recs:
-            out[site_of(msg)] = _metrics(next(iter(recs.values())))
+            nid = int(msg.metadata.src_node_id)
+            name = (site_names or {}).get(nid) or reported_site_name(msg)
+            out[name] = metrics_dict(next(iter(recs.values())))
     return out
 
 
-def _fmt(d: dict[str, float], names: tuple[str, ...]) -> str:
-    parts = [f"{n} {d[n]:.3f}" for n in names if n in d and not math.isnan(d[n])]
-    return " ".join(parts)
+class RoundPipeline:
+    """One federation's rounds over ``grid`` with ``parts`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        parts: RoundParts,
+        *,
+        timeout: float,
+        min_sites: int | None = None,
+        on_too_few: str = "continue",
+        evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+        history: History | None = None,
+    ) -> None:
+        self.grid = grid
+        self.parts = parts
+        self.timeout = timeout
+        self.min_sites = min_sites
+        self.on_too_few = on_too_few
+        self.evaluate_fn = evaluate_fn
+        self.history = history or History()
+        self.names = self.history.site_names  # learnt from replies; kept in checkpoints for resumed runs
+
+    # -- stages -----------------------------------------------------------------------------------
+
+    def configure(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
+        s = self.parts.strategy
+        if self.parts.privacy is not None:
+            return self.parts.privacy.configure_train(s, server_round, arrays, config, self.grid)
+        return list(s.configure_train(server_round, arrays, config, self.grid))
+
+    def send(self, msgs: list[Message]) -> list[Message]:
+        return list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+
+    def site(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node-{node_id}")
+
+    def collect(
+        self, server_round: int, sent: list[Message], replies: list[Message], failures: list[dict[str, Any]]
+    ) -> list[Message]:
+        """The replies that carry content; errors and silent sites are appended to ``failures``."""
+        dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent}
+        ok = []
+        for msg in replies:
+            if msg.has_error():
+                nid = dst.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+                failures.append({"site": self.site(nid), "node_id": nid, "reason": str(msg.error.reason)})
+                log(WARNING, "round %d: no reply from %s: %s", server_round, self.site(nid), msg.error.reason)
+            else:
+                self.names[int(msg.metadata.src_node_id)] = reported_site_name(msg)
+                ok.append(msg)
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for m in sent:
+            if m.metadata.message_id not in answered:
+                nid = int(m.metadata.dst_node_id)
+                reason = f"no reply within round_timeout={self.timeout:.0f}s"
+                failures.append({"site": self.site(nid), "node_id": nid, "reason": reason})
+                log(WARNING, "round %d: %s did not reply within %.0fs", server_round, self.site(nid), self.timeout)
+        return ok
+
+    def screen(
+        self, server_round: int, replies: list[Message], arrays: ArrayRecord, failures: list[dict[str, Any]]
+    ) -> Screened:
+        spec = spec_of(arrays)
+        view = RoundView(server_round, arrays, self.parts.method.reply_arrays(spec, self.parts.base))
+        screened = run_screens(self.parts.screens, replies, view, site_of=self.names, what="update")
+        for msg, reason in screened.rejected:
+            nid = int(msg.metadata.src_node_id)
+            failures.append({"site": self.site(nid), "node_id": nid, "reason": f"rejected update: {reason}"})
+        return screened
+
+    def aggregate(self, server_round: int, screened: Screened, arrays: ArrayRecord, rec: RoundRecord) -> ArrayRecord:
+        answered = len(screened.valid) + len(screened.set_aside)
+        needed = self.min_sites if self.min_sites is not None else rec.sites_asked
+        if answered < max(needed, 1):
+            rec.aggregated = False
+            log(
+                WARNING,
+                "round %d: %d valid repl%s, %d required; global model unchanged",
+                server_round,
+                answered,
+                "y" if answered == 1 else "ies",
+                needed,
+            )
+            if self.on_too_few == "stop":
+                raise RoundAborted(f"round {server_round}: {answered} valid replies, participation.min_sites={needed}")
+            return arrays
+        result = Aggregated(None, None)
+        if screened.valid:
+            result = aggregate_train(self.parts, server_round, screened.valid, spec_of(arrays))
+        else:
+            log(WARNING, "round %d: no site sent an update to aggregate; global model unchanged", server_round)
+        metrics = result.metrics
+        if self.parts.privacy is not None:
+            metrics = self.parts.privacy.record(self.parts.strategy, result.arrays is not None, metrics)
+        if self.parts.sample_dp:
+            everyone = screened.valid + [m for m, _ in screened.set_aside]
+            metrics = sample_round_metrics(everyone, len(screened.set_aside), metrics)
+        rec.train = metrics_dict(metrics)
+        if result.arrays is None:
+            rec.aggregated = False
+            if screened.valid:
+                log(WARNING, "round %d: the strategy produced no model; global model unchanged", server_round)
+            return arrays
+        return result.arrays
+
+    def evaluate_sites(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> tuple[Screened, list[dict[str, Any]]]:
+        """Send the evaluation messages; the screened replies and the failures."""
+        msgs = list(self.parts.strategy.configure_evaluate(server_round, arrays, config, self.grid))
+        failures: list[dict[str, Any]] = []
+        ok = self.collect(server_round, msgs, self.send(msgs), failures)
+        view = RoundView(server_round, arrays, {})
+        screened = run_screens(self.parts.eval_screens, ok, view, site_of=self.names, what="evaluation")
+        for msg, reason in screened.rejected:
+            nid = int(msg.metadata.src_node_id)
+            failures.append({"site": self.site(nid), "node_id": nid, "reason": f"rejected evaluation: {reason}"})
+        return screened, failures
+
+    def record(self, rec: RoundRecord, arrays: ArrayRecord, num_rounds: int) -> None:
+        self.history.rounds.append(rec)
+        self.history.arrays = arrays
+        log(
+            INFO,
+            "[round %d/%d] %d/%d sites | train %s | site-eval %s | global-test %s | %.1fs",
+            rec.round,
+            num_rounds,
+            len(rec.sites_train),
+            rec.sites_asked,
+            _fmt(rec.train, (keys.TRAIN_LOSS,)) or "-",
+            _fmt(rec.evaluate, ("val-accuracy", "val-auc", "val-dice")) or "-",
+            _fmt(rec.global_test, ("accuracy", "auc", "dice")) or "-",
+            rec.seconds,
+        )
+
+    # -- one round, and the run ---------------------------------------------------------------------
+
+    def run_round(
+        self, server_round: int, arrays: ArrayRecord, train_config: ConfigRecord, evaluate_config: ConfigRecord
+    ) -> tuple[ArrayRecord, RoundRecord]:
+        t0 = time.time()
+        rec = RoundRecord(round=server_round)
+        msgs = self.configure(server_round, arrays, ConfigRecord(dict(train_config)))
+        rec.sites_asked = len(msgs)
+        ok = self.collect(server_round, msgs, self.send(msgs), rec.failures)
+        screened = self.screen(server_round, ok, arrays, rec.failures)
+        rec.sites_train = _site_metrics(screened.valid + [m for m, _ in screened.set_aside], self.names)
+        try:
+            arrays = self.aggregate(server_round, screened, arrays, rec)
+        except RoundAborted:
+            rec.seconds = time.time() - t0
+            self.history.rounds.append(rec)
+            raise
+        ev, rec.evaluate_failures = self.evaluate_sites(server_round, arrays, ConfigRecord(dict(evaluate_config)))
+        rec.sites_evaluate = _site_metrics(ev.valid, self.names)
+        rec.evaluate = aggregate_evaluate(self.parts, server_round, ev.valid)
+        if self.evaluate_fn is not None:
+            rec.global_test = self.evaluate_fn(server_round, arrays)
+        rec.seconds = time.time() - t0
+        return arrays, rec
+
+    def final_site_test(self, server_round: int, arrays: ArrayRecord, evaluate_config: ConfigRecord) -> None:
+        cfg = ConfigRecord(dict(evaluate_config))
+        cfg[keys.EVAL_SPLIT] = "test"
+        screened, _ = self.evaluate_sites(server_round, arrays, cfg)
+        self.history.sites_test = _site_metrics(screened.valid, self.names)
 
 
 def run_rounds(
     grid: Grid,
-    strategy: Strategy,
+    parts: RoundParts,
     *,
     initial_arrays: ArrayRecord,
     num_rounds: int,
@@ -110,91 +345,25 @@ def run_rounds(
     final_site_test: bool = True,
 ) -> History:
     """Run rounds ``start_round..num_rounds``; ``history`` continues a resumed run."""
-    hist = history or History()
+    pipe = RoundPipeline(
+        grid,
+        parts,
+        timeout=timeout,
+        min_sites=min_sites,
+        on_too_few=on_too_few,
+        evaluate_fn=evaluate_fn,
+        history=history,
+    )
+    hist = pipe.history
     arrays = initial_arrays
-    names = hist.site_names  # learnt from replies; kept in checkpoints so a resumed run still knows them
     if evaluate_fn is not None and start_round == 1 and not hist.initial_global_test:
         hist.initial_global_test = evaluate_fn(0, arrays)
     for rnd in range(start_round, num_rounds + 1):
-        t0 = time.time()
-        rec = RoundRecord(round=rnd)
-        msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
-        replies = list(grid.send_and_receive(msgs, timeout=timeout)) if msgs else []
-        ok, rec.failures = split_replies(replies, msgs, names)
-        for f in rec.failures:
-            log(WARNING, "round %d: no update from %s: %s", rnd, f["site"], f["reason"])
-        names.update({int(m.metadata.src_node_id): site_of(m) for m in ok})
-        replied = {m.metadata.reply_to_message_id for m in replies}
-        for m in msgs:
-            nid = int(m.metadata.dst_node_id)
-            if m.metadata.message_id not in replied:
-                rec.failures.append(
-                    {
-                        "site": names.get(nid, f"node-{nid}"),
-                        "node_id": nid,
-                        "reason": f"no reply within round_timeout={timeout:.0f}s",
-                    }
-                )
-                log(WARNING, "round %d: %s did not reply within %.0fs", rnd, names.get(nid, f"node-{nid}"), timeout)
-        screen = getattr(strategy, "screen_train_replies", None)
-        if screen is not None:  # strategies.robust: a rejected update counts as a failure, with its reason
-            ok, rejected = screen(rnd, ok)
-            rec.failures += rejected
-        rec.sites_train = per_site(ok)
-        needed = min_sites if min_sites is not None else len(msgs)
-        if len(ok) < max(needed, 1):
-            rec.aggregated = False
-            log(
-                WARNING,
-                "round %d: %d valid repl%s, %d required; global model unchanged",
-                rnd,
-                len(ok),
-                "y" if len(ok) == 1 else "ies",
-                needed,
-            )
-            if on_too_few == "stop":
-                hist.rounds.append(rec)
-                raise RoundAborted(f"round {rnd}: {len(ok)} valid replies, participation.min_sites={needed}")
-        else:
-            new_arrays, train_metrics = strategy.aggregate_train(rnd, ok)
-            if new_arrays is None:
-                rec.aggregated = False
-                log(WARNING, "round %d: the strategy produced no model; global model unchanged", rnd)
-            else:
-                arrays = new_arrays
-            rec.train = _metrics(train_metrics)
-        ev_msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(evaluate_config)), grid))
-        ev_replies = list(grid.send_and_receive(ev_msgs, timeout=timeout)) if ev_msgs else []
-        ev_ok, ev_failed = split_replies(ev_replies)
-        names.update({int(m.metadata.src_node_id): site_of(m) for m in ev_ok})
-        rec.sites_evaluate = per_site(ev_ok)
-        # sites with an empty validation split report 0 examples: Flower's weighted mean would divide by 0
-        if ev_ok and sum(m.get(keys.NUM_EXAMPLES, 0) for m in rec.sites_evaluate.values()) > 0:
-            rec.evaluate = _metrics(strategy.aggregate_evaluate(rnd, ev_replies))
-        if evaluate_fn is not None:
-            rec.global_test = evaluate_fn(rnd, arrays)
-        rec.seconds = time.time() - t0
-        hist.rounds.append(rec)
-        hist.arrays = arrays
-        log(
-            INFO,
-            "[round %d/%d] %d/%d sites | train %s | site-eval %s | global-test %s | %.1fs",
-            rnd,
-            num_rounds,
-            len(ok),
-            len(msgs),
-            _fmt(rec.train, (keys.TRAIN_LOSS,)) or "-",
-            _fmt(rec.evaluate, ("val-accuracy", "val-auc", "val-dice")) or "-",
-            _fmt(rec.global_test, ("accuracy", "auc", "dice")) or "-",
-            rec.seconds,
-        )
+        arrays, rec = pipe.run_round(rnd, arrays, train_config, evaluate_config)
+        pipe.record(rec, arrays, num_rounds)
         if on_round_end is not None:
             on_round_end(rnd, arrays, hist)
     hist.arrays = arrays
     if final_site_test:
-        cfg = ConfigRecord(dict(evaluate_config))
-        cfg[keys.EVAL_SPLIT] = "test"
-        msgs = list(strategy.configure_evaluate(num_rounds, arrays, cfg, grid))
-        ok, _ = split_replies(grid.send_and_receive(msgs, timeout=timeout) if msgs else [])
-        hist.sites_test = per_site(ok)
+        pipe.final_site_test(num_rounds, arrays, evaluate_config)
     return hist

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from medflower.config import ParticipationConfig
+from medflower.strategies.state import unwrap
 
 
 def wait_for_sites(grid: Grid, *, expected: int, policy: ParticipationConfig, poll_s: float = 1.0) -> int:
@@ -48,9 +49,6 @@ def wait_for_sites(grid: Grid, *, expected: int, policy: ParticipationConfig, po
 
 def relax_availability(strategy: Strategy, policy: ParticipationConfig) -> None:
     """After the start, a round needs only ``min_sites`` connected sites (not all of them)."""
-    s, seen = strategy, set()
-    while s is not None and id(s) not in seen:  # wrappers (e.g. the update screen) hold the real one
-        seen.add(id(s))
-        if "min_available_nodes" in getattr(s, "__dict__", {}):
-            s.min_available_nodes = max(1, policy.min_sites or 1)
-        s = getattr(s, "__dict__", {}).get("strategy")
+    for s in unwrap(strategy):  # Flower's DP wrappers hold the strategy that samples the sites
+        if "min_available_nodes" in vars(s):
+            s.min_available_nodes = max(1, policy.min_sites or 1)  # type: ignore[attr-defined]

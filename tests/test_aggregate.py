@@ -1,7 +1,8 @@
 """Aggregation maths: numbers computed by hand, Hypothesis properties, and equality with Flower.
 
-Replies are built directly as Flower Messages (strategies.testing.make_reply), so these tests need
-no site, no model and no Ray: each runs in milliseconds.
+Replies are built directly as Flower Messages (strategies.testing.make_reply) and go through the
+round's own screen and guarded aggregation stages (tests/roundkit.py), so these tests need no
+site, no model and no Ray: each runs in milliseconds.
 """
 
 from __future__ import annotations
@@ -11,33 +12,24 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord
 from flwr.serverapp import strategy as fl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from roundkit import parts_of, run_round, screen
 
-from medflower import keys
 from medflower.config import quickstart_experiment
 from medflower.config.strategy import StrategyConfig
-from medflower.strategies import build_base_strategy, build_strategy, load_strategy_state, strategy_state_dict
-from medflower.strategies.fedbn import FedBN
-from medflower.strategies.robust import RobustStrategy
-from medflower.strategies.scaffold import Scaffold
-from medflower.strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
+from medflower.server.build import build_round, build_strategy
+from medflower.strategies.methods.fedbn import FedBN
+from medflower.strategies.methods.scaffold import SCAFFOLD_DC, Scaffold
+from medflower.strategies.state import load_strategy_state, strategy_state_dict
+from medflower.strategies.testing import arrays_of, make_reply
 
 FLOWER_COMMON = dict(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
 
 
 def exp_with(name: str, **params):
     return replace(quickstart_experiment(), strategy=StrategyConfig(name=name, params=params))
-
-
-def run_round(strategy, global_arrays: dict[str, np.ndarray], replies, rnd: int = 1):
-    """configure_train (strategies remember the global model there) then aggregate_train."""
-    nodes = max(len(replies), strategy.min_available_nodes)  # Flower waits for that many nodes
-    list(strategy.configure_train(rnd, arrays_of(global_arrays), ConfigRecord(), StubGrid(nodes)))
-    arrays, metrics = strategy.aggregate_train(rnd, replies)
-    return (None if arrays is None else numpy_of(arrays)), metrics
 
 
 def replies_from(models: list[dict[str, np.ndarray]], weights: list[float]):
@@ -51,7 +43,7 @@ G1 = {"w": np.zeros((2,), np.float32)}
 
 
 def test_fedavg_weighted_mean_by_hand():
-    s = build_strategy(exp_with("fedavg"), num_sites=2)
+    s = build_round(exp_with("fedavg"), num_sites=2)
     replies = replies_from([{"w": np.array([1, 2], np.float32)}, {"w": np.array([5, 6], np.float32)}], [1, 3])
     out, metrics = run_round(s, G1, replies)
     np.testing.assert_allclose(out["w"], [4.0, 5.0])  # (1*1 + 3*5)/4 = 4, (2 + 18)/4 = 5
@@ -61,15 +53,15 @@ def test_fedavg_weighted_mean_by_hand():
 def test_fedmedian_and_trimmed_mean_by_hand():
     vals = [1.0, 2.0, 3.0, 4.0, 100.0]
     models = [{"w": np.array([v, -v], np.float32)} for v in vals]
-    med, _ = run_round(build_strategy(exp_with("fedmedian"), num_sites=5), G1, replies_from(models, [1] * 5))
+    med, _ = run_round(build_round(exp_with("fedmedian"), num_sites=5), G1, replies_from(models, [1] * 5))
     np.testing.assert_allclose(med["w"], [3.0, -3.0])
     trim, _ = run_round(
-        build_strategy(exp_with("fedtrimmedavg", beta=0.2), num_sites=5), G1, replies_from(models, [1] * 5)
+        build_round(exp_with("fedtrimmedavg", beta=0.2), num_sites=5), G1, replies_from(models, [1] * 5)
     )
     np.testing.assert_allclose(trim["w"], [3.0, -3.0])  # drops 1 and 100: mean(2, 3, 4)
     vals = [0.0, 1.0, 2.0, 4.0, 100.0]
     trim, _ = run_round(
-        build_strategy(exp_with("fedtrimmedavg", beta=0.2), num_sites=5),
+        build_round(exp_with("fedtrimmedavg", beta=0.2), num_sites=5),
         G1,
         replies_from([{"w": np.array([v, v], np.float32)} for v in vals], [1] * 5),
     )
@@ -82,14 +74,14 @@ def test_krum_picks_the_central_update_by_hand():
     vals = [0.9, 1.0, 1.2, 1.6, 50.0]
     models = [{"w": np.array([v, 0.0], np.float32)} for v in vals]
     out, _ = run_round(
-        build_strategy(exp_with("krum", num_malicious_nodes=1), num_sites=5), G1, replies_from(models, [10, 1, 1, 1, 1])
+        build_round(exp_with("krum", num_malicious_nodes=1), num_sites=5), G1, replies_from(models, [10, 1, 1, 1, 1])
     )
     np.testing.assert_allclose(out["w"], [1.0, 0.0])
 
 
 def test_fedadam_first_round_by_hand():
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    s = build_strategy(exp_with("fedadam", eta=eta, beta_1=b1, beta_2=b2, tau=tau), num_sites=2)
+    s = build_round(exp_with("fedadam", eta=eta, beta_1=b1, beta_2=b2, tau=tau), num_sites=2)
     g = {"w": np.array([1.0, -1.0], np.float32)}
     replies = replies_from([{"w": np.array([1.5, -1.0], np.float32)}, {"w": np.array([0.5, -3.0], np.float32)}], [1, 1])
     out, _ = run_round(s, g, replies)
@@ -101,7 +93,7 @@ def test_fedadam_first_round_by_hand():
 
 
 def test_fedavgm_momentum_two_rounds_by_hand():
-    s = build_strategy(exp_with("fedavgm", server_learning_rate=1.0, server_momentum=0.5), num_sites=1)
+    s = build_round(exp_with("fedavgm", server_learning_rate=1.0, server_momentum=0.5), num_sites=1)
     g0 = {"w": np.array([1.0], np.float32)}
     out1, _ = run_round(s, g0, replies_from([{"w": np.array([0.8], np.float32)}], [1]))
     np.testing.assert_allclose(out1["w"], [0.8])  # pseudo-gradient 0.2, momentum 0.2
@@ -110,20 +102,20 @@ def test_fedavgm_momentum_two_rounds_by_hand():
 
 
 def test_scaffold_model_and_control_variate_by_hand():
-    s = RobustStrategy(Scaffold(param_keys=["w"], num_sites=4, server_learning_rate=0.5, **FLOWER_COMMON))
+    s = parts_of(Scaffold(param_keys=["w"], num_sites=4, server_learning_rate=0.5, **FLOWER_COMMON), "scaffold")
     g = {"w": np.array([2.0, 0.0], np.float32), "buf": np.array([1.0], np.float32)}
     replies = [
         make_reply(
             {"w": np.array([0.0, 2.0], np.float32), "buf": np.array([3.0], np.float32)},
             num_examples=1,
             site="a",
-            extra_records={keys.SCAFFOLD_DC: arrays_of({"w": np.array([1.0, 1.0], np.float32)})},
+            extra_records={SCAFFOLD_DC: arrays_of({"w": np.array([1.0, 1.0], np.float32)})},
         ),
         make_reply(
             {"w": np.array([4.0, 6.0], np.float32), "buf": np.array([5.0], np.float32)},
             num_examples=3,
             site="b",
-            extra_records={keys.SCAFFOLD_DC: arrays_of({"w": np.array([3.0, -1.0], np.float32)})},
+            extra_records={SCAFFOLD_DC: arrays_of({"w": np.array([3.0, -1.0], np.float32)})},
         ),
     ]
     out, _ = run_round(s, g, replies)
@@ -131,11 +123,11 @@ def test_scaffold_model_and_control_variate_by_hand():
     np.testing.assert_allclose(out["w"], [2.5, 2.5])
     np.testing.assert_allclose(out["buf"], [2.75])
     # c = 0 + (|S|/N) * mean(dc) = (2/4) * (2, 0)
-    np.testing.assert_allclose(s.strategy.c["w"], [1.0, 0.0])
+    np.testing.assert_allclose(s.base.c["w"], [1.0, 0.0])
 
 
 def test_fedbn_keeps_norm_arrays_and_averages_the_rest():
-    s = RobustStrategy(FedBN(local_keys=["norm.weight"], **FLOWER_COMMON))
+    s = parts_of(FedBN(local_keys=["norm.weight"], **FLOWER_COMMON), "fedbn")
     g = {"conv": np.array([0.0, 0.0], np.float32), "norm.weight": np.array([7.0], np.float32)}
     replies = replies_from(
         [{"conv": np.array([1.0, 3.0], np.float32)}, {"conv": np.array([3.0, 5.0], np.float32)}], [1, 1]
@@ -146,9 +138,8 @@ def test_fedbn_keeps_norm_arrays_and_averages_the_rest():
     assert list(out) == ["conv", "norm.weight"]  # the global model's order
     # a site that sends its norm layers is rejected (they must stay at the site)
     bad = replies_from([{"conv": np.ones(2, np.float32), "norm.weight": np.ones(1, np.float32)}], [1])
-    list(s.configure_train(2, arrays_of(g), ConfigRecord(), StubGrid(1)))
-    valid, rejected = s.screen_train_replies(2, bad)
-    assert not valid and "unexpected array(s) norm.weight" in rejected[0]["reason"]
+    screened = screen(s, g, bad, rnd=2)
+    assert not screened.valid and "unexpected array(s) norm.weight" in screened.rejected[0][1]
 
 
 # ---- properties (Hypothesis) --------------------------------------------------------------------
@@ -162,12 +153,12 @@ HYP = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChec
 
 def _build(name: str, n: int):
     if name == "scaffold":
-        return RobustStrategy(Scaffold(param_keys=["w"], num_sites=n, **FLOWER_COMMON))
-    return build_strategy(exp_with(name), num_sites=n)
+        return parts_of(Scaffold(param_keys=["w"], num_sites=n, **FLOWER_COMMON), "scaffold")
+    return build_round(exp_with(name), num_sites=n)
 
 
 def _replies(name: str, models, weights):
-    extra = (lambda: {keys.SCAFFOLD_DC: arrays_of({"w": np.zeros(3, np.float32)})}) if name == "scaffold" else dict
+    extra = (lambda: {SCAFFOLD_DC: arrays_of({"w": np.zeros(3, np.float32)})}) if name == "scaffold" else dict
     return [
         make_reply({"w": np.array(m, np.float32)}, num_examples=w, site=f"site-{i}", extra_records=extra())
         for i, (m, w) in enumerate(zip(models, weights))
@@ -194,7 +185,7 @@ def test_equal_weights_give_the_plain_mean(name, models, w):
     s = (
         _build(name, len(models))
         if name != "fedavgm"
-        else build_strategy(exp_with("fedavgm", server_momentum=0.0), num_sites=len(models))
+        else build_round(exp_with("fedavgm", server_momentum=0.0), num_sites=len(models))
     )
     out, _ = run_round(s, G3, _replies(name, models, [w] * len(models)))
     np.testing.assert_allclose(out["w"], np.mean(np.array(models, np.float32), axis=0), rtol=1e-5, atol=1e-4)
@@ -207,13 +198,13 @@ def test_equal_weights_give_the_plain_mean(name, models, w):
 @given(model=st.lists(finite, min_size=3, max_size=3), w=st.integers(min_value=1, max_value=100))
 def test_one_site_gives_that_sites_model(name, model, w):
     if name == "fedbn":
-        s = RobustStrategy(FedBN(local_keys=["n"], **FLOWER_COMMON))
+        s = parts_of(FedBN(local_keys=["n"], **FLOWER_COMMON), "fedbn")
         out, _ = run_round(s, {**G3, "n": np.ones(1, np.float32)}, _replies(name, [model], [w]))
     else:
         s = (
             _build(name, 1)
             if name not in ("krum", "multikrum")
-            else build_strategy(
+            else build_round(
                 exp_with(name, num_malicious_nodes=0, **({"num_nodes_to_select": 1} if name == "multikrum" else {})),
                 num_sites=1,
             )
@@ -237,7 +228,7 @@ FLOWER_EQUIVALENT = {
 @pytest.mark.parametrize("name", sorted(FLOWER_EQUIVALENT))
 def test_configured_strategy_equals_flowers_own(name):
     params, flower_factory = FLOWER_EQUIVALENT[name]
-    ours, theirs = build_strategy(exp_with(name, **params), num_sites=3), flower_factory()
+    ours, theirs = build_round(exp_with(name, **params), num_sites=3), parts_of(flower_factory(), name)
     rng = np.random.default_rng(0)
     g_ours = g_theirs = {
         "conv.weight": rng.normal(size=(4, 3)).astype(np.float32),
@@ -273,7 +264,7 @@ def test_base_strategies_are_flowers_classes():
         ("multikrum", fl.MultiKrum),
         ("qfedavg", fl.QFedAvg),
     ]:
-        assert type(build_base_strategy(exp_with(name), num_sites=5)) is cls, name
+        assert type(build_strategy(exp_with(name), num_sites=5)) is cls, name
 
 
 # ---- strategy state: save/load gives identical next-round aggregation ---------------------------
@@ -283,19 +274,15 @@ def test_base_strategies_are_flowers_classes():
 def test_state_round_trip_gives_identical_next_round(name, tmp_path):
     def build():
         if name == "scaffold":
-            return RobustStrategy(Scaffold(param_keys=["a", "b"], num_sites=3, **FLOWER_COMMON))
-        return build_strategy(exp_with(name), num_sites=3)
+            return parts_of(Scaffold(param_keys=["a", "b"], num_sites=3, **FLOWER_COMMON), "scaffold")
+        return build_round(exp_with(name), num_sites=3)
 
     rng = np.random.default_rng(1)
     g = {"a": rng.normal(size=(3, 2)).astype(np.float32), "b": rng.normal(size=(2,)).astype(np.float32)}
 
     def round_replies():
         dc = (
-            (
-                lambda: {
-                    keys.SCAFFOLD_DC: arrays_of({k: rng.normal(size=v.shape).astype(np.float32) for k, v in g.items()})
-                }
-            )
+            (lambda: {SCAFFOLD_DC: arrays_of({k: rng.normal(size=v.shape).astype(np.float32) for k, v in g.items()})})
             if name == "scaffold"
             else dict
         )
@@ -312,31 +299,34 @@ def test_state_round_trip_gives_identical_next_round(name, tmp_path):
     first = build()
     for rnd in (1, 2):
         g, _ = run_round(first, g, round_replies(), rnd=rnd)
-    state = strategy_state_dict(first)
+    state = strategy_state_dict(first.strategy)
     assert all(isinstance(v, (np.ndarray, int, float)) for v in state.values())
     assert len(state) > 1, "the strategy has state after two rounds"
     np.savez(tmp_path / "s.npz", **state)  # a checkpoint can store it as plain numpy
     restored = dict(np.load(tmp_path / "s.npz"))
     restored = {k: (v.item() if v.ndim == 0 and k in ("format",) else v) for k, v in restored.items()}
     second = build()
-    load_strategy_state(second, restored)
+    load_strategy_state(second.strategy, restored)
     replies3 = round_replies()
     a, _ = run_round(first, g, replies3, rnd=3)
     b, _ = run_round(second, g, copy.deepcopy(replies3), rnd=3)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    sa, sb = strategy_state_dict(first), strategy_state_dict(second)  # SCAFFOLD: the c sent next round
+    sa, sb = (
+        strategy_state_dict(first.strategy),
+        strategy_state_dict(second.strategy),
+    )  # SCAFFOLD: the c sent next round
     assert sa.keys() == sb.keys()
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k])
     fresh = build()  # without the state the next round differs: the test can fail
     c, _ = run_round(fresh, g, copy.deepcopy(replies3), rnd=3)
-    sc = strategy_state_dict(fresh)
+    sc = strategy_state_dict(fresh.strategy)
     assert any(not np.array_equal(a[k], c[k]) for k in a) or any(not np.array_equal(sa[k], sc[k]) for k in sa)
 
 
 def test_loading_another_strategys_state_is_an_error():
-    s = build_strategy(exp_with("fedadam"), num_sites=1)
+    s = build_round(exp_with("fedadam"), num_sites=1)
     run_round(s, G3, replies_from([{"w": np.ones(3, np.float32)}], [1]))
     with pytest.raises(ValueError, match="does not belong to this strategy"):
-        load_strategy_state(build_strategy(exp_with("fedavgm"), num_sites=1), strategy_state_dict(s))
+        load_strategy_state(build_strategy(exp_with("fedavgm"), num_sites=1), strategy_state_dict(s.strategy))

@@ -115,9 +115,9 @@ def test_resumed_model_is_the_checkpointed_one(tmp_path: Path, flower_identity) 
 
 
 def _strategy(exp):
-    from medflower.strategies import build_strategy
+    from medflower.server.build import build_round
 
-    return build_strategy(exp, num_sites=exp.partition.num_sites)
+    return build_round(exp, num_sites=exp.partition.num_sites)
 
 
 def test_checkpoint_of_another_experiment_is_refused(tmp_path: Path) -> None:

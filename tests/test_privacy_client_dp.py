@@ -9,9 +9,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.schema import ConfigError
-from medflower.strategies import build_strategy
-from medflower.strategies.privacy import ClientLevelDP, find_client_dp, wrap_privacy
-from medflower.strategies.state import load_strategy_state, strategy_state_dict
+from medflower.server.build import RoundParts, build_round
+from medflower.server.loop import RoundPipeline, RoundRecord
+from medflower.server.screens import Screened
+from medflower.strategies.privacy import ClientLevelDP
 
 DELTA = 1e-5
 
@@ -60,55 +61,59 @@ def _gaussian_epsilon(sigma: float, releases: int) -> float:
     return float(acc.get_epsilon(DELTA))
 
 
-def _round(strategy, rnd: int):
-    msgs = list(strategy.configure_train(rnd, _arrays(0.0), ConfigRecord({}), _Grid()))
+def _round(parts: RoundParts, rnd: int):
+    """The pipeline's configure and aggregate stages on replies from sites of 10, 50 and 200 samples."""
+    pipe = RoundPipeline(_Grid(), parts, timeout=10)  # type: ignore[arg-type]  # only get_node_ids is used
+    msgs = pipe.configure(rnd, _arrays(0.0), ConfigRecord({}))
     if not msgs:
         return None, None
-    return strategy.aggregate_train(rnd, _replies(msgs))
+    rec = RoundRecord(round=rnd, sites_asked=len(msgs))
+    arrays = pipe.aggregate(rnd, Screened(valid=_replies(msgs)), _arrays(0.0), rec)
+    return (arrays if rec.aggregated else None), rec.train
 
 
 @pytest.mark.parametrize("clipping,side", [("fixed", "server"), ("adaptive", "server")])
 def test_epsilon_per_round_equals_dp_accounting_and_stops_at_budget(flower_identity, clipping: str, side: str) -> None:
     exp = _exp(clipping=clipping, clipping_side=side, clipped_count_stddev=2.0)
-    strategy = wrap_privacy(build_strategy(exp, num_sites=3), exp, num_sites=3)
-    dp = find_client_dp(strategy)
+    parts = build_round(exp, num_sites=3)
+    dp = parts.privacy
     assert isinstance(dp, ClientLevelDP)
     eps = []
     for rnd in (1, 2, 3):
-        arrays, metrics = _round(strategy, rnd)
+        arrays, metrics = _round(parts, rnd)
         assert arrays is not None  # sites of 10, 50 and 200 samples: weights made uniform, so Flower accepts them
         eps.append(metrics[keys.DP_EPSILON])
         assert eps[-1] == pytest.approx(_gaussian_epsilon(dp.noise_multiplier, rnd), rel=0.01)
     assert eps[0] < eps[1] < eps[2] <= 5.0 and eps[2] > 0.97 * 5.0  # sigma planned for all 3 rounds
     # a 4th round would exceed the budget: no training is configured, the run carries on
-    assert _round(strategy, 4) == (None, None) and dp.exhausted
+    assert _round(parts, 4) == (None, None) and dp.exhausted
     assert dp.epsilon() == pytest.approx(eps[2])
 
 
 def test_restarted_coordinator_continues_the_accountant(flower_identity) -> None:
     exp = _exp()
-    first = build_strategy(exp, num_sites=3)
+    first = build_round(exp, num_sites=3)
     _round(first, 1)
-    state = strategy_state_dict(first)
-    again = build_strategy(exp, num_sites=3)
-    load_strategy_state(again, state)
+    state = first.state_dict()
+    again = build_round(exp, num_sites=3)
+    again.load_state_dict(state)
     _, metrics = _round(again, 2)
-    assert metrics[keys.DP_EPSILON] == pytest.approx(
-        _gaussian_epsilon(find_client_dp(again).noise_multiplier, 2), rel=0.01
-    )
+    assert metrics[keys.DP_EPSILON] == pytest.approx(_gaussian_epsilon(again.privacy.noise_multiplier, 2), rel=0.01)
 
 
 def test_client_dp_needs_a_mean_aggregation() -> None:
-    exp = ExperimentConfig.from_dict(
-        {"partition": {"num_sites": 3}, "strategy": {"name": "fedmedian"}, "privacy": {"mode": "client"}}
-    )
-    with pytest.raises(ConfigError, match="privacy.mode 'client' needs a strategy that aggregates with FedAvg's mean"):
-        build_strategy(exp, num_sites=3)
+    """Refused when the YAML is loaded, with the reason the method's module declares."""
+    with pytest.raises(
+        ConfigError, match="privacy.mode 'client' cannot be combined with strategy.name 'fedmedian': client-level DP"
+    ):
+        ExperimentConfig.from_dict(
+            {"partition": {"num_sites": 3}, "strategy": {"name": "fedmedian"}, "privacy": {"mode": "client"}}
+        )
 
 
 def test_adaptive_count_noise_too_low_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="privacy.clipped_count_stddev: 0.15 .* too low for adaptive clipping"):
-        build_strategy(_exp(clipping="adaptive"), num_sites=3)
+        build_round(_exp(clipping="adaptive"), num_sites=3)
 
 
 def test_client_side_clipping_mod_clips_the_update(flower_identity) -> None:

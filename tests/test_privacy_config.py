@@ -92,11 +92,8 @@ def test_node_config_budget_must_be_a_positive_number() -> None:
 
 
 def test_sample_dp_rejects_strategies_that_edit_local_training() -> None:
-    from medflower.strategies import build_strategy
-    from medflower.strategies.privacy import wrap_privacy
-
-    exp = ExperimentConfig.from_dict(
-        {"partition": {"num_sites": 2}, "strategy": {"name": "fedprox"}, "privacy": {"mode": "sample"}}
-    )
-    with pytest.raises(ConfigError, match="privacy.mode 'sample' cannot be combined with strategy.name 'fedprox'"):
-        wrap_privacy(build_strategy(exp, num_sites=2), exp, num_sites=2)
+    for name in ("fedprox", "scaffold", "ditto"):
+        with pytest.raises(ConfigError, match=f"privacy.mode 'sample' cannot be combined with strategy.name '{name}'"):
+            ExperimentConfig.from_dict(
+                {"partition": {"num_sites": 2}, "strategy": {"name": name}, "privacy": {"mode": "sample"}}
+            )

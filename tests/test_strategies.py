@@ -12,20 +12,27 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from roundkit import configure, run_round, screen
 from torch import nn
 
 from medflower import keys
 from medflower.client import app as client_app
-from medflower.client.strategy_hooks import STATE_CI, STATE_LOCAL, STATE_PERSONAL, SiteStrategy, proximal_term
+from medflower.client.strategy_hooks import SiteStrategy
 from medflower.client.train import LocalHooks, TrainStats, make_loader, train_epochs
 from medflower.config import ConfigError, load_experiment, quickstart_experiment
 from medflower.config.attack import AttackConfig
 from medflower.config.strategy import STRATEGY_NAMES, StrategyConfig
 from medflower.modelspec import build_experiment_model
-from medflower.server.loop import RoundAborted, run_rounds
+from medflower.server.build import build_round, build_strategy
+from medflower.server.loop import RoundAborted, aggregate_evaluate, aggregate_train, run_rounds
+from medflower.server.screens import spec_of
 from medflower.simulation.attack import poison
 from medflower.simulation.inprocess import InProcessGrid
-from medflower.strategies import build_strategy, load_strategy_state, strategy_state_dict
+from medflower.strategies.methods.ditto import DITTO_EPOCHS, DITTO_LAMBDA, DITTO_LR, STATE_PERSONAL
+from medflower.strategies.methods.fedbn import LOCAL_KEYS, STATE_LOCAL
+from medflower.strategies.methods.fedprox import PROXIMAL_MU, proximal_term
+from medflower.strategies.methods.scaffold import SCAFFOLD_C, SCAFFOLD_DC, STATE_CI
+from medflower.strategies.state import load_strategy_state, strategy_state_dict
 from medflower.strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +73,8 @@ def test_unknown_param_names_the_key_and_lists_valid_ones(tmp_path):
 def test_bad_name_lists_valid_names(tmp_path):
     with pytest.raises(
         ConfigError,
-        match=r"strategy\.name: invalid value 'fedsgd'; valid choices are .*'fedavg'.*"
-        r"'scaffold'.*'ditto'",
+        match=r"strategy\.name: invalid value 'fedsgd'; valid choices are .*'ditto'.*'fedavg'.*"
+        r"'scaffold'",
     ):
         load_experiment(_yaml(tmp_path, "strategy: {name: fedsgd}\n"))
 
@@ -88,7 +95,7 @@ def test_param_values_are_validated(tmp_path, params, message):
 
 def test_params_reach_flowers_strategy():
     s = build_strategy(exp_with("fedadam", eta=0.02, tau=1e-4), num_sites=3)
-    assert (s.strategy.eta, s.strategy.tau, s.strategy.beta_1) == (0.02, 1e-4, 0.9)
+    assert (s.eta, s.tau, s.beta_1) == (0.02, 1e-4, 0.9)
     assert build_strategy(exp_with("fedprox", proximal_mu=0.5), num_sites=3).proximal_mu == 0.5
 
 
@@ -99,14 +106,14 @@ def test_train_messages_carry_what_the_sites_need():
         s = build_strategy(replace(exp_with(name, **kw)), num_sites=2)
         return list(s.configure_train(1, arrays_of(g), ConfigRecord(), StubGrid(2)))[0].content
 
-    assert first_message("fedprox", proximal_mu=0.5)[keys.CONFIG][keys.PROXIMAL_MU] == 0.5
-    c = first_message("scaffold")[keys.SCAFFOLD_C]
+    assert first_message("fedprox", proximal_mu=0.5)[keys.CONFIG][PROXIMAL_MU] == 0.5
+    c = first_message("scaffold")[SCAFFOLD_C]
     assert list(c.keys()) == params and all(not a.numpy().any() for a in c.values())  # c starts at zero
-    local = first_message("fedbn")[keys.CONFIG][keys.LOCAL_KEYS]
+    local = first_message("fedbn")[keys.CONFIG][LOCAL_KEYS]
     assert local and all(k in g for k in local) and not any(k.startswith("head.") for k in local)
     cfg = first_message("ditto", lam=0.3, personal_epochs=2)[keys.CONFIG]
-    assert (cfg[keys.DITTO_LAMBDA], cfg[keys.DITTO_EPOCHS]) == (0.3, 2)
-    assert keys.PROXIMAL_MU not in first_message("fedavg")[keys.CONFIG]
+    assert (cfg[DITTO_LAMBDA], cfg[DITTO_EPOCHS]) == (0.3, 2)
+    assert PROXIMAL_MU not in first_message("fedavg")[keys.CONFIG]
 
 
 def test_site_count_checks_name_the_param():
@@ -138,10 +145,10 @@ def _global_and_layout(name: str):
     return exp, g, [n for n, _ in model.named_parameters()]
 
 
-def _good_reply(name, g, params, strategy, i, rng):
-    local = set(getattr(strategy.strategy, "local_keys", []))
+def _good_reply(name, g, params, parts, i, rng):
+    local = set(getattr(parts.base, "local_keys", []))
     arrays = {k: (v + rng.normal(scale=0.01, size=v.shape)).astype(v.dtype) for k, v in g.items() if k not in local}
-    extra = {keys.SCAFFOLD_DC: arrays_of({k: np.zeros_like(g[k]) for k in params})} if name == "scaffold" else {}
+    extra = {SCAFFOLD_DC: arrays_of({k: np.zeros_like(g[k]) for k in params})} if name == "scaffold" else {}
     return make_reply(
         arrays, num_examples=20 + i, site=f"site-{i}", extra_records=extra, metrics={keys.TRAIN_LOSS: 0.5}
     )
@@ -150,9 +157,9 @@ def _good_reply(name, g, params, strategy, i, rng):
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_every_strategy_rejects_nonfinite_and_misshapen_updates(name, caplog):
     exp, g, params = _global_and_layout(name)
-    s = build_strategy(exp, num_sites=6)
+    parts = build_round(exp, num_sites=6)
     rng = np.random.default_rng(0)
-    replies = [_good_reply(name, g, params, s, i, rng) for i in range(6)]
+    replies = [_good_reply(name, g, params, parts, i, rng) for i in range(6)]
     first = next(iter(replies[4].content[keys.ARRAYS].keys()))
     bad_nan = numpy_of(replies[4].content[keys.ARRAYS])
     bad_nan[first] = np.full_like(bad_nan[first], np.nan)
@@ -160,24 +167,21 @@ def test_every_strategy_rejects_nonfinite_and_misshapen_updates(name, caplog):
     bad_shape = numpy_of(replies[5].content[keys.ARRAYS])
     bad_shape[first] = bad_shape[first].reshape(-1)[:-1].copy()
     replies[5].content[keys.ARRAYS] = arrays_of(bad_shape)
-    list(s.configure_train(1, arrays_of(g), ConfigRecord(), StubGrid(6)))
+    configure(parts, g, nodes=6)
     with caplog.at_level("WARNING"):
-        arrays, _ = s.aggregate_train(1, replies)
-    assert arrays is not None, f"{name}: the round must complete with the 4 valid updates"
-    out = numpy_of(arrays)
+        screened = screen(parts, g, replies)
+        result = aggregate_train(parts, 1, screened.valid, spec_of(arrays_of(g)))
+    assert result.arrays is not None, f"{name}: the round must complete with the 4 valid updates"
+    out = numpy_of(result.arrays)
     assert list(out) == list(g)
     for k, v in out.items():
         assert v.dtype == g[k].dtype and v.shape == g[k].shape, k
         assert np.isfinite(v).all(), f"{name}: global array {k} is not finite"
-    assert [r["site"] for r in s.last_rejections] == ["site-4", "site-5"]
-    assert "is not finite" in s.last_rejections[0]["reason"]
-    assert "has shape" in s.last_rejections[1]["reason"]
+    rejected = [(m.content[keys.SITE][keys.SITE_NAME], why) for m, why in screened.rejected]
+    assert [site for site, _ in rejected] == ["site-4", "site-5"]
+    assert "is not finite" in rejected[0][1]
+    assert "has shape" in rejected[1][1]
     assert "rejected the update from site-4" in caplog.text and "rejected the update from site-5" in caplog.text
-
-
-def _screen(strategy, g, reply):
-    list(strategy.configure_train(1, arrays_of(g), ConfigRecord(), StubGrid(1)))
-    return strategy.screen_train_replies(1, [reply])
 
 
 G = {"w": np.zeros((2, 2), np.float32), "step": np.zeros((), np.int64)}
@@ -196,46 +200,47 @@ G = {"w": np.zeros((2, 2), np.float32), "step": np.zeros((), np.int64)}
     ],
 )
 def test_rejection_reasons(arrays, weight, metrics, reason):
-    s = build_strategy(exp_with("fedavg"), num_sites=1)
-    valid, rejected = _screen(s, G, make_reply(arrays, num_examples=weight, site="hospital-a", metrics=metrics))
-    assert not valid and rejected[0]["site"] == "hospital-a"
-    assert reason in rejected[0]["reason"]
+    parts = build_round(exp_with("fedavg"), num_sites=1)
+    screened = screen(parts, G, [make_reply(arrays, num_examples=weight, site="hospital-a", metrics=metrics)])
+    assert not screened.valid and screened.rejected[0][0].content[keys.SITE][keys.SITE_NAME] == "hospital-a"
+    assert reason in screened.rejected[0][1]
 
 
 def test_max_update_norm_rejects_large_updates():
-    s = build_strategy(replace(exp_with("fedavg"), strategy=StrategyConfig(max_update_norm=1.0)), num_sites=2)
+    parts = build_round(replace(exp_with("fedavg"), strategy=StrategyConfig(max_update_norm=1.0)), num_sites=2)
     near = make_reply({**G, "w": np.full((2, 2), 0.4, np.float32)}, num_examples=1, site="a")  # norm 0.8
     far = make_reply({**G, "w": np.full((2, 2), 0.6, np.float32)}, num_examples=1, site="b")  # norm 1.2
-    list(s.configure_train(1, arrays_of(G), ConfigRecord(), StubGrid(2)))
-    arrays, _ = s.aggregate_train(1, [near, far])
-    np.testing.assert_allclose(numpy_of(arrays)["w"], 0.4)
-    assert "update L2 norm 1.2 exceeds strategy.max_update_norm=1" in s.last_rejections[0]["reason"]
+    configure(parts, G, nodes=2)
+    screened = screen(parts, G, [near, far])
+    assert "update L2 norm 1.2 exceeds strategy.max_update_norm=1" in screened.rejected[0][1]
+    out, _ = run_round(parts, G, [near, far])
+    np.testing.assert_allclose(out["w"], 0.4)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_nonfinite_aggregate_is_discarded_and_server_state_rolled_back(caplog):
     # FedAvgM with an absurd server learning rate overflows float32: the aggregate is +-inf
-    s = build_strategy(exp_with("fedavgm", server_learning_rate=1e38, server_momentum=0.5), num_sites=1)
+    parts = build_round(exp_with("fedavgm", server_learning_rate=1e38, server_momentum=0.5), num_sites=1)
     g = {"w": np.ones(3, np.float32)}
-    list(s.configure_train(1, arrays_of(g), ConfigRecord(), StubGrid(1)))
-    before = strategy_state_dict(s)
+    configure(parts, g)
+    before = strategy_state_dict(parts.strategy)
     with caplog.at_level("ERROR"):
-        arrays, _ = s.aggregate_train(1, [make_reply({"w": np.full(3, -1e3, np.float32)}, num_examples=1, site="a")])
-    assert arrays is None and "discarded the aggregated model" in caplog.text
-    after = strategy_state_dict(s)
+        out, _ = run_round(parts, g, [make_reply({"w": np.full(3, -1e3, np.float32)}, num_examples=1, site="a")])
+    assert out is None and "discarded the aggregated model" in caplog.text
+    after = strategy_state_dict(parts.strategy)
     assert before.keys() == after.keys()
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
-    load_strategy_state(s, after)  # and the rolled-back state is still loadable
+    load_strategy_state(parts.strategy, after)  # and the rolled-back state is still loadable
 
 
 def test_inconsistent_evaluate_metrics_do_not_crash():
-    s = build_strategy(exp_with("fedavg"), num_sites=2)
+    parts = build_round(exp_with("fedavg"), num_sites=2)
     replies = [
         make_reply(None, num_examples=3, site="a", metrics={"val-accuracy": 0.5}, message_type="evaluate"),
         make_reply(None, num_examples=3, site="b", metrics={"other": 0.5}, message_type="evaluate"),
     ]
-    assert s.aggregate_evaluate(1, replies) is None
+    assert aggregate_evaluate(parts, 1, replies) == {}
 
 
 # ---- the round loop counts rejected updates as failures ----------------------------------------
@@ -276,10 +281,10 @@ def _fake_app(bad_site: int) -> ClientApp:
 
 def _loop(min_sites, on_too_few, rounds=2):
     grid = InProcessGrid(_fake_app(bad_site=1), num_sites=3)
-    strategy = build_strategy(exp_with("fedavg"), num_sites=3)
+    parts = build_round(exp_with("fedavg"), num_sites=3)
     return run_rounds(
         grid,
-        strategy,
+        parts,
         initial_arrays=arrays_of({"w": np.zeros(2, np.float32)}),
         num_rounds=rounds,
         train_config=ConfigRecord(),
@@ -332,7 +337,7 @@ def _context(pid: int, exp, **node) -> Context:
 def test_fedprox_proximal_term_gradient(flower_identity):
     exp = exp_with("fedprox")
     model = nn.Linear(3, 2)
-    msg = _message(exp, model, config={keys.PROXIMAL_MU: 0.5})
+    msg = _message(exp, model, config={PROXIMAL_MU: 0.5})
     local = SiteStrategy.for_message(msg, _context(0, exp), exp, model)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
@@ -352,7 +357,7 @@ def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    msg = _message(exp, model, extra={keys.SCAFFOLD_C: ArrayRecord({k: v for k, v in c.items()})})
+    msg = _message(exp, model, extra={SCAFFOLD_C: ArrayRecord({k: v for k, v in c.items()})})
     ctx = _context(0, exp)
     local = SiteStrategy.for_message(msg, ctx, exp, model)
     x = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -368,7 +373,7 @@ def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     _, extra, _ = local.after_train(
         model, TrainStats(num_examples=8, num_steps=1, loss=0.1), site=type("S", (), {"name": "site-0"})(), seed=0
     )
-    dc = extra[keys.SCAFFOLD_DC]
+    dc = extra[SCAFFOLD_DC]
     for (n, _), gn in zip(model.named_parameters(), g):
         torch.testing.assert_close(torch.from_numpy(dc[n].numpy()), gn, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(ctx.state[STATE_CI][n].numpy()), gn, rtol=1e-4, atol=1e-5)
@@ -380,7 +385,7 @@ def test_fedbn_site_keeps_its_norm_layers(flower_identity):
     norm = [k for k in model.state_dict() if ".1." in k]  # GroupNorm layers of the CNN's first block
     assert norm
     ctx = _context(0, exp)
-    cfg = {keys.LOCAL_KEYS: norm}
+    cfg = {LOCAL_KEYS: norm}
     reply = client_app.train(_message(exp, model, config=cfg), ctx)
     sent = set(reply.content[keys.ARRAYS].keys())
     assert sent.isdisjoint(norm) and sent | set(norm) == set(model.state_dict())
@@ -399,7 +404,7 @@ def test_fedbn_site_keeps_its_norm_layers(flower_identity):
 def test_ditto_site_keeps_a_personal_model_and_reports_both(flower_identity):
     exp = exp_with("ditto")
     model = build_experiment_model(exp)
-    cfg = {keys.DITTO_LAMBDA: 0.1, keys.DITTO_EPOCHS: 1, keys.DITTO_LR: 0.003}
+    cfg = {DITTO_LAMBDA: 0.1, DITTO_EPOCHS: 1, DITTO_LR: 0.003}
     ctx = _context(1, exp)
     reply = client_app.train(_message(exp, model, config=cfg), ctx)
     assert STATE_PERSONAL in ctx.state
@@ -429,12 +434,12 @@ def test_scaffold_site_state_persists_between_rounds(flower_identity):
     model = build_experiment_model(exp)
     c = ArrayRecord({n: torch.zeros_like(p) for n, p in model.named_parameters()})
     ctx = _context(0, exp)
-    r1 = client_app.train(_message(exp, model, extra={keys.SCAFFOLD_C: c}), ctx)
+    r1 = client_app.train(_message(exp, model, extra={SCAFFOLD_C: c}), ctx)
     ci1 = numpy_of(ctx.state[STATE_CI])
-    dc1 = numpy_of(r1.content[keys.SCAFFOLD_DC])
+    dc1 = numpy_of(r1.content[SCAFFOLD_DC])
     for k in ci1:
         np.testing.assert_allclose(ci1[k], dc1[k], rtol=1e-6)  # c_i started at zero
-    client_app.train(_message(exp, model, extra={keys.SCAFFOLD_C: c}), ctx)
+    client_app.train(_message(exp, model, extra={SCAFFOLD_C: c}), ctx)
     assert any(not np.allclose(numpy_of(ctx.state[STATE_CI])[k], ci1[k]) for k in ci1)
 
 

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from medflower.client.app import app as client_app
-from medflower.client.strategy_hooks import STATE_CI, STATE_LOCAL, STATE_PERSONAL
 from medflower.config import quickstart_experiment
 from medflower.config.attack import AttackConfig
 from medflower.config.strategy import StrategyConfig
 from medflower.simulation.inprocess import InProcessGrid, simulate_inprocess
+from medflower.strategies.methods.ditto import STATE_PERSONAL
+from medflower.strategies.methods.fedbn import STATE_LOCAL
+from medflower.strategies.methods.scaffold import STATE_CI
 
 
 def small(name: str, rounds: int = 2, **params):

@@ -25,6 +25,7 @@ from medflower.config.shift import ShiftConfig
 from medflower.config.strategy import StrategyConfig
 from medflower.config.train import TrainConfig
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, rng_field, to_dict
+from medflower.strategies.registry import get_method
 
 __all__ = [
     "AttackConfig",
@@ -62,6 +63,12 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         self.shift.check_sites(self.partition.num_sites)  # a typo'd site name must not go unshifted
+        refusal = get_method(self.strategy.name).refusal(self.privacy.mode)
+        if refusal is not None:  # declared by the method's module (medflower.strategies.methods)
+            raise ConfigError(
+                f"privacy.mode {self.privacy.mode!r} cannot be combined with strategy.name "
+                f"{self.strategy.name!r}: {refusal}"
+            )
 
     @classmethod
     def from_dict(cls, data: Any, *, base_dir: str | Path = "") -> ExperimentConfig:

@@ -1,16 +1,17 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020): control variates against client drift, server half.
 
-Flower ships no SCAFFOLD, so it is written here on top of Flower's FedAvg (sampling, messages and
-metric aggregation are FedAvg's). The client half is :mod:`medflower.client.strategy_hooks`.
+Flower ships no SCAFFOLD, so both halves are written here: the server half on top of Flower's
+FedAvg (sampling, messages and metric aggregation are FedAvg's), the site half as a
+:class:`~medflower.strategies.registry.SiteHalf`.
 
 Protocol (option II of the paper):
 
 * train messages carry the server control variate ``c`` as an extra ArrayRecord
-  (``keys.SCAFFOLD_C``) over the model's trainable parameters;
+  (``SCAFFOLD_C``) over the model's trainable parameters;
 * a site corrects every local gradient by ``c - c_i`` (``c_i``: its own control variate, kept in
   its persistent ``context.state``), and after ``K`` local steps at learning rate ``lr`` sets
   ``c_i+ = c_i - c + (x - y_i) / (K * lr)``; it replies with its model ``y_i`` and
-  ``dc_i = c_i+ - c_i`` (ArrayRecord ``keys.SCAFFOLD_DC``);
+  ``dc_i = c_i+ - c_i`` (ArrayRecord ``SCAFFOLD_DC``);
 * the server sets ``x <- x + eta_g * (avg(y_i) - x)`` and ``c <- c + (|S| / N) * mean(dc_i)``,
   with ``N`` the number of sites in the federation and ``S`` those that replied.
 
@@ -23,17 +24,42 @@ the paper's uniform mean. The ``(x - y_i)/(K lr)`` estimate assumes plain SGD: u
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from logging import INFO
+from dataclasses import dataclass
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from torch import nn
 
-from medflower import keys
+from medflower.hooks import LocalHooks, SiteRuntime, TrainStats
+from medflower.schema import rng_field
+from medflower.strategies.methods.fedprox import frozen_parameters
+from medflower.strategies.registry import (
+    NEEDS_WEIGHTED_MEAN,
+    Method,
+    ServerContext,
+    SiteHalf,
+    SiteUpdate,
+    Spec,
+    arrays_to_tensors,
+    tensors_to_arrays,
+)
+from medflower.strategies.state import get_arrays, put_arrays
+
+SCAFFOLD_C = "scaffold-c"  # ArrayRecord in train messages: the server control variate
+SCAFFOLD_DC = "scaffold-dc"  # ArrayRecord in train replies: the site's control variate change
+STATE_CI = "strategy.scaffold-ci"  # context.state: the site's control variate
+
+
+@dataclass(frozen=True)
+class ScaffoldParams:
+    server_learning_rate: float = rng_field(1.0, min=0.0, exclusive_min=True)
 
 
 class Scaffold(FedAvg):
@@ -72,16 +98,12 @@ class Scaffold(FedAvg):
     # -- state (strategies.state) ------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        from medflower.strategies.state import put_arrays
-
         out: dict[str, Any] = {}
         put_arrays(out, "c", self.c)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> set[str]:
         """Restore ``c`` (an empty dict resets it); returns the keys it used."""
-        from medflower.strategies.state import get_arrays
-
         used: set[str] = set()
         c = get_arrays(state, "c", used)
         if c is not None and set(c) != set(self.param_keys):
@@ -103,12 +125,8 @@ class Scaffold(FedAvg):
         msgs = list(super().configure_train(server_round, arrays, config, grid))
         c_record = ArrayRecord({k: Array(np.array(v, order="C")) for k, v in self.c.items()})
         for msg in msgs:  # FedAvg's messages share one RecordDict; setting it per message is idempotent
-            msg.content[keys.SCAFFOLD_C] = c_record
+            msg.content[SCAFFOLD_C] = c_record
         return msgs
-
-    def reply_array_specs(self, global_spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        """What a valid reply carries (read by strategies.robust): the model and ``dc`` over params."""
-        return {self.arrayrecord_key: global_spec, keys.SCAFFOLD_DC: {k: global_spec[k] for k in self.param_keys}}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -125,10 +143,93 @@ class Scaffold(FedAvg):
         avg = aggregate_arrayrecords(models, self.weighted_by_key)
         eta = self.server_learning_rate
         new = {k: x + eta * (avg[k].numpy() - x) for k, x in self.current.items()}
-        dcs = [m.content[keys.SCAFFOLD_DC] for m in valid]
+        dcs = [m.content[SCAFFOLD_DC] for m in valid]
         frac = len(valid) / self.num_sites
         for k in self.param_keys:
             mean_dc = np.mean(np.stack([dc[k].numpy() for dc in dcs]), axis=0)
             self.c[k] = (self.c[k] + frac * mean_dc).astype(self.c[k].dtype)
         metrics = self.train_metrics_aggr_fn(models, self.weighted_by_key)
         return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in new.items()}), metrics
+
+
+def reply_arrays(global_spec: Spec, strategy: Any) -> dict[str, Spec]:
+    """A valid reply carries the model and ``dc`` over the trainable parameters."""
+    return {strategy.arrayrecord_key: global_spec, SCAFFOLD_DC: {k: global_spec[k] for k in strategy.param_keys}}
+
+
+class ScaffoldSite(SiteHalf):
+    """The site half: gradient correction ``c - c_i`` and the option-II control variate update."""
+
+    def __init__(self, *, message: Message, state: RecordDict, model: nn.Module, runtime: SiteRuntime) -> None:
+        super().__init__(message=message, state=state, model=model, runtime=runtime)
+        self.c: dict[str, torch.Tensor] | None = None
+        self.ci: dict[str, torch.Tensor] = {}
+        if SCAFFOLD_C in message.content.array_records:  # train messages only
+            self.c = arrays_to_tensors(message.content[SCAFFOLD_C])
+            saved = arrays_to_tensors(state[STATE_CI]) if STATE_CI in state else {}
+            self.ci = {k: saved.get(k, torch.zeros_like(c)) for k, c in self.c.items()}
+            self.reference = frozen_parameters(model)
+
+    def hooks(self) -> LocalHooks:
+        return LocalHooks(after_backward=self._correct) if self.c is not None else LocalHooks()
+
+    def _correct(self, model: nn.Module) -> None:
+        """gradient + c - c_i (data-independent, so it is added after backward)."""
+        if self.c is None:
+            return
+        for n, p in model.named_parameters():
+            if p.grad is not None and n in self.c:
+                p.grad.add_(self.c[n] - self.ci[n])
+
+    def after_train(self, model: nn.Module, stats: TrainStats) -> SiteUpdate:
+        """Option II: ``c_i+ = c_i - c + (x - y)/(K lr)``; keeps ``c_i+``, replies ``c_i+ - c_i``."""
+        update = super().after_train(model, stats)
+        if self.c is None:
+            return update
+        params = dict(model.named_parameters())
+        k_lr = stats.num_steps * self.runtime.lr
+        new_ci, dc = {}, {}
+        for n, c in self.c.items():
+            ci = self.ci[n]
+            # no local step (empty site): nothing learned about the drift
+            new_ci[n] = ci - c + (self.reference[n] - params[n].detach()) / k_lr if k_lr > 0 else ci.clone()
+            dc[n] = new_ci[n] - ci
+        self.state[STATE_CI] = tensors_to_arrays(new_ci)
+        update.records[SCAFFOLD_DC] = tensors_to_arrays(dc)
+        return update
+
+
+def build(ctx: ServerContext) -> Scaffold:
+    if ctx.train_optimizer != "sgd":
+        log(
+            WARNING,
+            "SCAFFOLD's control variates assume plain SGD; train.optimizer is %r. "
+            "Set train.optimizer: sgd for the method as published",
+            ctx.train_optimizer,
+        )
+    return Scaffold(
+        **ctx.flower,
+        param_keys=ctx.param_keys(),
+        num_sites=ctx.num_sites,
+        server_learning_rate=ctx.params.server_learning_rate,
+    )
+
+
+METHOD = Method(
+    name="scaffold",
+    summary="control variates that correct each site's drift from the global update",
+    params=ScaffoldParams,
+    build=build,
+    site=ScaffoldSite,
+    message_keys=(SCAFFOLD_C, SCAFFOLD_DC),
+    privacy={
+        "none": None,
+        "sample": "its gradient correction is not per-sample, and Opacus' DP optimizer would drop it; "
+        "use privacy.mode 'client'",
+        "client": NEEDS_WEIGHTED_MEAN,
+    },
+    secure_aggregation=None,
+    source="medflower",
+    reference="Karimireddy et al., ICML 2020",
+    reply_arrays=reply_arrays,
+)

@@ -1,0 +1,122 @@
+"""From the experiment to the round's parts: the method's strategy, the privacy stage, the screens.
+
+Everything method-specific comes from the method registry (:mod:`medflower.strategies.registry`):
+this module only fills in the :class:`~medflower.strategies.registry.ServerContext` from the
+validated config, asks the method for its Flower strategy, and puts Flower's DP wrapper and the
+screens around it as plain parts of the round, not as a tower of wrappers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from medflower import keys
+from medflower.config import ExperimentConfig
+from medflower.modelspec import build_experiment_model
+from medflower.server.screens import FiniteMetrics, LedgerRefusals, NormBound, Screen, UpdateShape
+from medflower.strategies.methods.fedbn import norm_state_keys
+from medflower.strategies.privacy import ClientLevelDP, build_client_dp
+from medflower.strategies.registry import Method, ServerContext, get_method
+from medflower.strategies.state import load_strategy_state, strategy_state_dict
+
+
+@dataclass
+class RoundParts:
+    """What the round pipeline (:mod:`medflower.server.loop`) runs.
+
+    ``strategy`` aggregates: the method's Flower strategy, or Flower's DP wrapper around it in
+    privacy mode ``client``; ``base`` is the method's own strategy either way. ``privacy`` is the
+    client-level accounting stage (mode ``client``), ``sample_dp`` whether sites keep DP-SGD
+    ledgers (mode ``sample``).
+    """
+
+    method: Method
+    strategy: Strategy
+    base: Strategy
+    screens: list[Screen]
+    eval_screens: list[Screen] = field(default_factory=lambda: [FiniteMetrics()])
+    privacy: ClientLevelDP | None = None
+    sample_dp: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything beyond the global model that the next round depends on (for checkpoints)."""
+        return {
+            "strategy": strategy_state_dict(self.strategy),
+            "privacy": self.privacy.state_dict() if self.privacy is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_strategy_state(self.strategy, state["strategy"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(dict(state.get("privacy") or {}))
+
+
+def flower_kwargs(exp: ExperimentConfig, num_sites: int) -> dict[str, Any]:
+    """The keyword arguments every Flower strategy of the FedAvg family takes."""
+    s = exp.strategy
+    min_sites = min(exp.participation.min_sites or 1, num_sites)
+    return {
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_train_nodes": min_sites,
+        "min_evaluate_nodes": min_sites if s.fraction_evaluate > 0 else 0,
+        "min_available_nodes": num_sites,
+        "weighted_by_key": keys.NUM_EXAMPLES,
+        "arrayrecord_key": keys.ARRAYS,
+        "configrecord_key": keys.CONFIG,
+    }
+
+
+def server_context(exp: ExperimentConfig, num_sites: int) -> ServerContext:
+    def param_keys() -> list[str]:
+        return [n for n, p in build_experiment_model(exp).named_parameters() if p.requires_grad]
+
+    def norm_keys() -> list[str]:
+        return norm_state_keys(build_experiment_model(exp))
+
+    return ServerContext(
+        params=exp.strategy.typed_params(),
+        num_sites=num_sites,
+        flower=flower_kwargs(exp, num_sites),
+        train_lr=exp.train.lr,
+        train_optimizer=exp.train.optimizer,
+        local_epochs=exp.train.local_epochs,
+        param_keys=param_keys,
+        norm_keys=norm_keys,
+    )
+
+
+def build_strategy(exp: ExperimentConfig, *, num_sites: int) -> Strategy:
+    """The method's own Flower strategy for ``exp`` (no privacy wrapper, no screens)."""
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    return get_method(exp.strategy.name).build(server_context(exp, num_sites))
+
+
+def build_round(exp: ExperimentConfig, *, num_sites: int) -> RoundParts:
+    """The round's parts for ``exp`` with ``num_sites`` sites (the federation's expected size).
+
+    Raises :class:`~medflower.schema.ConfigError` naming ``strategy.*`` / ``privacy.*``.
+    """
+    method = get_method(exp.strategy.name)
+    base = build_strategy(exp, num_sites=num_sites)
+    strategy, privacy = base, None
+    if exp.privacy.mode == "client":
+        strategy, privacy = build_client_dp(base, exp.privacy, rounds=exp.train.rounds, num_sites=num_sites)
+    screens: list[Screen] = []
+    if exp.privacy.mode == "sample":
+        screens.append(LedgerRefusals())  # first: a refusal carries no weights for the next screens to judge
+    screens.append(UpdateShape())
+    if exp.strategy.max_update_norm is not None:
+        screens.append(NormBound(max_norm=exp.strategy.max_update_norm))
+    return RoundParts(
+        method=method,
+        strategy=strategy,
+        base=base,
+        screens=screens,
+        privacy=privacy,
+        sample_dp=exp.privacy.mode == "sample",
+    )

@@ -1,0 +1,1 @@
+"""One module per aggregation method, each declaring ``METHOD`` (see :mod:`medflower.strategies.registry`)."""
