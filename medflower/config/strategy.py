@@ -4,8 +4,8 @@ Each strategy's ``params`` have their own frozen dataclass below, so that a typo
 value is caught when the YAML is loaded (naming ``strategy.params.<key>`` and listing the valid
 keys), not rounds later on the coordinator. The defaults are Flower's own, except where Flower's
 default makes the method a no-op (FedProx ``proximal_mu=0``, FedAvgM ``server_momentum=0``) or is
-known to diverge on small CNNs (FedAdam/FedAdagrad ``eta=0.1``); the README's "Aggregation
-strategies" table lists every value.
+known to diverge on small CNNs (FedAdam/FedAdagrad ``eta=0.1``); docs/strategies.md
+("Aggregation strategies") lists every value.
 """
 
 from __future__ import annotations
