@@ -9,7 +9,7 @@
 #   --host/--port the address the SuperLink listens on; Fleet (hospitals), Control (`flwr` CLI)
 #                 and Runtime (the ServerApp) APIs all share this one HTTPS port in Flower 1.42
 #
-# The ServerApp (server.app:app) runs in a subprocess that Flower starts for every `flwr run`.
+# The ServerApp (medflower.server.app:app) runs in a subprocess that Flower starts for every `flwr run`.
 # Runtime installation of the app's dependencies is switched off: the image/venv already has them,
 # and `uv sync` at run time would pull a different (CUDA) torch from the internet.
 set -euo pipefail

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,8 +33,6 @@ from medflower.strategies.methods.fedprox import PROXIMAL_MU, proximal_term
 from medflower.strategies.methods.scaffold import SCAFFOLD_C, SCAFFOLD_DC, STATE_CI
 from medflower.strategies.state import load_strategy_state, strategy_state_dict
 from medflower.strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def exp_with(name: str, **params):
@@ -126,13 +123,6 @@ def test_site_count_checks_name_the_param():
 def test_attack_config_needs_sites(tmp_path):
     with pytest.raises(ConfigError, match=r"attack\.sites: name at least one site"):
         load_experiment(_yaml(tmp_path, "attack: {kind: sign_flip}\n"))
-
-
-def test_readme_documents_every_strategy():
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Aggregation strategies", 1)[1].split("\n## ", 1)[0]
-    for name in STRATEGY_NAMES:
-        assert re.search(rf"^\| `{name}`", section, re.M), f"README strategy table lacks {name}"
 
 
 # ---- update screening in every strategy --------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Loaded with ``yaml.safe_load`` and validated once at the boundary into frozen dataclasses; the
 apps exchange it as JSON (``ExperimentConfig.to_json``) and convert to Flower records only at the
-edge. Every key is documented in the README's "Experiment YAML" section.
+edge. Every key is documented in docs/reference.md, generated from these classes by medflower.docgen.
 """
 
 from __future__ import annotations
