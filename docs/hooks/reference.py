@@ -33,18 +33,6 @@ def _experiment_keys() -> str:
 def _strategy_table() -> str:
     from medflower import docgen
 
-    assert _ROOT is not None
-    # Look for the file, not for the module: an editable install of another checkout would
-    # otherwise supply a registry this checkout does not have.
-    if not (_ROOT / "strategies" / "registry.py").is_file():
-        # TODO(merge): remove this fallback once strategies/registry.py has landed: a missing
-        # registry must then fail the build.
-        log.info("strategies/registry.py not found: the strategy table is replaced by a note")
-        return (
-            '!!! note "Generated strategy table: not available in this build"\n'
-            "    This table is generated from `METHODS` in `strategies/registry.py`, which this\n"
-            "    checkout does not have yet. The hand-written table below lists the strategies.\n"
-        )
     from medflower.strategies.registry import METHODS
 
     return docgen.strategy_table_markdown(METHODS)
