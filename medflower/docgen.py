@@ -344,8 +344,9 @@ def strategy_table_markdown(methods: Mapping[str, Any]) -> str:
     listed under the table with their reasons.
     """
     out = [
-        "| name | what it does | `params` (default, allowed) | privacy modes | secure aggregation | source |",
-        "|---|---|---|---|---|---|",
+        "| name | what it does | `params` (default, allowed) | privacy modes | sum-only server (secure aggregation, planned) "
+        "| models | source |",
+        "|---|---|---|---|---|---|---|",
     ]
     refusals: list[str] = []
     for key, method in methods.items():
@@ -356,10 +357,11 @@ def strategy_table_markdown(methods: Mapping[str, Any]) -> str:
                 refusals.append(f"* `{key}` with `privacy.mode: {mode}`: {_cell(reason)}")
         secagg = "yes" if method.secure_aggregation is None else "no"
         if method.secure_aggregation is not None:
-            refusals.append(f"* `{key}` with secure aggregation: {_cell(method.secure_aggregation)}")
+            refusals.append(f"* `{key}` with secure aggregation (planned): {_cell(method.secure_aggregation)}")
         out.append(
             f"| `{key}` | {_cell(method.summary)} | {_params_cell(method.params)} | "
-            f"{', '.join(modes) or '–'} | {secagg} | {_cell(method.source)} |"
+            f"{', '.join(modes) or '–'} | {secagg} | {_cell(getattr(method, 'models', 'any'))} | "
+            f"{_cell(method.source)} |"
         )
     if refusals:
         out += ["", "Combinations that are refused, and why:", "", *refusals]
