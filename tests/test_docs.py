@@ -249,8 +249,8 @@ def test_strategy_table_from_a_registry():
     fakebn = next(line for line in lines if line.startswith("| `fakebn`"))
     assert "server-side optimiser \\| made up" in fakeopt  # a | in a summary does not break the table
     assert "`eta` = `0.01` (> 0.0)" in fakeopt and "`beta` = `0.9` ([0.0, 1.0])" in fakeopt
-    assert "`sample` yes, `client` no" in fakeopt and fakeopt.endswith("| yes | Flower |")
-    assert "| – |" in fakebn and fakebn.endswith("| no | medflower |")
+    assert "`sample` yes, `client` no" in fakeopt and fakeopt.endswith("| yes | any | Flower |")
+    assert "| – |" in fakebn and fakebn.endswith("| no | any | medflower |")
     assert "* `fakeopt` with `privacy.mode: client`: needs a plain mean" in lines
     assert "* `fakebn` with secure aggregation: sends no full model" in lines
 
