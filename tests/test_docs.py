@@ -252,7 +252,7 @@ def test_strategy_table_from_a_registry():
     assert "`sample` yes, `client` no" in fakeopt and fakeopt.endswith("| yes | any | Flower |")
     assert "| – |" in fakebn and fakebn.endswith("| no | any | medflower |")
     assert "* `fakeopt` with `privacy.mode: client`: needs a plain mean" in lines
-    assert "* `fakebn` with secure aggregation: sends no full model" in lines
+    assert "* `fakebn` with secure aggregation (planned): sends no full model" in lines
 
 
 def test_every_strategy_is_documented():
