@@ -51,7 +51,7 @@ def select_round(hist: History, task: str = "classification") -> int | None:
 
 
 def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> dict[str, Any]:
-    rounds = [{k: v for k, v in asdict(r).items()} for r in hist.rounds]
+    rounds = [asdict(r) for r in hist.rounds]
     final = hist.rounds[-1].global_test if hist.rounds else {}
     best = select_round(hist, exp.task)
     return _clean(

@@ -45,6 +45,15 @@ NEEDS_WEIGHTED_MEAN = (
     "assume FedAvg's aggregation); this method aggregates differently, so its sensitivity is another"
 )
 SEES_EACH_UPDATE = "its server half must see each site's update, not only their sum"
+# Compatibility presets (keyword arguments of Method) for two families of Flower's strategies:
+MEAN_ONLY: dict[str, Any] = {  # server optimizers on the mean: any site-side DP; the server sees only a sum
+    "privacy": {"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
+    "secure_aggregation": None,
+}
+ROBUST: dict[str, Any] = {  # robust aggregators: they must see every update
+    "privacy": {"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
+    "secure_aggregation": SEES_EACH_UPDATE,
+}
 
 
 @dataclass(frozen=True, kw_only=True)

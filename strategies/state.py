@@ -63,12 +63,11 @@ def _one_state(s: Strategy) -> dict[str, Any]:
     if isinstance(s, FedOpt):
         put_arrays(out, "m_t", s.m_t)
         put_arrays(out, "v_t", s.v_t)
-    if isinstance(s, FedAvgM):
-        if s.current_arrays is not None:
-            cur = {k: a.numpy() for k, a in s.current_arrays.items()}
-            put_arrays(out, "current_arrays", cur)
-            if s.momentum_vector is not None:
-                put_arrays(out, "momentum_vector", dict(zip(cur, s.momentum_vector, strict=True)))
+    if isinstance(s, FedAvgM) and s.current_arrays is not None:
+        cur = {k: a.numpy() for k, a in s.current_arrays.items()}
+        put_arrays(out, "current_arrays", cur)
+        if s.momentum_vector is not None:
+            put_arrays(out, "momentum_vector", dict(zip(cur, s.momentum_vector, strict=True)))
     if "clipping_norm" in getattr(s, "__dict__", {}):  # Flower's adaptive-clipping DP wrappers
         out["clipping_norm"] = float(s.clipping_norm)  # type: ignore[attr-defined]
     return out

@@ -11,7 +11,7 @@ from flwr.serverapp import strategy as fl
 
 from medflower.schema import ConfigError, rng_field
 from medflower.strategies.methods.krum import check_byzantine
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, SEES_EACH_UPDATE, Method, ServerContext
+from medflower.strategies.registry import ROBUST, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,6 @@ METHOD = Method(
     summary="Krum selection then a trimmed mean (Byzantine-robust, needs 4f+3 sites)",
     params=BulyanParams,
     build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=SEES_EACH_UPDATE,
+    **ROBUST,
     reference="El Mhamdi et al., ICML 2018",
 )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from flwr.serverapp import strategy as fl
 
 from medflower.schema import rng_field
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, Method, ServerContext
+from medflower.strategies.registry import MEAN_ONLY, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,6 @@ METHOD = Method(
     summary="Adagrad on the server, with the averaged update as its gradient",
     params=FedAdagradParams,
     build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=None,
+    **MEAN_ONLY,
     reference="Reddi et al., ICLR 2021",
 )

@@ -6,12 +6,14 @@ medflower's default is 0.01. ``eta_l`` is informational in Flower; the sites use
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flwr.serverapp import strategy as fl
+from flwr.serverapp.strategy import Strategy
 
 from medflower.schema import rng_field
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, Method, ServerContext
+from medflower.strategies.registry import MEAN_ONLY, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -24,17 +26,21 @@ class FedOptParams:
     tau: float = rng_field(1e-3, min=0.0, exclusive_min=True)
 
 
-def build(ctx: ServerContext) -> fl.FedAdam:
-    p: FedOptParams = ctx.params
-    return fl.FedAdam(**ctx.flower, eta=p.eta, eta_l=ctx.train_lr, beta_1=p.beta_1, beta_2=p.beta_2, tau=p.tau)
+def fedopt_builder(cls: type[fl.FedAdam] | type[fl.FedYogi]) -> Callable[[ServerContext], Strategy]:
+    """The server half of FedAdam or FedYogi: same parameters, Flower's class for each."""
+
+    def build(ctx: ServerContext) -> Strategy:
+        p: FedOptParams = ctx.params
+        return cls(**ctx.flower, eta=p.eta, eta_l=ctx.train_lr, beta_1=p.beta_1, beta_2=p.beta_2, tau=p.tau)
+
+    return build
 
 
 METHOD = Method(
     name="fedadam",
     summary="Adam on the server, with the averaged update as its gradient",
     params=FedOptParams,
-    build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=None,
+    build=fedopt_builder(fl.FedAdam),
+    **MEAN_ONLY,
     reference="Reddi et al., ICLR 2021",
 )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from flwr.serverapp import strategy as fl
 
 from medflower.schema import rng_field
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, Method, ServerContext
+from medflower.strategies.registry import MEAN_ONLY, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,6 @@ METHOD = Method(
     summary="FedAvg plus server momentum",
     params=FedAvgMParams,
     build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=None,
+    **MEAN_ONLY,
     reference="Hsu et al. 2019",
 )

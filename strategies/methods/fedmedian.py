@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from flwr.serverapp import strategy as fl
 
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, SEES_EACH_UPDATE, Method, NoParams
+from medflower.strategies.registry import ROBUST, Method, NoParams
 
 METHOD = Method(
     name="fedmedian",
     summary="coordinate-wise median of the sites' models (robust)",
     params=NoParams,
     build=lambda ctx: fl.FedMedian(**ctx.flower),
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=SEES_EACH_UPDATE,
+    **ROBUST,
     reference="Yin et al., ICML 2018",
 )

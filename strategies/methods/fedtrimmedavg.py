@@ -13,7 +13,7 @@ from flwr.common.logger import log
 from flwr.serverapp import strategy as fl
 
 from medflower.schema import rng_field
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, SEES_EACH_UPDATE, Method, ServerContext
+from medflower.strategies.registry import ROBUST, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,6 @@ METHOD = Method(
     summary="coordinate-wise mean after cutting the beta share of each tail (robust)",
     params=TrimmedAvgParams,
     build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=SEES_EACH_UPDATE,
+    **ROBUST,
     reference="Yin et al., ICML 2018",
 )

@@ -7,21 +7,14 @@ from __future__ import annotations
 
 from flwr.serverapp import strategy as fl
 
-from medflower.strategies.methods.fedadam import FedOptParams
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, Method, ServerContext
-
-
-def build(ctx: ServerContext) -> fl.FedYogi:
-    p: FedOptParams = ctx.params
-    return fl.FedYogi(**ctx.flower, eta=p.eta, eta_l=ctx.train_lr, beta_1=p.beta_1, beta_2=p.beta_2, tau=p.tau)
-
+from medflower.strategies.methods.fedadam import FedOptParams, fedopt_builder
+from medflower.strategies.registry import MEAN_ONLY, Method
 
 METHOD = Method(
     name="fedyogi",
     summary="Yogi on the server: Adam whose second moment grows more cautiously",
     params=FedOptParams,
-    build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=None,
+    build=fedopt_builder(fl.FedYogi),
+    **MEAN_ONLY,
     reference="Reddi et al., ICLR 2021",
 )

@@ -12,7 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import strategy as fl
 
 from medflower.schema import ConfigError, rng_field
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, SEES_EACH_UPDATE, Method, ServerContext
+from medflower.strategies.registry import ROBUST, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,9 @@ def check_byzantine(name: str, f: int, num_sites: int) -> None:
 
 
 def build(ctx: ServerContext) -> fl.Krum:
-    f = ctx.params.num_malicious_nodes
-    check_byzantine("krum", f, ctx.num_sites)
-    return fl.Krum(**ctx.flower, num_malicious_nodes=f)
+    p: KrumParams = ctx.params
+    check_byzantine("krum", p.num_malicious_nodes, ctx.num_sites)
+    return fl.Krum(**ctx.flower, num_malicious_nodes=p.num_malicious_nodes)
 
 
 METHOD = Method(
@@ -39,7 +39,6 @@ METHOD = Method(
     summary="the single update closest to its neighbours (Byzantine-robust)",
     params=KrumParams,
     build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=SEES_EACH_UPDATE,
+    **ROBUST,
     reference="Blanchard et al., NeurIPS 2017",
 )

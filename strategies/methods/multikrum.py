@@ -11,7 +11,7 @@ from flwr.serverapp import strategy as fl
 
 from medflower.schema import ConfigError, rng_field
 from medflower.strategies.methods.krum import check_byzantine
-from medflower.strategies.registry import NEEDS_WEIGHTED_MEAN, SEES_EACH_UPDATE, Method, ServerContext
+from medflower.strategies.registry import ROBUST, Method, ServerContext
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,6 @@ METHOD = Method(
     summary="mean of the updates with the best Krum scores (Byzantine-robust)",
     params=MultiKrumParams,
     build=build,
-    privacy={"none": None, "sample": None, "client": NEEDS_WEIGHTED_MEAN},
-    secure_aggregation=SEES_EACH_UPDATE,
+    **ROBUST,
     reference="Blanchard et al., NeurIPS 2017",
 )

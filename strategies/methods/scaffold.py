@@ -131,7 +131,7 @@ class Scaffold(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies([m for m in replies], is_train=True, validate=False)
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         if not valid:
             return None, None
         if self.current is None or self.c is None:
