@@ -59,10 +59,17 @@ class Row:
 
     where: str  # "manifest.csv row 7", "dataset.json training[3]", "image/0.png" (for messages)
     image: Path
-    label: Path | int | None  # mask path (segmentation) or class index (classification)
+    label: Path | int  # mask path (segmentation) or class index (classification)
     patient: str | None = None  # never printed: may be identifying
     split: str = ""  # "", "train", "val", "test"
     groups: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def class_index(self) -> int:
+        """The class of a classification row (a segmentation row's label is its mask's path)."""
+        if isinstance(self.label, Path):
+            raise DataError(f"{self.where}: has a mask where a class label was expected")
+        return self.label
 
 
 @dataclass
@@ -350,7 +357,7 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
         imgs = cut_slabs(prep.image, cfg.slabs, row.image)
         targets = cut_slabs(prep.mask, cfg.slabs, row.image) if prep.mask is not None else None
         for s, img in enumerate(imgs):
-            target = targets[s] if targets is not None else int(row.label)  # type: ignore[arg-type]
+            target = targets[s] if targets is not None else row.class_index
             samples.append(Sample(r, s, img, target))
     shapes = Counter(s.image.shape for s in samples)
     if len(shapes) > 1:

@@ -241,7 +241,8 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
         elif cfg.intensity == "zscore":
             img = mt.NormalizeIntensity(channel_wise=True)(img)
         elif cfg.intensity == "window":
-            lo, hi = cfg.window  # type: ignore[misc]  # checked by DataConfig
+            assert cfg.window is not None  # DataConfig requires data.window with intensity 'window'
+            lo, hi = cfg.window
             img = mt.ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(img)
     except (RuntimeError, ValueError, IndexError) as err:
         raise DataError(f"{image_path}: preparation failed: {type(err).__name__}: {_first_line(err)}") from None
