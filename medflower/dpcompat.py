@@ -24,10 +24,13 @@ from logging import WARNING
 
 import torch
 from flwr.common.logger import log
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
 from torch import nn
 
 from medflower.config import ModelConfig
 from medflower.schema import ConfigError, to_json
+from medflower.tasks import logits_of
 
 _ANNOUNCED: set[str] = set()
 _PROBED: dict[str, str | None] = {}  # model config + sizes -> error text (None = fine)
@@ -43,10 +46,6 @@ def _unsupported(cfg: ModelConfig, why: str) -> ConfigError:
 
 def probe_per_sample_gradients(model: nn.Module, *, in_channels: int, img_size: Sequence[int]) -> str | None:
     """Why Opacus cannot give ``model`` per-sample gradients, or None if it can (model untouched)."""
-    from opacus import GradSampleModule
-
-    from medflower.tasks import logits_of
-
     probe = copy.deepcopy(model).train()
     try:
         with warnings.catch_warnings():
@@ -56,11 +55,7 @@ def probe_per_sample_gradients(model: nn.Module, *, in_channels: int, img_size: 
             logits_of(gsm(x)).float().square().mean().backward()
     except Exception as err:
         return f"{type(err).__name__}: {err}"
-    missing = [
-        n
-        for n, p in probe.named_parameters()
-        if p.requires_grad and (getattr(p, "grad_sample", None) is None or p.grad_sample.shape[0] != 2)
-    ]
+    missing = [n for n, p in probe.named_parameters() if p.requires_grad and not _has_grad_sample(p, batch=2)]
     if missing:
         return (
             "no per-sample gradient for parameter(s) "
@@ -71,10 +66,14 @@ def probe_per_sample_gradients(model: nn.Module, *, in_channels: int, img_size: 
     return None
 
 
+def _has_grad_sample(p: nn.Parameter, *, batch: int) -> bool:
+    """Whether Opacus' hooks left ``p.grad_sample`` (an attribute Opacus adds) with one row per sample."""
+    grad_sample = getattr(p, "grad_sample", None)
+    return isinstance(grad_sample, torch.Tensor) and grad_sample.shape[0] == batch
+
+
 def make_dp_compatible(model: nn.Module, cfg: ModelConfig, *, in_channels: int, img_size: Sequence[int]) -> nn.Module:
     """``model`` if Opacus can train it, else its ModuleValidator-fixed copy; ConfigError if neither."""
-    from opacus.validators import ModuleValidator
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         errors = ModuleValidator.validate(model, strict=False)

@@ -133,7 +133,9 @@ class DPViT(nn.Module):
         self.blocks = nn.ModuleList()
         for _ in range(num_layers):
             blk = TransformerBlock(hidden_size, mlp_dim, num_heads, dropout_rate, qkv_bias, save_attn)
-            blk.norm_cross_attn = nn.Identity()  # never used without cross-attention (see module doc)
+            # never used without cross-attention (see module doc); MONAI declares it a LayerNorm, so
+            # the child is replaced through the Module API rather than by attribute assignment
+            blk.register_module("norm_cross_attn", nn.Identity())
             self.blocks.append(blk)
         self.norm = nn.LayerNorm(hidden_size)
         if classification:

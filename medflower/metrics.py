@@ -8,10 +8,23 @@ accuracy are one line each, so they are written here rather than pulling in scik
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, compute_roc_auc
+from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_roc_auc
+
+
+def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """MONAI's ROC AUC of one score column as a float (MONAI types its result as any array-like)."""
+    return float(np.asarray(compute_roc_auc(probs, labels), dtype=np.float64))
+
+
+def _tensor(value: object, what: str) -> torch.Tensor:
+    """``value`` if it is a tensor: MONAI's metrics type their result as a tensor or nested sequences."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{what} returned {type(value).__name__}, expected a tensor")
+    return value
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -35,11 +48,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     if len(present) < 2:
         auc = math.nan
     elif c == 2:
-        auc = float(compute_roc_auc(probs[:, 1], labels))
+        auc = _auc(probs[:, 1], labels)
     else:
         # one-vs-rest macro over classes present in this split (absent classes have no ROC)
         onehot = torch.nn.functional.one_hot(labels, c)
-        aucs = [float(compute_roc_auc(probs[:, k], onehot[:, k])) for k in present.tolist()]
+        aucs = [_auc(probs[:, k], onehot[:, k]) for k in present.tolist()]
         auc = float(np.mean(aucs))
     return {"accuracy": acc, "balanced-accuracy": bacc, "auc": auc}
 
@@ -55,7 +68,7 @@ def dice_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     pred_oh = torch.nn.functional.one_hot(pred.squeeze(1).long(), c).movedim(-1, 1)
     gt_oh = torch.nn.functional.one_hot(masks.squeeze(1).long(), c).movedim(-1, 1)
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    per_class = metric(pred_oh, gt_oh)  # (N, C-1)
+    per_class = _tensor(metric(pred_oh, gt_oh), "DiceMetric")  # (N, C-1)
     return per_class.nanmean(dim=1)
 
 
@@ -67,10 +80,6 @@ def hd95_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     Dice scores 1) and exactly one empty scores the grid's diagonal, the largest distance possible, so
     a model that predicts nothing is penalised instead of silently left out of the mean.
     """
-    import warnings
-
-    from monai.metrics import HausdorffDistanceMetric
-
     c = logits.shape[1]
     pred = logits.argmax(dim=1)
     gt = masks.squeeze(1).long()
@@ -78,7 +87,8 @@ def hd95_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     gt_oh = torch.nn.functional.one_hot(gt, c).movedim(-1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on every empty class; handled below
-        hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(pred_oh, gt_oh)
+        metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
+        hd = _tensor(metric(pred_oh, gt_oh), "HausdorffDistanceMetric")
     spatial = pred_oh.shape[2:]
     diagonal = float(math.sqrt(sum(s * s for s in spatial)))
     pred_any = pred_oh[:, 1:].flatten(2).any(-1)

@@ -185,7 +185,7 @@ def check_input_size(
             )
     elif name == "vit":
         patch = _ints(params.get("patch_size", default_vit_patch(size)), nd)
-        if len(patch) != nd or any(s % p for s, p in zip(size, patch)):
+        if len(patch) != nd or any(s % p for s, p in zip(size, patch, strict=True)):
             raise ConfigError(f"model.params.patch_size: {list(patch)} does not divide {label}; {SIZE_HINT}")
 
 
@@ -278,6 +278,7 @@ def build_model(
             },
         )
     if name == "vit":
+        # imported here: medflower.dpvit imports Opacus (seconds to import), which only 'vit' needs
         from medflower.dpvit import DPViT  # MONAI's ViT, restructured for DP-SGD (same network)
 
         return make(
@@ -299,8 +300,9 @@ def build_model(
             },
         )
     if name == "unet":
-        defaults = {"channels": (16, 32, 64, 128), "strides": (2, 2, 2), "num_res_units": 1}
-        features = int((params.get("channels") or defaults["channels"])[0])
+        channels: tuple[int, ...] = (16, 32, 64, 128)
+        defaults = {"channels": channels, "strides": (2, 2, 2), "num_res_units": 1}
+        features = int((params.get("channels") or channels)[0])
         needs_head = cfg.norm == "group" and out_channels % GROUPS != 0
         body = make(
             nets.UNet,

@@ -18,9 +18,14 @@ import json
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
-T = TypeVar("T")
+import yaml
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 class ConfigError(ValueError):
@@ -66,7 +71,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if len(errors) == 1:
             raise ConfigError(errors[0])
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -76,7 +81,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return tuple(_convert(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{path}: expected a list of {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(_convert(v, a, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -152,8 +157,6 @@ def from_dict(cls: type[T], data: Any, path: str = "") -> T:
 
 def read_yaml_mapping(path: Path, *, what: str, keys_hint: str = "keys") -> dict[str, Any]:
     """``yaml.safe_load`` a file whose top level must be a mapping; errors name the file."""
-    import yaml
-
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
     try:

@@ -7,23 +7,26 @@ same computation on different data.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
+from medflower.config import ExperimentConfig
 from medflower.data.base import ArraySplit
 from medflower.metrics import classification_metrics, dice_score, hd95_score
-
-if TYPE_CHECKING:
-    from medflower.config import ExperimentConfig
 
 
 def logits_of(output: Any) -> torch.Tensor:
     """MONAI's ViT returns ``(logits, hidden_states)``; everything else returns logits."""
-    return output[0] if isinstance(output, (tuple, list)) else output
+    logits = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"model output must be a tensor or (logits, ...), got {type(logits).__name__}")
+    return logits
 
 
 def inference_roi(exp: ExperimentConfig) -> tuple[int, ...] | None:
@@ -43,7 +46,7 @@ def make_loss(task: str) -> nn.Module:
     raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
 
 
-def _batches(split: ArraySplit, batch_size: int):
+def _batches(split: ArraySplit, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(split), batch_size):
         yield (
             torch.from_numpy(np.ascontiguousarray(split.images[i : i + batch_size])),
@@ -66,10 +69,10 @@ def predict(
     outs = []
     for x, _ in _batches(split, batch_size):
         if roi_size is not None and task == "segmentation":
-            from monai.inferers import sliding_window_inference
-
-            out = sliding_window_inference(
-                x, roi_size, sw_batch_size=4, overlap=0.25, predictor=lambda t: logits_of(model(t))
+            out = logits_of(  # a tensor predictor gives a tensor; logits_of checks it for the type checker too
+                sliding_window_inference(
+                    x, roi_size, sw_batch_size=4, overlap=0.25, predictor=lambda t: logits_of(model(t))
+                )
             )
         else:
             out = logits_of(model(x))

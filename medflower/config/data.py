@@ -114,7 +114,7 @@ class DataConfig:
                 raise ConfigError(
                     f"data.patch_size: has {len(self.patch_size)} values but data.size has {len(self.size)}"
                 )
-            if self.size is not None and any(p > s for p, s in zip(self.patch_size, self.size)):
+            if self.size is not None and any(p > s for p, s in zip(self.patch_size, self.size, strict=True)):
                 raise ConfigError(f"data.patch_size: {list(self.patch_size)} exceeds data.size {list(self.size)}")
         if self.slabs > 1 and self.size is not None and len(self.size) != 3:
             raise ConfigError("data.slabs: only 3D volumes can be cut into slabs (data.size has 2 values)")

@@ -1,4 +1,6 @@
-"""``privacy:`` — differential privacy policy (see :mod:`medflower.client.privacy` and :mod:`medflower.strategies.privacy`).
+"""``privacy:`` — differential privacy policy.
+
+Applied by :mod:`medflower.client.privacy` (sites) and :mod:`medflower.strategies.privacy` (coordinator).
 
 Three modes:
 
@@ -18,6 +20,7 @@ smaller epsilon (or delta); a larger value is never taken (the smallest of all a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
@@ -114,8 +117,7 @@ def epsilon_floor(delta: float, accountant: str) -> float:
     largest order the accountant evaluates: about 0.10 at delta=1e-5). A target below it can never
     be reached, so it is rejected when the config is loaded, before any training.
     """
-    import warnings
-
+    # imported here: Opacus takes seconds to import, and configs with privacy.mode 'none' never get here
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)

@@ -61,9 +61,7 @@ class SiteData:
     info: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> ArraySplit:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
-        return getattr(self, name)
+        return _split(self.train, self.val, self.test, name)
 
 
 @dataclass
@@ -79,9 +77,14 @@ class DatasetSplits:
     synthetic: bool = False
 
     def split(self, name: str) -> ArraySplit:
-        if name not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
-        return getattr(self, name)
+        return _split(self.train, self.val, self.test, name)
+
+
+def _split(train: ArraySplit, val: ArraySplit, test: ArraySplit, name: str) -> ArraySplit:
+    splits = {"train": train, "val": val, "test": test}
+    if name not in splits:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {name!r}")
+    return splits[name]
 
 
 def split_indices(
@@ -97,8 +100,8 @@ def split_indices(
         groups = np.arange(n)
     uniq = np.unique(groups)
     rng.shuffle(uniq)
-    n_test = int(round(len(uniq) * test_f))
-    n_val = int(round(len(uniq) * val_f))
+    n_test = round(len(uniq) * test_f)
+    n_val = round(len(uniq) * val_f)
     if len(uniq) >= 3:
         n_test = max(n_test, 1 if test_f > 0 else 0)
         n_val = max(n_val, 1 if val_f > 0 else 0)

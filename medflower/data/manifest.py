@@ -23,10 +23,11 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medflower.config import ExperimentConfig
+from medflower.config.data import DataConfig
 from medflower.data.base import ArraySplit, DataError, DatasetSplits, split_indices
 from medflower.data.readers import (
     SUPPORTED,
@@ -37,10 +38,6 @@ from medflower.data.readers import (
     prepare,
     segmentation_classes,
 )
-
-if TYPE_CHECKING:
-    from medflower.config import ExperimentConfig
-    from medflower.config.data import DataConfig
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -62,10 +59,17 @@ class Row:
 
     where: str  # "manifest.csv row 7", "dataset.json training[3]", "image/0.png" (for messages)
     image: Path
-    label: Path | int | None  # mask path (segmentation) or class index (classification)
+    label: Path | int  # mask path (segmentation) or class index (classification)
     patient: str | None = None  # never printed: may be identifying
     split: str = ""  # "", "train", "val", "test"
     groups: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def class_index(self) -> int:
+        """The class of a classification row (a segmentation row's label is its mask's path)."""
+        if isinstance(self.label, Path):
+            raise DataError(f"{self.where}: has a mask where a class label was expected")
+        return self.label
 
 
 @dataclass
@@ -158,7 +162,7 @@ def read_decathlon(path: Path, cfg: DataConfig, task: str) -> RowList:
     The list is read with MONAI's ``load_decathlon_datalist``; ``test`` entries carry no labels and
     are skipped. ``labels`` (e.g. ``{"0": "background", "1": "tumour"}``) gives the class count.
     """
-    from monai.data import load_decathlon_datalist
+    from monai.data import load_decathlon_datalist  # MONAI: lazy, see readers.py (node check)
 
     if not path.is_file():
         raise DataError(f"{path}: dataset.json not found")
@@ -252,7 +256,7 @@ def read_folders(path: Path, cfg: DataConfig, task: str) -> RowList:
     return RowList(rows, path, num_classes=len(classes))
 
 
-def _natural(p: Path) -> tuple:
+def _natural(p: Path) -> tuple[int, int, str]:
     """Sort 2.png before 10.png."""
     stem = p.name.split(".")[0]
     return (0, int(stem), p.name) if stem.isdigit() else (1, 0, p.name)
@@ -275,7 +279,7 @@ def patient_crossings(rows: list[Row], splits: list[str]) -> list[list[str]]:
     """For each patient found in more than one split, the rows where it appears (no IDs)."""
     by_patient: dict[str, set[str]] = defaultdict(set)
     where: dict[str, list[str]] = defaultdict(list)
-    for row, split in zip(rows, splits):
+    for row, split in zip(rows, splits, strict=True):
         if row.patient is not None and split:
             by_patient[row.patient].add(split)
             where[row.patient].append(f"{row.where} ({split})")
@@ -353,7 +357,7 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
         imgs = cut_slabs(prep.image, cfg.slabs, row.image)
         targets = cut_slabs(prep.mask, cfg.slabs, row.image) if prep.mask is not None else None
         for s, img in enumerate(imgs):
-            target = targets[s] if targets is not None else int(row.label)  # type: ignore[arg-type]
+            target = targets[s] if targets is not None else row.class_index
             samples.append(Sample(r, s, img, target))
     shapes = Counter(s.image.shape for s in samples)
     if len(shapes) > 1:
@@ -371,7 +375,7 @@ def _stack(samples: list[Sample], idx: list[int], rows: RowList, task: str, like
     if idx:
         images = np.stack([samples[i].image for i in idx]).astype(np.float32)
         if task == "segmentation":
-            targets = np.stack([samples[i].target for i in idx]).astype(np.int64)  # type: ignore[misc]
+            targets = np.stack([samples[i].target for i in idx]).astype(np.int64)
         else:
             targets = np.array([samples[i].target for i in idx], dtype=np.int64)
     else:
@@ -430,7 +434,7 @@ def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name
     else:
         if cfg.patch_size is not None:
             raise DataError("data.patch_size: applies to segmentation only (classification resizes with data.size)")
-        top = max(int(s.target) for s in samples)  # type: ignore[arg-type]
+        top = max(int(s.target) for s in samples)
         num_classes = len(cfg.classes) if cfg.classes else (rows.num_classes or max(2, top + 1))
     img_size = tuple(cfg.patch_size) if (task == "segmentation" and cfg.patch_size) else samples[0].image.shape[1:]
     return DatasetSplits(
@@ -439,7 +443,9 @@ def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name
         num_classes=int(num_classes),
         in_channels=int(samples[0].image.shape[0]),
         img_size=tuple(int(v) for v in img_size),
-        **parts,
+        train=parts["train"],
+        val=parts["val"],
+        test=parts["test"],
     )
 
 

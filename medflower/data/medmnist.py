@@ -124,5 +124,7 @@ def load_medmnist(path: str | Path) -> DatasetSplits:
         num_classes=int(all_labels.max()) + 1,
         in_channels=splits["train"].images.shape[1],
         img_size=tuple(splits["train"].images.shape[2:]),
-        **splits,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
     )

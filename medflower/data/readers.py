@@ -19,15 +19,14 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from pydicom.misc import is_dicom
 
+from medflower.config.data import DataConfig
 from medflower.data.base import DataError
-
-if TYPE_CHECKING:
-    from medflower.config.data import DataConfig
 
 # MONAI logs a warning about an optional GPU DICOM decoder on every PydicomReader: not actionable here
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -38,6 +37,10 @@ PIL_IMAGES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NUMPY = (".npy",)
 SUPPORTED = NIFTI + DICOM + PIL_IMAGES + NUMPY
 GRID_ATOL_MM = 1e-2  # image and mask affines may differ by float rounding, not by a voxel
+
+# MONAI is imported inside the functions that decode or transform images ("MONAI: lazy" below): it
+# takes seconds to import, and this module is also loaded by `medflower node check`, which only lists
+# a site's files (manifest.read_rows) and answers in about a second without it.
 
 
 def file_format(path: Path) -> str:
@@ -57,18 +60,15 @@ def file_format(path: Path) -> str:
         return "image"
     if name.endswith(NUMPY):
         return "numpy"
-    if path.is_file():
-        from pydicom.misc import is_dicom
-
-        if is_dicom(path):
-            return "dicom"
+    if path.is_file() and is_dicom(path):
+        return "dicom"
     raise DataError(
         f"{path}: unsupported file type; supported: {', '.join(SUPPORTED)}, or a folder holding one DICOM series"
     )
 
 
 def _reader(fmt: str) -> Any:
-    from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader
+    from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader  # MONAI: lazy (see top)
 
     if fmt == "nifti":
         return NibabelReader()
@@ -85,7 +85,7 @@ def read_image(path: str | Path) -> Any:
     Raises :class:`DataError` naming the file when it is missing, empty, truncated or not readable
     by the reader its type selects.
     """
-    from monai.transforms import LoadImage
+    from monai.transforms import LoadImage  # MONAI: lazy (see top)
 
     path = Path(path)
     if not path.exists():
@@ -158,7 +158,7 @@ def _adapt_channels(img: Any, channels: int | None, path: Path) -> Any:
         w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype).reshape(3, *([1] * (img.ndim - 1)))
         return (img[:3] * w).sum(0, keepdim=True)
     if c == 1:
-        from monai.transforms import RepeatChannel
+        from monai.transforms import RepeatChannel  # MONAI: lazy (see top)
 
         return RepeatChannel(repeats=channels)(img)
     raise DataError(f"{path}: has {c} channels; data.channels is {channels} and medflower converts only grey<->RGB(A)")
@@ -198,7 +198,7 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
 
     Mask values must be class indices below ``num_classes`` (default :func:`segmentation_classes`).
     """
-    from monai import transforms as mt
+    from monai import transforms as mt  # MONAI: lazy (see top)
 
     img = read_image(image_path)
     raw_shape, raw_channels, spacing = tuple(img.shape[1:]), int(img.shape[0]), spacing_of(img)
@@ -241,7 +241,8 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
         elif cfg.intensity == "zscore":
             img = mt.NormalizeIntensity(channel_wise=True)(img)
         elif cfg.intensity == "window":
-            lo, hi = cfg.window  # type: ignore[misc]  # checked by DataConfig
+            assert cfg.window is not None  # DataConfig requires data.window with intensity 'window'
+            lo, hi = cfg.window
             img = mt.ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(img)
     except (RuntimeError, ValueError, IndexError) as err:
         raise DataError(f"{image_path}: preparation failed: {type(err).__name__}: {_first_line(err)}") from None
@@ -271,11 +272,11 @@ def cut_slabs(array: np.ndarray, slabs: int, path: Path) -> list[np.ndarray]:
 
 def grid_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """MONAI ``GridPatch``: non-overlapping patches covering each image (zero-padded at the border)."""
-    from monai.transforms import GridPatch
+    from monai.transforms import GridPatch  # MONAI: lazy (see top)
 
     grid = GridPatch(patch_size=patch_size, pad_mode="constant")
     xs, ys = [], []
-    for x, y in zip(images, masks):
+    for x, y in zip(images, masks, strict=True):
         xs.append(_numpy(grid(torch.from_numpy(x))))
         ys.append(_numpy(grid(torch.from_numpy(y))))
     return np.concatenate(xs).astype(np.float32), np.concatenate(ys).astype(np.int64)
@@ -290,12 +291,12 @@ def balanced_patches(
     Small lesions fill few grid patches; balanced crops keep them in about half of the training
     patches. Seeded, so every process that loads the data set draws the same patches.
     """
-    from monai.transforms import RandCropByPosNegLabel
+    from monai.transforms import RandCropByPosNegLabel  # MONAI: lazy (see top)
 
     crop = RandCropByPosNegLabel(spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=per_image, allow_smaller=True)
     crop.set_random_state(seed=seed)
     xs, ys = [], []
-    for x, y in zip(images, masks):
+    for x, y in zip(images, masks, strict=True):
         fg = torch.from_numpy((y > 0).astype(np.int64))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # MONAI warns when an image has no foreground

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
+from medflower.config import ExperimentConfig
 from medflower.data.base import DatasetSplits
-
-if TYPE_CHECKING:
-    from medflower.config import ExperimentConfig
+from medflower.data.manifest import load_manifest_dataset
+from medflower.data.medmnist import download_medmnist, load_medmnist
+from medflower.data.synthetic import synthetic_classification
 
 
 def load_dataset(exp: ExperimentConfig) -> DatasetSplits:
@@ -18,13 +18,9 @@ def load_dataset(exp: ExperimentConfig) -> DatasetSplits:
 
 @lru_cache(maxsize=4)
 def _load(exp_json: str) -> DatasetSplits:
-    from medflower.config import ExperimentConfig
-
     exp = ExperimentConfig.from_json(exp_json)
     d = exp.data
     if d.kind == "synthetic":
-        from medflower.data.synthetic import synthetic_classification
-
         return synthetic_classification(
             samples=d.synthetic_samples,
             num_classes=d.synthetic_classes,
@@ -33,12 +29,8 @@ def _load(exp_json: str) -> DatasetSplits:
             seed=exp.seed,
         )
     if d.kind == "medmnist":
-        from medflower.data.medmnist import download_medmnist, load_medmnist
-
         path = exp.resolve_path(d.path)
         if path is None:
             path = download_medmnist(d.name or "", d.root or "~/.medflower/data")
         return load_medmnist(path)
-    from medflower.data.manifest import load_manifest_dataset  # manifest / decathlon
-
-    return load_manifest_dataset(exp)
+    return load_manifest_dataset(exp)  # manifest / decathlon / folders
