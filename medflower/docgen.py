@@ -155,12 +155,14 @@ def _class_field_comments(cls: type) -> dict[str, tuple[str, str]]:
                 comments[tok.start[0]] = tok.string.lstrip("#").strip()
     except (tokenize.TokenError, IndentationError):
         return {}
-    body = ast.parse(source).body[0].body
-    fields_at = {}
+    cls_node = ast.parse(source).body[0]
+    if not isinstance(cls_node, ast.ClassDef):
+        return {}
+    body = cls_node.body
+    fields_at: dict[int, tuple[str, int]] = {}
     for node in body:
-        target = getattr(node, "target", None)
-        if target is not None and hasattr(target, "id"):
-            fields_at[node.lineno] = (target.id, node.end_lineno)
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            fields_at[node.lineno] = (node.target.id, node.end_lineno or node.lineno)
 
     src_lines = source.splitlines()
     out: dict[str, tuple[str, str]] = {}
@@ -201,7 +203,7 @@ def field_comments(cls: type) -> dict[str, tuple[str, str]]:
 # ---- the walk -------------------------------------------------------------------------------------
 
 
-def _default_of(fld: dataclasses.Field) -> Any:
+def _default_of(fld: dataclasses.Field[Any]) -> Any:
     if fld.default is not dataclasses.MISSING:
         return fld.default
     if fld.default_factory is not dataclasses.MISSING:
@@ -226,7 +228,7 @@ def config_keys(cls: type = ExperimentConfig, prefix: str = "", section: str = "
         key = f"{prefix}{fld.name}"
         sec = section or (fld.name if dataclasses.is_dataclass(tp) else "")
         doc, own_group = comments.get(fld.name, ("", ""))
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             yield from config_keys(tp, f"{key}.", sec)
             continue
         default = _default_of(fld)

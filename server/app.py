@@ -82,7 +82,7 @@ def run_server(
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
     parts = build_round(exp, num_sites=num_sites)  # the method (registry), privacy stage and screens
-    base = {keys.EXPERIMENT: exp.to_json()}
+    base = ConfigRecord({keys.EXPERIMENT: exp.to_json()})
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:
         start, arrays, hist, on_round_end = resume_or_start(checkpoint_dir, exp, parts, arrays)
@@ -94,7 +94,7 @@ def run_server(
             parts,
             initial_arrays=arrays,
             num_rounds=exp.train.rounds,
-            train_config=ConfigRecord(base),
+            train_config=base,
             evaluate_config=ConfigRecord({**base, keys.EVAL_SPLIT: "val"}),
             timeout=exp.participation.round_timeout,
             min_sites=exp.participation.min_sites,

@@ -25,7 +25,7 @@ from logging import WARNING
 from typing import Literal, Protocol
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 
 from medflower import keys
@@ -123,7 +123,7 @@ class LedgerRefusals:
     def check(self, msg: Message, view: RoundView) -> Verdict | None:
         if not is_refusal(msg):
             return None
-        m = metrics_of(msg) or {}
+        m = metrics_of(msg) or MetricRecord()
 
         def num(key: str) -> float:
             v = m.get(key, float("nan"))

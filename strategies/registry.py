@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from medflower import keys
+from medflower import keys, records
 from medflower.hooks import LocalHooks, SiteRuntime, TrainStats
 from medflower.schema import ConfigError, from_dict
 
@@ -106,8 +106,8 @@ class SiteHalf:
         self.state = state
         self.model = model
         self.runtime = runtime
-        self.config: ConfigRecord = message.content[keys.CONFIG]
-        self.global_arrays: ArrayRecord = message.content[keys.ARRAYS]
+        self.config: ConfigRecord = records.config(message, keys.CONFIG)
+        self.global_arrays: ArrayRecord = records.arrays(message, keys.ARRAYS)
 
     def hooks(self) -> LocalHooks:
         """Additions to the local objective (loss terms, gradient corrections)."""

@@ -14,7 +14,7 @@ Keys are ``<ClassName>/<field>[/<index>/<array key>]``; the dict carries ``forma
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
@@ -22,6 +22,17 @@ from flwr.serverapp.strategy import FedAvgM, Strategy
 from flwr.serverapp.strategy.fedopt import FedOpt
 
 FORMAT = 1
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """A strategy of medflower's own that saves its state (e.g. SCAFFOLD's control variate)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> set[str]:
+        """Restore ``state`` (an empty dict resets); returns the keys it used."""
+        ...
 
 
 def unwrap(strategy: Strategy) -> Iterator[Strategy]:
@@ -58,8 +69,8 @@ def get_arrays(state: dict[str, Any], prefix: str, used: set[str]) -> dict[str, 
 
 def _one_state(s: Strategy) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    if hasattr(type(s), "state_dict") and callable(s.state_dict):
-        out.update(s.state_dict())  # type: ignore[attr-defined]
+    if isinstance(s, Stateful):
+        out.update(s.state_dict())
     if isinstance(s, FedOpt):
         put_arrays(out, "m_t", s.m_t)
         put_arrays(out, "v_t", s.v_t)
@@ -99,8 +110,8 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
             _reset(s)
             continue
         inner_used: set[str] = set()
-        if hasattr(type(s), "load_state_dict") and callable(s.load_state_dict):
-            inner_used |= s.load_state_dict(mine)  # type: ignore[attr-defined]
+        if isinstance(s, Stateful):
+            inner_used |= s.load_state_dict(mine)
         if isinstance(s, FedOpt):
             s.m_t = get_arrays(mine, "m_t", inner_used)
             s.v_t = get_arrays(mine, "v_t", inner_used)
@@ -124,8 +135,8 @@ def load_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
 
 def _reset(s: Strategy) -> None:
     """No saved state for this layer: return it to its initial (first-round) state."""
-    if hasattr(type(s), "load_state_dict") and callable(s.load_state_dict):
-        s.load_state_dict({})  # type: ignore[attr-defined]
+    if isinstance(s, Stateful):
+        s.load_state_dict({})
     if isinstance(s, FedOpt):
         s.m_t, s.v_t = None, None
     if isinstance(s, FedAvgM):

@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from medflower import keys
+from medflower import keys, records
 from medflower.hooks import LocalHooks, SiteRuntime, TrainStats
 from medflower.schema import rng_field
 from medflower.strategies.methods.fedprox import frozen_parameters, proximal_term
@@ -97,9 +97,9 @@ class DittoSite(SiteHalf):
 
     def __init__(self, *, message: Message, state: RecordDict, model: nn.Module, runtime: SiteRuntime) -> None:
         super().__init__(message=message, state=state, model=model, runtime=runtime)
-        self.lam = float(self.config.get(DITTO_LAMBDA, 0.0))
-        self.epochs = int(self.config.get(DITTO_EPOCHS, runtime.local_epochs))
-        self.lr = float(self.config.get(DITTO_LR, runtime.lr))
+        self.lam = records.get_float(self.config, DITTO_LAMBDA, 0.0)
+        self.epochs = records.get_int(self.config, DITTO_EPOCHS, runtime.local_epochs)
+        self.lr = records.get_float(self.config, DITTO_LR, runtime.lr)
         self.reference = frozen_parameters(model)  # the global model, before local training
 
     def personal_model(self) -> nn.Module:
@@ -107,7 +107,7 @@ class DittoSite(SiteHalf):
         personal = copy.deepcopy(self.model)
         personal.load_state_dict({**personal.state_dict(), **arrays_to_tensors(self.global_arrays)})
         if STATE_PERSONAL in self.state:
-            personal.load_state_dict(arrays_to_tensors(self.state[STATE_PERSONAL]))
+            personal.load_state_dict(arrays_to_tensors(records.record(self.state, STATE_PERSONAL, ArrayRecord)))
         return personal
 
     def after_train(self, model: nn.Module, stats: TrainStats) -> SiteUpdate:

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
+from medflower import records
 from medflower.hooks import SiteRuntime, TrainStats
 from medflower.schema import ConfigError
 from medflower.strategies.registry import (
@@ -111,9 +112,9 @@ class FedBNSite(SiteHalf):
 
     def __init__(self, *, message: Message, state: RecordDict, model: nn.Module, runtime: SiteRuntime) -> None:
         super().__init__(message=message, state=state, model=model, runtime=runtime)
-        self.local_keys = [str(k) for k in self.config.get(LOCAL_KEYS, []) or []]
+        self.local_keys = records.get_str_list(self.config, LOCAL_KEYS)
         if self.local_keys and STATE_LOCAL in state:
-            saved = arrays_to_tensors(state[STATE_LOCAL])
+            saved = arrays_to_tensors(records.record(state, STATE_LOCAL, ArrayRecord))
             own = {k: v for k, v in saved.items() if k in self.local_keys}
             model.load_state_dict({**model.state_dict(), **own})
 

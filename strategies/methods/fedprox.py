@@ -15,6 +15,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import strategy as fl
 from torch import nn
 
+from medflower import records
 from medflower.hooks import LocalHooks, SiteRuntime
 from medflower.schema import rng_field
 from medflower.strategies.registry import Method, ServerContext, SiteHalf
@@ -41,7 +42,7 @@ def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 class FedProxSite(SiteHalf):
     def __init__(self, *, message: Message, state: RecordDict, model: nn.Module, runtime: SiteRuntime) -> None:
         super().__init__(message=message, state=state, model=model, runtime=runtime)
-        self.mu = float(self.config.get(PROXIMAL_MU, 0.0) or 0.0)
+        self.mu = records.get_float(self.config, PROXIMAL_MU, 0.0)
         self.reference = frozen_parameters(model) if self.mu > 0 else {}
 
     def hooks(self) -> LocalHooks:

@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
+from medflower import records
 from medflower.hooks import LocalHooks, SiteRuntime, TrainStats
 from medflower.schema import rng_field
 from medflower.strategies.methods.fedprox import frozen_parameters
@@ -143,10 +144,10 @@ class Scaffold(FedAvg):
         avg = aggregate_arrayrecords(models, self.weighted_by_key)
         eta = self.server_learning_rate
         new = {k: x + eta * (avg[k].numpy() - x) for k, x in self.current.items()}
-        dcs = [m.content[SCAFFOLD_DC] for m in valid]
+        dcs = [records.arrays(m, SCAFFOLD_DC) for m in valid]
         frac = len(valid) / self.num_sites
         for k in self.param_keys:
-            mean_dc = np.mean(np.stack([dc[k].numpy() for dc in dcs]), axis=0)
+            mean_dc = np.mean(np.stack([records.array(dc, k).numpy() for dc in dcs]), axis=0)
             self.c[k] = (self.c[k] + frac * mean_dc).astype(self.c[k].dtype)
         metrics = self.train_metrics_aggr_fn(models, self.weighted_by_key)
         return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in new.items()}), metrics
@@ -165,8 +166,8 @@ class ScaffoldSite(SiteHalf):
         self.c: dict[str, torch.Tensor] | None = None
         self.ci: dict[str, torch.Tensor] = {}
         if SCAFFOLD_C in message.content.array_records:  # train messages only
-            self.c = arrays_to_tensors(message.content[SCAFFOLD_C])
-            saved = arrays_to_tensors(state[STATE_CI]) if STATE_CI in state else {}
+            self.c = arrays_to_tensors(records.arrays(message, SCAFFOLD_C))
+            saved = arrays_to_tensors(records.record(state, STATE_CI, ArrayRecord)) if STATE_CI in state else {}
             self.ci = {k: saved.get(k, torch.zeros_like(c)) for k, c in self.c.items()}
             self.reference = frozen_parameters(model)
 
