@@ -14,7 +14,9 @@ EXPERIMENT = "experiment-json"  # the resolved ExperimentConfig as JSON
 EVAL_SPLIT = "eval-split"  # "val" (default) or "test"
 
 # MetricRecord keys (client -> server)
-NUM_EXAMPLES = "num-examples"  # samples (not batches) the update or evaluation used
+NUM_EXAMPLES = "num-examples"  # samples (not batches) the update or evaluation used (as the site reports it)
+AGG_WEIGHT = "aggregation-weight"  # set by the coordinator on every reply before aggregation (strategy.weighting);
+# whatever a site sends under this key is overwritten: a weight is never trusted from a site
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 SITE_NAME = "site-name"
@@ -39,7 +41,6 @@ DP_EPSILON_NEXT = "dp-epsilon-next"  # MetricRecord: epsilon after one more roun
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # MetricRecord
 DP_STEPS = "dp-steps"  # MetricRecord: DP-SGD steps in the site's ledger (whole run)
 DP_EXHAUSTED = "dp-budget-exhausted"  # MetricRecord 0/1: 1 = the site refused to train (budget)
-DP_UNIT_WEIGHT = "dp-unit-weight"  # MetricRecord 1, set by the coordinator: uniform client-level DP weights
 DP_CLIPPING_NORM = "dp-clipping-norm"  # MetricRecord (server, mode client): the clipping norm used
 NODE_DP_TARGET_EPSILON = "dp-target-epsilon"  # node_config: the hospital's own (stricter) epsilon
 NODE_DP_TARGET_DELTA = "dp-target-delta"  # node_config: the hospital's own (stricter) delta

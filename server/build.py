@@ -40,6 +40,9 @@ class RoundParts:
     eval_screens: list[Screen] = field(default_factory=lambda: [FiniteMetrics()])
     privacy: ClientLevelDP | None = None
     sample_dp: bool = False
+    weighting: str = "examples"  # strategy.weighting; "uniform" under client-level DP
+    weight_cap_multiple: float = 3.0
+    declared_sizes: dict[int, int] = field(default_factory=dict)  # node id -> size declared at registration
 
     def state_dict(self) -> dict[str, Any]:
         """Everything beyond the global model that the next round depends on (for checkpoints)."""
@@ -64,7 +67,7 @@ def flower_kwargs(exp: ExperimentConfig, num_sites: int) -> dict[str, Any]:
         "min_train_nodes": min_sites,
         "min_evaluate_nodes": min_sites if s.fraction_evaluate > 0 else 0,
         "min_available_nodes": num_sites,
-        "weighted_by_key": keys.NUM_EXAMPLES,
+        "weighted_by_key": keys.AGG_WEIGHT,  # set by the round's weighting stage, never by a site
         "arrayrecord_key": keys.ARRAYS,
         "configrecord_key": keys.CONFIG,
     }
@@ -119,4 +122,6 @@ def build_round(exp: ExperimentConfig, *, num_sites: int) -> RoundParts:
         screens=screens,
         privacy=privacy,
         sample_dp=exp.privacy.mode == "sample",
+        weighting="uniform" if privacy is not None else exp.strategy.weighting,
+        weight_cap_multiple=exp.strategy.weight_cap_multiple,
     )

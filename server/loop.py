@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from logging import ERROR, INFO, WARNING
 from typing import Any
@@ -73,6 +72,36 @@ def metrics_dict(rec: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in (rec or {}).items() if not isinstance(v, list)}
 
 
+def aggregate_dict(rec: MetricRecord | None) -> dict[str, float]:
+    """An aggregate's scalar metrics; its mean of the sites' example counts means nothing and is left out."""
+    return {k: v for k, v in metrics_dict(rec).items() if k != keys.NUM_EXAMPLES}
+
+
+def reported_examples(msg: Message) -> float:
+    m = next(iter(msg.content.metric_records.values()))
+    value = m.get(keys.NUM_EXAMPLES, 0.0)
+    return 0.0 if isinstance(value, list) else float(value)
+
+
+def weigh(replies: list[Message], parts: RoundParts) -> None:
+    """The weighting stage: set each reply's aggregation weight, on the server (``strategy.weighting``).
+
+    Replies have passed the screens, so each has one MetricRecord with a finite ``num-examples`` > 0.
+    Flower's strategies weigh by ``keys.AGG_WEIGHT``; whatever a site put there is overwritten.
+    """
+    claimed = [reported_examples(m) for m in replies]
+    cap = parts.weight_cap_multiple * float(np.median(claimed)) if claimed else 0.0
+    for msg, n in zip(replies, claimed, strict=True):
+        if parts.weighting == "uniform":
+            w = 1.0
+        elif parts.weighting == "capped":
+            declared = parts.declared_sizes.get(int(msg.metadata.src_node_id))
+            w = min(n, float(declared)) if declared is not None else min(n, cap)
+        else:
+            w = n
+        next(iter(msg.content.metric_records.values()))[keys.AGG_WEIGHT] = w
+
+
 def reported_site_name(msg: Message) -> str:
     """The site name a (non-error) reply carries, else its node id."""
     if not msg.has_error() and keys.SITE in msg.content.config_records:
@@ -113,10 +142,9 @@ def aggregate_train(parts: RoundParts, server_round: int, valid: list[Message], 
     """Flower's aggregation of screened replies, guarded; the strategy's state is rolled back on failure."""
     strategy = parts.strategy
     before = strategy_state_dict(strategy)
-    weights = parts.privacy.uniform_weights(valid) if parts.privacy is not None else nullcontext()
+    weigh(valid, parts)
     try:
-        with weights:
-            arrays, metrics = strategy.aggregate_train(server_round, valid)
+        arrays, metrics = strategy.aggregate_train(server_round, valid)
     except (AggregationError, InconsistentMessageReplies, ValueError, FloatingPointError) as err:
         log(
             ERROR,
@@ -138,10 +166,12 @@ def aggregate_train(parts: RoundParts, server_round: int, valid: list[Message], 
 
 def aggregate_evaluate(parts: RoundParts, server_round: int, valid: list[Message]) -> dict[str, float]:
     # sites with an empty validation split report 0 examples: Flower's weighted mean would divide by 0
-    if not valid or sum(float(m.get(keys.NUM_EXAMPLES, 0)) for m in _site_metrics(valid).values()) <= 0:
+    if not valid or sum(reported_examples(m) for m in valid) <= 0:
         return {}
+    for msg in valid:  # site evaluations are averaged by the examples they used, whatever the weighting
+        next(iter(msg.content.metric_records.values()))[keys.AGG_WEIGHT] = reported_examples(msg)
     try:
-        return metrics_dict(parts.strategy.aggregate_evaluate(server_round, valid))
+        return aggregate_dict(parts.strategy.aggregate_evaluate(server_round, valid))
     except (AggregationError, InconsistentMessageReplies, ValueError) as err:
         log(WARNING, "round %d: site evaluations not aggregated (%s)", server_round, err)
         return {}
@@ -256,7 +286,7 @@ class RoundPipeline:
         if self.parts.sample_dp:
             everyone = screened.valid + [m for m, _ in screened.set_aside]
             metrics = sample_round_metrics(everyone, len(screened.set_aside), metrics)
-        rec.train = metrics_dict(metrics)
+        rec.train = aggregate_dict(metrics)
         if result.arrays is None:
             rec.aggregated = False
             if screened.valid:

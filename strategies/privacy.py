@@ -13,9 +13,9 @@
   the noise multiplier from the whole planned run, stops configuring training rounds (saying so)
   when the next one would exceed the budget, accounts the adaptive variants (Flower's adaptive
   wrappers have no accountant; Andrew et al. 2021 show that they spend what a Gaussian mechanism
-  with the user's noise multiplier spends per round), makes the aggregation weights uniform on
-  the server (client-level DP bounds each site's influence on a *mean*; weights are never trusted
-  from the sites) and reports ``dp-epsilon`` every round. Its accountant survives a coordinator
+  with the user's noise multiplier spends per round) and reports ``dp-epsilon`` every round.
+  Client-level DP bounds each site's influence on a *mean*, so the round weighs every site
+  uniformly (``RoundParts.weighting``), on the server; weights are never trusted from the sites. Its accountant survives a coordinator
   restart through ``state_dict()`` / ``load_state_dict()``.
 
 Which methods each mode admits is declared by the methods themselves (``Method.privacy``).
@@ -24,8 +24,7 @@ Which methods each mode admits is declared by the methods themselves (``Method.p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from logging import INFO, WARNING
 from typing import Any
 
@@ -143,7 +142,7 @@ class ClientLevelDP:
         population: int,
         own_accounting: bool,
     ) -> None:
-        self.base = base  # the FedAvg inside Flower's wrapper: its weight key is switched to uniform
+        self.base = base  # the FedAvg inside Flower's wrapper
         self.accountant = accountant
         self.noise_multiplier = noise_multiplier  # the user's z (adaptive wrappers split it internally)
         self.num_sampled = num_sampled
@@ -186,20 +185,6 @@ class ClientLevelDP:
             log(WARNING, "round %d: client-level DP round skipped: %s", server_round, err)
             return []
 
-    @contextmanager
-    def uniform_weights(self, replies: Iterable[Message]) -> Iterator[None]:
-        """Aggregate with weight 1 per site: a site's influence on the mean must not depend on its size."""
-        for msg in replies:
-            m = None if msg.has_error() else metrics_of(msg)
-            if m is not None:
-                m[keys.DP_UNIT_WEIGHT] = 1
-        key = self.base.weighted_by_key
-        self.base.weighted_by_key = keys.DP_UNIT_WEIGHT
-        try:
-            yield
-        finally:
-            self.base.weighted_by_key = key
-
     def record(self, wrapper: Strategy, aggregated: bool, metrics: MetricRecord | None) -> MetricRecord:
         """Account the round's release (adaptive variants) and add the privacy metrics."""
         if aggregated and self.own_accounting:
@@ -211,7 +196,7 @@ class ClientLevelDP:
                 self.accountant.config.target_delta,
                 self.accountant.num_releases,
             )
-        out = MetricRecord({k: v for k, v in (metrics or {}).items() if k != keys.DP_UNIT_WEIGHT})
+        out = MetricRecord(dict(metrics or {}))
         out[keys.DP_EPSILON] = self.epsilon()
         out[keys.DP_DELTA] = float(self.accountant.config.target_delta)
         out[keys.DP_NOISE_MULTIPLIER] = float(self.noise_multiplier)

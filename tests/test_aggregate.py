@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from roundkit import parts_of, run_round, screen
 
+from medflower import keys
 from medflower.config import quickstart_experiment
 from medflower.config.strategy import StrategyConfig
 from medflower.server.build import build_round, build_strategy
@@ -246,7 +247,8 @@ def test_configured_strategy_equals_flowers_own(name):
             # Flower's FedAdam returns float64 for float32 weights; ours gives back the model's dtype
             assert a[k].dtype == np.float32
             np.testing.assert_array_equal(a[k], b[k].astype(np.float32))
-        assert dict(ma) == dict(mb)
+        drop = (keys.NUM_EXAMPLES, keys.AGG_WEIGHT)  # the weight key: ours is set by the weighting stage
+        assert {k: v for k, v in ma.items() if k not in drop} == {k: v for k, v in mb.items() if k not in drop}
         g_ours = g_theirs = a  # both start the next round from the same global model
 
 
@@ -330,3 +332,35 @@ def test_loading_another_strategys_state_is_an_error():
     run_round(s, G3, replies_from([{"w": np.ones(3, np.float32)}], [1]))
     with pytest.raises(ValueError, match="does not belong to this strategy"):
         load_strategy_state(build_strategy(exp_with("fedavgm"), num_sites=1), strategy_state_dict(s.strategy))
+
+
+# ---- the weighting stage: weights are set on the server ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "weighting, expected",
+    [
+        ("examples", (1 * 1 + 2 * 2 + 9 * 1000) / 1003),  # one site claims 1000 examples and dominates
+        ("uniform", (1 + 2 + 9) / 3),
+        ("capped", (1 * 1 + 2 * 2 + 9 * 6) / 9),  # cap = 3 x median(1, 2, 1000) = 6
+    ],
+)
+def test_weighting_by_hand(weighting, expected):
+    exp = exp_with("fedavg")
+    exp = replace(exp, strategy=replace(exp.strategy, weighting=weighting, weight_cap_multiple=3.0))
+    s = build_round(exp, num_sites=3)
+    models = [{"w": np.full(2, v, np.float32)} for v in (1.0, 2.0, 9.0)]
+    replies = replies_from(models, [1, 2, 1000])
+    replies[0].content[keys.METRICS][keys.AGG_WEIGHT] = 1e9  # a site cannot set its own weight
+    out, metrics = run_round(s, G1, replies)
+    np.testing.assert_allclose(out["w"], [expected, expected], rtol=1e-6)
+    assert keys.AGG_WEIGHT not in metrics
+
+
+def test_capped_weighting_uses_the_size_declared_at_registration():
+    exp = exp_with("fedavg")
+    s = build_round(replace(exp, strategy=replace(exp.strategy, weighting="capped")), num_sites=2)
+    replies = replies_from([{"w": np.full(2, 0.0, np.float32)}, {"w": np.full(2, 3.0, np.float32)}], [10, 10**9])
+    s.declared_sizes = {int(replies[1].metadata.src_node_id): 20}  # the second site registered 20 images
+    out, _ = run_round(s, G1, replies)
+    np.testing.assert_allclose(out["w"], [3.0 * 20 / 30] * 2, rtol=1e-6)

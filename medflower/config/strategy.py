@@ -10,7 +10,7 @@ later on the coordinator.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from medflower.schema import rng_field
 from medflower.strategies.registry import get_method, method_names
@@ -26,6 +26,12 @@ class StrategyConfig:
     updates, or updates that do not match the global model, are rejected by site;
     ``max_update_norm`` additionally rejects updates whose L2 distance from the global model
     exceeds it (None = no norm bound).
+
+    ``weighting`` sets each update's weight in the mean, on the coordinator: ``examples`` (the
+    training examples the site reports, FedAvg's rule), ``uniform`` (1 per site), or ``capped``
+    (the reported examples, but at most the size the site declared when it was registered, else
+    at most ``weight_cap_multiple`` times the round's median): one site claiming 10^9 examples
+    cannot dominate. Client-level DP always weighs uniformly.
     """
 
     name: str = field(default="fedavg", metadata={"choices": STRATEGY_NAMES})
@@ -33,6 +39,8 @@ class StrategyConfig:
     fraction_train: float = rng_field(1.0, min=0.0, exclusive_min=True, max=1.0)
     fraction_evaluate: float = rng_field(1.0, min=0.0, max=1.0)
     max_update_norm: float | None = rng_field(None, min=0.0, exclusive_min=True)
+    weighting: Literal["examples", "uniform", "capped"] = "examples"
+    weight_cap_multiple: float = rng_field(3.0, min=1.0)  # capped: at most this many times the median
 
     def __post_init__(self) -> None:
         self.typed_params()  # validate at load time
