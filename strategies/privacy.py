@@ -15,8 +15,8 @@
   wrappers have no accountant; Andrew et al. 2021 show that they spend what a Gaussian mechanism
   with the user's noise multiplier spends per round) and reports ``dp-epsilon`` every round.
   Client-level DP bounds each site's influence on a *mean*, so the round weighs every site
-  uniformly (``RoundParts.weighting``), on the server; weights are never trusted from the sites. Its accountant survives a coordinator
-  restart through ``state_dict()`` / ``load_state_dict()``.
+  uniformly (``RoundParts.weighting``), on the server; weights are never trusted from the sites.
+  Its accountant survives a coordinator restart through ``state_dict()`` / ``load_state_dict()``.
 
 Which methods each mode admits is declared by the methods themselves (``Method.privacy``).
 """
