@@ -24,6 +24,8 @@ SITE_NAME = "site-name"
 # run_config keys (pyproject [tool.flwr.app.config] / `flwr run --run-config`)
 RUN_EXPERIMENT = "experiment"  # path to an experiment YAML; "" = embedded quick start
 RUN_OUTPUT = "output-dir"
+RUN_SITE_DIRECTORY = "site-directory"  # deployment: registered node id -> site name (medflower.server.identity)
+ENV_SITE_DIRECTORY = "MEDFLOWER_SITE_DIRECTORY"  # the same, set by deploy/start-coordinator.sh
 
 # node_config keys
 NODE_PARTITION_ID = "partition-id"  # simulation: which simulated site this node is

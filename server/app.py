@@ -10,11 +10,14 @@ under ``flwr run``, or is bound directly by ``medflower simulate`` through :func
 
 from __future__ import annotations
 
+import os
 import time
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
@@ -46,6 +49,12 @@ def checkpoint_dir_from_run_config(context: Context, out_dir: Path) -> Path:
     return Path(ckpt) if ckpt else Path(out_dir) / "checkpoint"
 
 
+def site_directory_from_run_config(context: Context) -> Path | None:
+    """The site directory a deployed coordinator names its sites by (None: names from replies)."""
+    path = str(context.run_config.get(keys.RUN_SITE_DIRECTORY, "") or os.environ.get(keys.ENV_SITE_DIRECTORY, ""))
+    return Path(path) if path else None
+
+
 def make_global_evaluate(exp: ExperimentConfig):
     """Server-side evaluation on the data set's held-out test split (None if there is none)."""
     from medflower.data import load_dataset
@@ -70,18 +79,20 @@ def run_server(
     *,
     num_sites: int | None = None,
     checkpoint_dir: Path | None = None,
+    site_directory: Path | None = None,
 ) -> Path:
     """Run the whole federation for ``exp`` and write ``out_dir/summary.json``; returns its path.
 
     With ``checkpoint_dir`` every round is checkpointed there and a run that finds a checkpoint
-    resumes after its round (see ``medflower.server.checkpoint``).
+    resumes after its round (see ``medflower.server.checkpoint``). With ``site_directory`` every reply
+    must come from a registered node, under its registered name (see ``medflower.server.identity``).
     """
     t0 = time.time()
     torch.manual_seed(exp.seed)
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
-    parts = build_round(exp, num_sites=num_sites)  # the method (registry), privacy stage and screens
+    parts = build_round(exp, num_sites=num_sites, site_directory=site_directory)  # the method (registry), privacy stage and screens
     base = ConfigRecord({keys.EXPERIMENT: exp.to_json()})
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:
@@ -122,7 +133,10 @@ def build_server_app(exp: ExperimentConfig | None = None, out_dir: str | Path | 
         e = exp or experiment_from_run_config(context)
         out = Path(out_dir) if out_dir else output_dir_from_run_config(context, e)
         ckpt = checkpoint_dir_from_run_config(context, out) if exp is None else None  # flwr run only
-        run_server(grid, e, out, checkpoint_dir=ckpt)
+        directory = site_directory_from_run_config(context) if exp is None else None
+        if exp is None and directory is None:
+            log(WARNING, "no site directory (run config site-directory): site names are taken from replies, unverified")
+        run_server(grid, e, out, checkpoint_dir=ckpt, site_directory=directory)
 
     return server_app
 

@@ -9,6 +9,7 @@ screens around it as plain parts of the round, not as a tower of wrappers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.serverapp.strategy import Strategy
@@ -16,6 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
+from medflower.server.identity import Identity, read_directory
 from medflower.server.screens import FiniteMetrics, LedgerRefusals, NormBound, Screen, UpdateShape
 from medflower.strategies.methods.fedbn import norm_state_keys
 from medflower.strategies.privacy import ClientLevelDP, build_client_dp
@@ -43,6 +45,17 @@ class RoundParts:
     weighting: str = "examples"  # strategy.weighting; "uniform" under client-level DP
     weight_cap_multiple: float = 3.0
     declared_sizes: dict[int, int] = field(default_factory=dict)  # node id -> size declared at registration
+    directory_path: Path | None = None  # the coordinator's site directory (deployment); None: names from replies
+    identity: Identity | None = None
+
+    def refresh_identity(self) -> dict[int, str]:
+        """Re-read the site directory (once per round): node id -> registered name."""
+        if self.directory_path is None or self.identity is None:
+            return {}
+        directory = read_directory(self.directory_path)
+        self.identity.directory = directory
+        self.declared_sizes = {n: s.declared_examples for n, s in directory.items() if s.declared_examples}
+        return {n: s.name for n, s in directory.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything beyond the global model that the next round depends on (for checkpoints)."""
@@ -99,9 +112,11 @@ def build_strategy(exp: ExperimentConfig, *, num_sites: int) -> Strategy:
     return get_method(exp.strategy.name).build(server_context(exp, num_sites))
 
 
-def build_round(exp: ExperimentConfig, *, num_sites: int) -> RoundParts:
+def build_round(exp: ExperimentConfig, *, num_sites: int, site_directory: Path | None = None) -> RoundParts:
     """The round's parts for ``exp`` with ``num_sites`` sites (the federation's expected size).
 
+    With ``site_directory`` (a deployment), every reply must come from a registered node under its
+    registered name (:class:`~medflower.server.identity.Identity`, the first screen).
     Raises :class:`~medflower.schema.ConfigError` naming ``strategy.*`` / ``privacy.*``.
     """
     method = get_method(exp.strategy.name)
@@ -109,7 +124,8 @@ def build_round(exp: ExperimentConfig, *, num_sites: int) -> RoundParts:
     strategy, privacy = base, None
     if exp.privacy.mode == "client":
         strategy, privacy = build_client_dp(base, exp.privacy, rounds=exp.train.rounds, num_sites=num_sites)
-    screens: list[Screen] = []
+    identity = Identity({}) if site_directory is not None else None
+    screens: list[Screen] = [identity] if identity is not None else []
     if exp.privacy.mode == "sample":
         screens.append(LedgerRefusals())  # first: a refusal carries no weights for the next screens to judge
     screens.append(UpdateShape())
@@ -124,4 +140,7 @@ def build_round(exp: ExperimentConfig, *, num_sites: int) -> RoundParts:
         sample_dp=exp.privacy.mode == "sample",
         weighting="uniform" if privacy is not None else exp.strategy.weighting,
         weight_cap_multiple=exp.strategy.weight_cap_multiple,
+        eval_screens=[*screens[:1], FiniteMetrics()] if identity is not None else [FiniteMetrics()],
+        directory_path=site_directory,
+        identity=identity,
     )

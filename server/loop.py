@@ -237,7 +237,8 @@ class RoundPipeline:
                 failures.append({"site": self.site(nid), "node_id": nid, "reason": str(msg.error.reason)})
                 log(WARNING, "round %d: no reply from %s: %s", server_round, self.site(nid), msg.error.reason)
             else:
-                self.names[int(msg.metadata.src_node_id)] = reported_site_name(msg)
+                if self.parts.directory_path is None:  # simulation: sites are named by their replies
+                    self.names[int(msg.metadata.src_node_id)] = reported_site_name(msg)
                 ok.append(msg)
         answered = {m.metadata.reply_to_message_id for m in replies}
         for m in sent:
@@ -331,6 +332,7 @@ class RoundPipeline:
     ) -> tuple[ArrayRecord, RoundRecord]:
         t0 = time.time()
         rec = RoundRecord(round=server_round)
+        self.names.update(self.parts.refresh_identity())  # deployment: registered names, re-read each round
         msgs = self.configure(server_round, arrays, ConfigRecord(dict(train_config)))
         rec.sites_asked = len(msgs)
         ok = self.collect(server_round, msgs, self.send(msgs), rec.failures)
@@ -351,6 +353,7 @@ class RoundPipeline:
         return arrays, rec
 
     def final_site_test(self, server_round: int, arrays: ArrayRecord, evaluate_config: ConfigRecord) -> None:
+        self.names.update(self.parts.refresh_identity())
         cfg = ConfigRecord(dict(evaluate_config))
         cfg[keys.EVAL_SPLIT] = "test"
         screened, _ = self.evaluate_sites(server_round, arrays, cfg)
