@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -94,10 +95,5 @@ def test_an_unregistered_node_is_refused(tmp_path, flower_identity):
 def test_a_malformed_directory_names_the_file_and_entry(tmp_path, content, message):
     path = tmp_path / "sites.json"
     path.write_text(content)
-    with pytest.raises(
-        ValueError,
-        match=str(path).replace(".", r"\.")
-        + ".*"
-        + message.replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("[", r"\["),
-    ):
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + re.escape(message)):
         read_directory(path)
