@@ -92,7 +92,9 @@ def run_server(
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
-    parts = build_round(exp, num_sites=num_sites, site_directory=site_directory)  # the method (registry), privacy stage and screens
+    parts = build_round(
+        exp, num_sites=num_sites, site_directory=site_directory
+    )  # the method (registry), privacy stage and screens
     base = ConfigRecord({keys.EXPERIMENT: exp.to_json()})
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:

@@ -18,7 +18,7 @@ from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 from medflower.server.identity import Identity, read_directory
-from medflower.server.screens import FiniteMetrics, LedgerRefusals, NormBound, Screen, UpdateShape
+from medflower.server.screens import FiniteMetrics, LedgerRefusals, NormBound, Screen, SiteRefusals, UpdateShape
 from medflower.strategies.methods.fedbn import norm_state_keys
 from medflower.strategies.privacy import ClientLevelDP, build_client_dp
 from medflower.strategies.registry import Method, ServerContext, get_method
@@ -126,6 +126,7 @@ def build_round(exp: ExperimentConfig, *, num_sites: int, site_directory: Path |
         strategy, privacy = build_client_dp(base, exp.privacy, rounds=exp.train.rounds, num_sites=num_sites)
     identity = Identity({}) if site_directory is not None else None
     screens: list[Screen] = [identity] if identity is not None else []
+    screens.append(SiteRefusals())  # before the update checks: a refusal carries no weights
     if exp.privacy.mode == "sample":
         screens.append(LedgerRefusals())  # first: a refusal carries no weights for the next screens to judge
     screens.append(UpdateShape())
@@ -140,7 +141,7 @@ def build_round(exp: ExperimentConfig, *, num_sites: int, site_directory: Path |
         sample_dp=exp.privacy.mode == "sample",
         weighting="uniform" if privacy is not None else exp.strategy.weighting,
         weight_cap_multiple=exp.strategy.weight_cap_multiple,
-        eval_screens=[*screens[:1], FiniteMetrics()] if identity is not None else [FiniteMetrics()],
+        eval_screens=[*([identity] if identity is not None else []), SiteRefusals(), FiniteMetrics()],
         directory_path=site_directory,
         identity=identity,
     )

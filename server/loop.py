@@ -53,6 +53,7 @@ class RoundRecord:
     sites_train: dict[str, dict[str, float]] = field(default_factory=dict)
     sites_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)  # site, node id and reason (train)
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # sites that answered no (policy, DP budget)
     evaluate_failures: list[dict[str, Any]] = field(default_factory=list)  # likewise, evaluation
     sites_asked: int = 0  # train messages sent
     aggregated: bool = True
@@ -66,6 +67,7 @@ class History:
     sites_test: dict[str, dict[str, float]] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
     site_names: dict[int, str] = field(default_factory=dict)  # node id -> site name (names silent sites)
+    test_refusals: list[dict[str, Any]] = field(default_factory=list)  # sites that refused the final test
 
 
 def metrics_dict(rec: MetricRecord | None) -> dict[str, float]:
@@ -309,6 +311,17 @@ class RoundPipeline:
             failures.append({"site": self.site(nid), "node_id": nid, "reason": f"rejected evaluation: {reason}"})
         return screened, failures
 
+    def refusals(self, screened: Screened, *, what: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "site": self.site(int(m.metadata.src_node_id)),
+                "node_id": int(m.metadata.src_node_id),
+                "what": what,
+                "reason": reason,
+            }
+            for m, reason in screened.set_aside
+        ]
+
     def record(self, rec: RoundRecord, arrays: ArrayRecord, num_rounds: int) -> None:
         self.history.rounds.append(rec)
         self.history.arrays = arrays
@@ -337,6 +350,7 @@ class RoundPipeline:
         rec.sites_asked = len(msgs)
         ok = self.collect(server_round, msgs, self.send(msgs), rec.failures)
         screened = self.screen(server_round, ok, arrays, rec.failures)
+        rec.refusals += self.refusals(screened, what="training")
         rec.sites_train = _site_metrics(screened.valid + [m for m, _ in screened.set_aside], self.names)
         try:
             arrays = self.aggregate(server_round, screened, arrays, rec)
@@ -345,6 +359,7 @@ class RoundPipeline:
             self.history.rounds.append(rec)
             raise
         ev, rec.evaluate_failures = self.evaluate_sites(server_round, arrays, ConfigRecord(dict(evaluate_config)))
+        rec.refusals += self.refusals(ev, what="evaluation")
         rec.sites_evaluate = _site_metrics(ev.valid, self.names)
         rec.evaluate = aggregate_evaluate(self.parts, server_round, ev.valid)
         if self.evaluate_fn is not None:
@@ -358,6 +373,7 @@ class RoundPipeline:
         cfg[keys.EVAL_SPLIT] = "test"
         screened, _ = self.evaluate_sites(server_round, arrays, cfg)
         self.history.sites_test = _site_metrics(screened.valid, self.names)
+        self.history.test_refusals = self.refusals(screened, what="test")
 
 
 def run_rounds(

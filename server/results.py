@@ -63,6 +63,7 @@ def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -
             "rounds": rounds,
             "final_global_test": final,
             "sites_test": hist.sites_test,
+            "sites_test_refusals": hist.test_refusals,
             "wall_seconds": wall_seconds,
         }
     )

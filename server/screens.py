@@ -117,6 +117,26 @@ def check_metrics(msg: Message, weight_key: str | None, *, allow_nan: bool = Fal
     return None
 
 
+def stated_refusal(msg: Message) -> str | None:
+    """The refusal a site states in its reply (``keys.REFUSAL``: its policy's rule, and why), if any."""
+    if keys.SITE not in msg.content.config_records:
+        return None
+    value = msg.content.config_records[keys.SITE].get(keys.REFUSAL)
+    return None if value is None else str(value)
+
+
+class SiteRefusals:
+    """A site may refuse a message (its own policy, set by the hospital): set the reply aside, with the rule.
+
+    A refusal is an answer, not a failure: the site is up and said no. It sends no weights and is
+    recorded in the round's ``refusals``; the run carries on with the other sites.
+    """
+
+    def check(self, msg: Message, view: RoundView) -> Verdict | None:
+        refusal = stated_refusal(msg)
+        return Verdict("set-aside", f"refused: {refusal}") if refusal is not None else None
+
+
 class LedgerRefusals:
     """Mode ``sample``: a site out of privacy budget answers with a refusal; set it aside, logged."""
 

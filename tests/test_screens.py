@@ -101,3 +101,13 @@ def test_run_screens_applies_the_first_verdict_once_per_reply(caplog):
     assert [m.metadata.src_node_id for m, _ in out.rejected] == [3]
     assert calls == [1]  # later screens never see a reply an earlier one judged
     assert "rejected the update from c" in caplog.text and "b sent no update" in caplog.text
+
+
+def test_a_site_refusal_is_set_aside_with_its_rule():
+    from medflower.server.screens import SiteRefusals
+
+    refusal = make_reply(None, num_examples=0, site="a")
+    refusal.content[keys.SITE][keys.REFUSAL] = "policy.max_rounds: round 6 exceeds this site's limit of 5"
+    v = SiteRefusals().check(refusal, view())
+    assert v.action == "set-aside" and v.reason == "refused: policy.max_rounds: round 6 exceeds this site's limit of 5"
+    assert SiteRefusals().check(make_reply(G, num_examples=3, site="a"), view()) is None
