@@ -198,14 +198,41 @@ class NormBound:
         return None
 
 
+# The range of each evaluation metric, by the name's last part (``val-auc``, ``personal-test-dice``).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "balanced-accuracy": (0.0, 1.0),
+    "auc": (0.0, 1.0),
+    "dice": (0.0, 1.0),
+    "loss": (0.0, math.inf),
+    "hd95": (0.0, math.inf),
+    keys.NUM_EXAMPLES: (0.0, math.inf),
+}
+
+
+def metric_range(name: str) -> tuple[float, float] | None:
+    for suffix in sorted(METRIC_RANGES, key=len, reverse=True):  # balanced-accuracy before accuracy
+        if name == suffix or name.endswith("-" + suffix):
+            return METRIC_RANGES[suffix]
+    return None
+
+
 class FiniteMetrics:
-    """Evaluation replies: one MetricRecord of finite numbers, or NaN for a metric the split leaves
-    undefined (reported as null). No aggregation weight is required: a site with an empty
-    validation split reports 0 examples."""
+    """Evaluation replies: one MetricRecord of finite numbers within each metric's range, or NaN for
+    a metric the split leaves undefined (reported as null). No aggregation weight is required: a
+    site with an empty validation split reports 0 examples."""
 
     def check(self, msg: Message, view: RoundView) -> Verdict | None:
         why = check_metrics(msg, None, allow_nan=True)
-        return reject(why) if why else None
+        if why:
+            return reject(why)
+        for name, value in next(iter(msg.content.metric_records.values())).items():
+            bounds = metric_range(name)
+            if bounds is None or isinstance(value, list) or math.isnan(float(value)):
+                continue
+            if not bounds[0] <= float(value) <= bounds[1]:
+                return reject(f"metric {name!r} is {value!r}, outside its range [{bounds[0]:g}, {bounds[1]:g}]")
+        return None
 
 
 @dataclass

@@ -111,3 +111,18 @@ def test_a_site_refusal_is_set_aside_with_its_rule():
     v = SiteRefusals().check(refusal, view())
     assert v.action == "set-aside" and v.reason == "refused: policy.max_rounds: round 6 exceeds this site's limit of 5"
     assert SiteRefusals().check(make_reply(G, num_examples=3, site="a"), view()) is None
+
+
+@pytest.mark.parametrize(
+    "metrics, reason",
+    [
+        ({"val-auc": 1.5}, "metric 'val-auc' is 1.5, outside its range [0, 1]"),
+        ({"personal-test-balanced-accuracy": -0.1}, "outside its range [0, 1]"),
+        ({"eval-loss": -2.0}, "metric 'eval-loss' is -2.0, outside its range [0, inf]"),
+        ({"val-dice": 0.7, "val-hd95": 3.0, "val-accuracy": 1.0}, None),
+    ],
+)
+def test_evaluation_metrics_must_lie_in_their_range(metrics, reason):
+    reply = make_reply(None, num_examples=3, site="a", metrics=metrics, message_type="evaluate")
+    v = FiniteMetrics().check(reply, view({}))
+    assert (v is None) if reason is None else (reason in v.reason)
