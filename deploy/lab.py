@@ -26,15 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medflower.runenv import FLOWER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(__file__).resolve().parent
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+LAB_ENV = {**FLOWER_ENV, "PYTHONUNBUFFERED": "1"}  # every lab process; unbuffered: logs are read live
 CONNECTION = "medflower"
 TAG_RE = re.compile(r"^mf(\d+)x\d+-")
 
@@ -238,7 +234,7 @@ class Lab:
     # ---- processes ----
     def env(self, flwr_home: Path | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
-        env.update(FLOWER_ENV)
+        env.update(LAB_ENV)
         if flwr_home is not None:
             flwr_home.mkdir(parents=True, exist_ok=True)
             env["FLWR_HOME"] = str(flwr_home)
