@@ -71,6 +71,8 @@ def test_compose_runs_one_coordinator_and_three_hospitals_like_the_lab() -> None
         assert flags["--coordinator"] == f"coordinator:{port}"  # the service name; in the certificate (README)
         assert flags["--key"] == f"/node/hospital-{i}.key"
         assert runners[f"hospital-{i}"]["depends_on"] == ["coordinator"]
+        # the hospital's choice of code (deploy/README.md): empty unless the operator sets it
+        assert flags["--trusted-entities"] == "${MEDFLOWER_TRUSTED_ENTITIES:-}", f"hospital-{i}"
 
 
 @pytest.mark.parametrize("script", ["start-coordinator.sh", "start-hospital.sh"])
