@@ -1,4 +1,5 @@
-"""The ClientApp component of ``flwr run .`` (pyproject ``[tool.flwr.app.components] clientapp``).
+"""The ClientApp component of ``flwr run .`` (pyproject ``[tool.flwr.app.components] clientapp``,
+through the bundle's top-level ``flwr_components`` module: see its docstring).
 
 One app bundle serves two kinds of node, told apart by their node config:
 

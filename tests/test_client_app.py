@@ -8,6 +8,7 @@ simulated partitions and attacks) and the ``flwr run`` component that picks one 
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from medflower import keys
@@ -159,6 +161,15 @@ def test_flwr_run_component_picks_the_app_by_node_config() -> None:
     assert apps.app_for(_node()) is hospital_app  # whose error says how to start the SuperNode
     both = _node(**{keys.NODE_SITE_CONFIG: "/site.yaml", keys.NODE_PARTITION_ID: 0})
     assert apps.app_for(both) is hospital_app  # a hospital's own files win
+
+
+def test_flwr_run_loads_the_dispatcher_through_a_top_level_module() -> None:
+    """pyproject's component is a top-level name (see flwr_components.py) that is the dispatcher."""
+    components = tomli.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    module, _, attr = components["clientapp"].partition(":")
+    assert "." not in module, components["clientapp"]
+    assert getattr(importlib.import_module(module), attr) is apps.clientapp
+    assert components["serverapp"] == "medflower.server.app:app"
 
 
 HOSPITAL_NODE = """

@@ -100,6 +100,10 @@ def test_dockerfile_copies_every_package_pip_installs() -> None:
     packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert packages <= copied, packages - copied
     assert pyproject["project"]["readme"] in copied
+    # `flwr run .` in the admin container bundles /opt/medflower: its components must be there
+    for ref in pyproject["tool"]["flwr"]["app"]["components"].values():
+        top = ref.split(":")[0].split(".")[0]
+        assert top in copied or f"{top}.py" in copied, ref
     # the compose commands are relative to WORKDIR, where deploy/ is copied
     workdir = re.search(r"^WORKDIR (\S+)", text, re.M).group(1)
     assert "COPY deploy ./deploy" in text and workdir == "/opt/medflower"
