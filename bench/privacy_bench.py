@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 RESULTS = REPO / "bench" / "results" / "privacy_utility.json"
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # a script: the checkout's medflower, installed or not
+
+from medflower.config import ExperimentConfig  # noqa: E402  (after the sys.path line above)
 
 
 def experiment(model: str, *, seed: int, eps: float | None) -> dict[str, Any]:
@@ -77,12 +80,12 @@ def experiment(model: str, *, seed: int, eps: float | None) -> dict[str, Any]:
 
 
 def timing(model: str, repeats: int) -> None:
+    # here, not at the top: `report` needs none of torch, Flower, Opacus
     import torch
     from flwr.app import Context, RecordDict
 
     from medflower.client.privacy import RoundPrivacy
     from medflower.client.train import make_loader, make_optimizer, train_epochs
-    from medflower.config import ExperimentConfig
     from medflower.modelspec import build_experiment_model
     from medflower.simulation.sites import build_sites
 
@@ -121,10 +124,7 @@ def _load() -> list[dict[str, Any]]:
 
 
 def utility(model: str, eps_list: list[float | None], seeds: list[int]) -> None:
-    import tempfile
-
-    from medflower.config import ExperimentConfig
-    from medflower.simulation.runner import simulate
+    from medflower.simulation.runner import simulate  # here: `report` needs no torch or Flower
 
     for seed in seeds:
         for eps in eps_list:
@@ -160,9 +160,9 @@ def utility(model: str, eps_list: list[float | None], seeds: list[int]) -> None:
 
 def untrained(model: str, seed: int) -> dict[str, float]:
     """The initial global model's test metrics, built as the ServerApp builds it (seeded init)."""
+    # here, not at the top: `report` needs no torch
     import torch
 
-    from medflower.config import ExperimentConfig
     from medflower.data import load_dataset
     from medflower.modelspec import build_experiment_model
     from medflower.tasks import evaluate

@@ -9,8 +9,9 @@ epoch per round. ``attack``: one of 5 sites (``site-0``) sends a sign-flipped up
 ``--scale`` every round (the SIMULATION-ONLY ``attack:`` option), against a clean run, with
 FedAvg and the robust aggregators.
 
-Every run goes through the real ServerApp loop (``medflower.server.app.run_server``) and the real ClientApp
-(``medflower.client.app:app``) on :class:`medflower.simulation.inprocess.InProcessGrid`: no Ray, sites run one after the
+Every run goes through the real ServerApp loop (``medflower.server.app.run_server``) and the
+simulation's ClientApp (``medflower.simulation.clientapp:app``, the hospitals' pipeline on simulated
+sites) on :class:`medflower.simulation.inprocess.InProcessGrid`: no Ray, sites run one after the
 other, which on a 2-core machine shared with others costs far less than the simulation engine.
 
 Each finished run is appended to ``--results`` (JSON lines) and skipped when the command is run
@@ -33,9 +34,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
+sys.path.insert(0, str(REPO))  # a script: the checkout's medflower, installed or not
+
+from medflower.config import ExperimentConfig  # noqa: E402  (after the sys.path line above)
+from medflower.runenv import quiet_flower_env  # noqa: E402
+
+quiet_flower_env()
 
 DATA = Path(os.environ.get("MEDFLOWER_SHARED_DATA", REPO.parent / "shared" / "data")) / "medmnist"
 RESULTS = REPO / "bench" / "results" / "strategies.jsonl"
@@ -64,8 +68,6 @@ PARAMS: dict[str, dict[str, Any]] = {  # medflower's defaults, written out so th
 
 
 def experiment(dataset: str, alpha: float, seed: int, strategy: str, rounds: int, attack_scale: float | None):
-    from medflower.config import ExperimentConfig
-
     sgd = strategy == "scaffold"  # SCAFFOLD's control variates assume plain SGD (see strategies.scaffold)
     cfg = {
         "name": f"bench-{dataset}-{strategy}",
@@ -101,7 +103,7 @@ def _mean_site(sites: dict[str, dict[str, Any]], metric: str) -> float:
 
 
 def run_one(exp) -> dict[str, Any]:
-    from medflower.simulation.inprocess import simulate_inprocess
+    from medflower.simulation.inprocess import simulate_inprocess  # here: `report` needs no torch or Flower
 
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +150,7 @@ def plan(args) -> list[tuple]:
 
 
 def execute(args) -> None:
-    import torch
+    import torch  # here, not at the top: `report` needs no torch or Flower
 
     import medflower.server.app  # noqa: F401  (Flower configures its logger on import; quiet it afterwards)
 

@@ -41,8 +41,10 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.logger import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -55,9 +57,13 @@ from medflower.schema import ConfigError
 LEDGER_STATE_KEY = "dp-ledger"  # context.state ConfigRecord holding the ledger as JSON
 LEDGER_FORMAT = 1
 
+# Opacus is imported inside the functions that use it, not at the top: it costs seconds, and the
+# ClientApp (a new process for every message on a SuperNode) imports this module in every mode,
+# while only privacy.mode 'sample' needs Opacus.
+
 
 def _quiet_accountant(mechanism: str):
-    from opacus.accountants import create_accountant
+    from opacus.accountants import create_accountant  # here: see the note above
 
     return create_accountant(mechanism=mechanism)
 
@@ -87,7 +93,7 @@ def plan_noise_multiplier(
     *, target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int, accountant: str
 ) -> float:
     """The noise multiplier that spends exactly the budget over ``total_steps`` (the whole run)."""
-    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.accountants.utils import get_noise_multiplier  # here: see the note at the top
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -437,7 +443,7 @@ class RoundPrivacy:
                 f"privacy.mode 'sample' cannot be combined with strategy {self.exp.strategy.name!r}: it edits the "
                 "local loss or gradients, which Opacus' DP optimizer would overwrite (use privacy.mode 'client')"
             )
-        from opacus import PrivacyEngine
+        from opacus import PrivacyEngine  # here: see the note at the top
         from opacus.data_loader import DPDataLoader
 
         plan, ledger = self.plan, self.ledger
@@ -507,9 +513,6 @@ def client_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     so they cannot sit on the ClientApp unconditionally; this dispatches to them only when the
     server's DP wrapper sent the norm.
     """
-    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-
     cfg = msg.content.config_records.get(keys.CONFIG)
     if cfg is None or KEY_CLIPPING_NORM not in cfg:
         return call_next(msg, context)

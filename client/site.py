@@ -33,14 +33,17 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+import numpy as np
+
+from medflower.config import ExperimentConfig, load_experiment
 from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
 from medflower.data import SiteData
+from medflower.data.base import DataError
+from medflower.data.manifest import assign_splits, load_file_dataset, patient_crossings, read_rows
+from medflower.data.readers import file_format, prepare, segmentation_classes
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, to_dict
-
-if TYPE_CHECKING:
-    from medflower.config import ExperimentConfig
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -106,9 +109,6 @@ def load_site_data(site_yaml_path: str | Path, exp: ExperimentConfig) -> SiteDat
 
 @lru_cache(maxsize=2)
 def _load_site(path: str, mtime: int, exp_json: str) -> SiteData:
-    from medflower.config import ExperimentConfig
-    from medflower.data.manifest import load_file_dataset
-
     exp = ExperimentConfig.from_json(exp_json)
     site = load_site_config(path, exp)
     ds = load_file_dataset(site.data, path=site.data_path(), task=site.task, seed=exp.seed, name=site.name)
@@ -147,12 +147,6 @@ def _shape(t: tuple) -> str:
 
 def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
     """Read every file of ``site`` once (with its preparation) and collect what a person must know."""
-    import numpy as np
-
-    from medflower.data.base import DataError
-    from medflower.data.manifest import assign_splits, patient_crossings, read_rows
-    from medflower.data.readers import file_format, prepare, segmentation_classes
-
     rep = CheckReport()
     cfg, path = site.data, site.data_path()
     rep.lines.append(f"site {site.name!r}: {site.task}, data.kind {cfg.kind}, {path.resolve()}")
@@ -263,8 +257,6 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
 
 def run_check(site_yaml: str | Path, experiment: str | Path | None = None, *, out: Any = None) -> int:
     """``medflower site check``: print the report; 0 if the data are usable, 1 on errors."""
-    from medflower.config import load_experiment
-
     out = out or sys.stdout
     exp = load_experiment(experiment) if experiment else None
     site = load_site_config(site_yaml, exp)
@@ -278,13 +270,3 @@ def run_check(site_yaml: str | Path, experiment: str | Path | None = None, *, ou
     verdict = "FAILED" if rep.errors else "OK"
     print(f"site check {verdict}: {len(rep.errors)} error(s), {len(rep.warnings)} warning(s)", file=out)
     return 1 if rep.errors else 0
-
-
-def add_parsers(sub: Any) -> None:
-    """``medflower site check SITE.yaml [--experiment EXP.yaml]``."""
-    p = sub.add_parser("site", help="a hospital's own data (site YAML)")
-    site_sub = p.add_subparsers(dest="site_command", required=True)
-    c = site_sub.add_parser("check", help="read every file once and report problems before joining")
-    c.add_argument("site", help="the site YAML")
-    c.add_argument("--experiment", "-e", help="experiment YAML whose data preparation to apply (optional)")
-    c.set_defaults(func=lambda args: run_check(args.site, args.experiment))

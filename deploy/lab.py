@@ -4,8 +4,9 @@ network namespace, wired by veth pairs to a bridge inside the coordinator's name
 It runs exactly the steps of deploy/README.md (the same ``medflower deploy``/``flwr`` commands and
 the same launch scripts the container images run), so that tests/test_deploy_netns.py (or an
 administrator rehearsing from Python) exercises a real deployment: TLS and node authentication on,
-real IP addresses, links that can be cut. Nothing is attached to the host's own network namespace, so no traffic leaves the lab.
-Needs root and ``ip netns`` (iproute2). Every command it runs is recorded in ``Lab.commands``.
+real IP addresses, links that can be cut. Nothing is attached to the host's own network namespace,
+so no traffic leaves the lab. Needs root and ``ip netns`` (iproute2). Every command it runs is
+recorded in ``Lab.commands``.
 
 Flower has a local SuperLink for simulations but nothing that exercises its deployment transport
 with several addresses, TLS and node authentication on one machine; hence this module.
@@ -26,15 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medflower.runenv import FLOWER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(__file__).resolve().parent
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "PYTHONUNBUFFERED": "1",
-}
+LAB_ENV = {**FLOWER_ENV, "PYTHONUNBUFFERED": "1"}  # every lab process; unbuffered: logs are read live
 CONNECTION = "medflower"
 TAG_RE = re.compile(r"^mf(\d+)x\d+-")
 
@@ -238,7 +235,7 @@ class Lab:
     # ---- processes ----
     def env(self, flwr_home: Path | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
-        env.update(FLOWER_ENV)
+        env.update(LAB_ENV)
         if flwr_home is not None:
             flwr_home.mkdir(parents=True, exist_ok=True)
             env["FLWR_HOME"] = str(flwr_home)
@@ -378,7 +375,10 @@ class Lab:
             timeout=60,
         )
 
-    def hospital_argv(self, site: Site, data: str | Path, *, check: bool = False) -> list[str]:
+    def hospital_argv(
+        self, site: Site, data: str | Path, *, check: bool = False, trusted_entities: Path | None = None
+    ) -> list[str]:
+        """The launch script's command line; ``trusted_entities`` None: run the bundle the coordinator sends."""
         argv = [
             str(DEPLOY / "start-hospital.sh"),
             "--coordinator",
@@ -390,11 +390,16 @@ class Lab:
             *self.data_args(data),
             "--state",
             str(site.dir / "flwr-home"),
+            "--trusted-entities",  # always given, as in compose.yaml: the hospital's choice is on the command line
+            str(trusted_entities) if trusted_entities is not None else "",
         ]
         return argv if check else [*argv, "--no-check"]  # setup() has just run `medflower node check`
 
-    def start_hospital(self, site: Site, node_config: str | Path, *, check: bool = False) -> Proc:
-        site.proc = self.spawn(site.ns, self.hospital_argv(site, node_config, check=check), name=site.name)
+    def start_hospital(
+        self, site: Site, node_config: str | Path, *, check: bool = False, trusted_entities: Path | None = None
+    ) -> Proc:
+        argv = self.hospital_argv(site, node_config, check=check, trusted_entities=trusted_entities)
+        site.proc = self.spawn(site.ns, argv, name=site.name)
         return site.proc
 
     def flwr_run(self, run_config: dict[str, str], *, app: Path = REPO) -> int:

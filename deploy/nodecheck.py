@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
+from flwr.common.config import parse_config_args
 
+from medflower.client.site import load_site_config
+from medflower.data.base import DataError
+from medflower.data.manifest import read_rows
 from medflower.deploy.certs import describe_cert, load_node_private_key, public_key_line
 
 EXPIRY_WARN_DAYS = 30
@@ -180,8 +184,6 @@ def _health(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> int | 
 
 
 def parse_node_config(text: str) -> dict[str, object]:
-    from flwr.common.config import parse_config_args
-
     return dict(parse_config_args([text]))
 
 
@@ -210,12 +212,6 @@ def _readable(p: Path) -> bool:
 def _check_site_yaml(path: Path) -> CheckResult:
     """Validate the site YAML and list its images (without decoding them: that is `medflower site check`)."""
     name = "site data"
-    try:
-        from medflower.client.site import load_site_config
-        from medflower.data.base import DataError
-        from medflower.data.manifest import read_rows
-    except ImportError as err:
-        return CheckResult(name, "fail", f"cannot read site YAMLs: {err}")
     try:
         site = load_site_config(path)
         rows = read_rows(site.data, site.data_path(), site.task).rows

@@ -1,8 +1,10 @@
 """SIMULATION-ONLY poisoned updates, for measuring how robust an aggregation strategy is.
 
 A research feature: the experiment's ``attack:`` section (:class:`medflower.config.AttackConfig`)
-names simulated sites that, after training honestly, send a poisoned update instead. Only simulated
-sites apply it (``medflower.client.strategy_hooks.is_simulated``); a deployed hospital node ignores it.
+names simulated sites that, after training honestly, send a poisoned update instead. Only the
+simulation's ClientApp applies it (:func:`attacked_update`, its ``transform_update``; see
+:mod:`medflower.simulation.clientapp`); a deployed hospital node never loads this module and refuses an
+experiment that sets it.
 
 * ``sign_flip`` — the update is reversed and scaled: ``global - scale * (local - global)`` (the
   classic model-poisoning baseline of the Byzantine-robust FL literature);
@@ -16,7 +18,17 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from medflower.config import ExperimentConfig
 from medflower.config.attack import AttackConfig
+
+
+def attacked_update(
+    arrays: ArrayRecord, global_arrays: ArrayRecord, exp: ExperimentConfig, site_name: str
+) -> ArrayRecord:
+    """The update ``site_name`` sends: poisoned if ``exp.attack`` names it, else ``arrays`` unchanged."""
+    if exp.attack.kind == "none" or site_name not in exp.attack.sites:
+        return arrays
+    return poison(arrays, global_arrays, exp.attack)
 
 
 def poison(arrays: ArrayRecord, global_arrays: ArrayRecord, cfg: AttackConfig) -> ArrayRecord:

@@ -30,10 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
-from medflower.data import ArraySplit
-from medflower.simulation.preview import md_table, write_json
-from medflower.simulation.sites import SiteData
+from medflower.data import ArraySplit, load_dataset
+from medflower.modelspec import build_experiment_model
+from medflower.server.app import FINAL_MODEL_FILE
+from medflower.simulation.measure import measure_shift
+from medflower.simulation.preview import md_table, site_tables, write_json
+from medflower.simulation.runner import simulate
+from medflower.simulation.sites import SiteData, build_sites
+from medflower.tasks import evaluate, inference_roi
 
 POOLED_TEST = "pooled-test"
 
@@ -49,9 +55,6 @@ def main_metrics(task: str) -> tuple[str, ...]:
 
 def train_baseline(exp: ExperimentConfig, split: ArraySplit, *, epochs: int, seed: int) -> torch.nn.Module:
     """A model trained centrally on ``split`` with the experiment's recipe (same init as the federation)."""
-    from medflower.client.train import make_loader, make_optimizer, train_epochs
-    from medflower.modelspec import build_experiment_model
-
     torch.manual_seed(exp.seed)  # the server seeds the federation's initial model the same way
     model = build_experiment_model(exp)
     torch.manual_seed(seed)
@@ -63,8 +66,6 @@ def train_baseline(exp: ExperimentConfig, split: ArraySplit, *, epochs: int, see
 def evaluate_everywhere(
     model: torch.nn.Module, exp: ExperimentConfig, tests: dict[str, ArraySplit]
 ) -> dict[str, dict[str, float]]:
-    from medflower.tasks import evaluate, inference_roi
-
     roi = inference_roi(exp)  # 3D models trained on patches infer by sliding window, as the sites do
     return {
         name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=roi)
@@ -74,10 +75,6 @@ def evaluate_everywhere(
 
 def federated_model(exp: ExperimentConfig, out_dir: Path, *, verbose: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Run the experiment through Flower's simulation runtime; load its final global model."""
-    from medflower.modelspec import build_experiment_model
-    from medflower.server.app import FINAL_MODEL_FILE
-    from medflower.simulation.runner import simulate
-
     summary = simulate(exp, out_dir, verbose=verbose)
     path = out_dir / FINAL_MODEL_FILE
     if not path.is_file():
@@ -158,6 +155,8 @@ def plot_matrix(
     labels: dict[str, str] | None = None,
 ) -> Path:
     """One heat map per metric: rows are models, columns test splits; ``labels`` renames sites (e.g. with their scanner)."""
+    # here, not at the top: the headless backend must be chosen before pyplot loads, and a run
+    # that plots nothing never pays for matplotlib
     import matplotlib
 
     matplotlib.use("Agg")
@@ -220,11 +219,6 @@ def run_compare(
     identifiability: bool = True,
 ) -> dict[str, Any]:
     """Train and cross-evaluate pooled, local-only and federated models; write and print the results."""
-    from medflower.data import load_dataset
-    from medflower.simulation.measure import measure_shift
-    from medflower.simulation.preview import site_tables
-    from medflower.simulation.sites import build_sites
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

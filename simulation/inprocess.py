@@ -2,10 +2,11 @@
 
 Why, next to Flower's simulation engine (:mod:`medflower.simulation.runner`): a strategy benchmark runs
 hundreds of short federations, and on a 2-core machine Ray's start-up and worker processes cost
-more than the training. This grid hands each message to the *same* ``ClientApp`` object
-(``medflower.client.app:app``, mods included) with a per-site ``Context`` whose ``state`` persists across
-rounds, exactly what a SuperNode does, and the *same* ``run_server`` drives it; only the transport
-is gone (no serialization, sites run sequentially). Use ``medflower simulate`` for the real engine.
+more than the training. This grid hands each message to the *same* ``ClientApp`` object (the
+simulation's ``medflower.simulation.clientapp:app``, mods included) with a per-site ``Context``
+whose ``state`` persists across rounds, exactly what a SuperNode does, and the *same*
+``run_server`` drives it; only the transport is gone (no serialization, sites run sequentially).
+Use ``medflower simulate`` for the real engine.
 
 Flower has no public in-process grid (``InMemoryGrid`` needs a SuperLink state), so it is written
 here; it sets Flower's ``TaskIdentity`` as Flower's own legacy ``start_grid`` does.
@@ -13,8 +14,10 @@ here; it sets Flower's ``TaskIdentity`` as Flower's own legacy ``start_grid`` do
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -26,6 +29,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from medflower import keys
+from medflower.server.app import run_server
+from medflower.simulation.clientapp import app as simulation_app
 
 CLIENT_EXCEPTION = 0  # Error.code for an exception raised by the ClientApp
 
@@ -99,13 +104,7 @@ class InProcessGrid(Grid):
 
 def simulate_inprocess(exp: Any, out_dir: Any, *, grid: InProcessGrid | None = None) -> dict[str, Any]:
     """Run ``exp`` through ``medflower.server.app.run_server`` on an :class:`InProcessGrid` (a new one with
-    ``medflower.client.app:app`` unless given); returns the summary."""
-    import json
-    from pathlib import Path
-
-    from medflower.client.app import app as client_app
-    from medflower.server.app import run_server
-
-    grid = grid or InProcessGrid(client_app, num_sites=exp.partition.num_sites)
+    the simulation's ClientApp unless given); returns the summary."""
+    grid = grid or InProcessGrid(simulation_app, num_sites=exp.partition.num_sites)
     path = run_server(grid, exp, Path(out_dir))
     return json.loads(Path(path).read_text())

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from medflower.metrics import classification_metrics
+from medflower.models import SmallCNN
 from medflower.simulation.sites import SPLITS, SiteData
 
 
@@ -90,8 +91,6 @@ def site_identifiability(
     each site's test split (val too if a site has no test images). Returns balanced accuracy (the
     score: chance is 1/N), accuracy, the chance level, sizes and the confusion matrix (rows: true site).
     """
-    from medflower.models import SmallCNN
-
     n_sites = len(sites)
     if n_sites < 2:
         return {"balanced_accuracy": math.nan, "chance": 1.0, "note": "needs at least two sites"}

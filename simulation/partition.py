@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from medflower.config.partition import PartitionConfig
-    from medflower.data import ArraySplit
+from medflower.config.partition import PartitionConfig
+from medflower.data import ArraySplit
 
 
 class PartitionError(ValueError):

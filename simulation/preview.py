@@ -21,9 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medflower.config import ExperimentConfig
-from medflower.simulation.sites import SPLITS, SiteData
+from medflower.data import load_dataset
+from medflower.fileio import atomic_write_text
+from medflower.simulation.measure import intensity_histograms, measure_shift
+from medflower.simulation.shift import site_scanners, value_range
+from medflower.simulation.sites import SPLITS, SiteData, build_sites
 
 MAX_SITES_PLOTTED = 16
 
@@ -44,8 +49,6 @@ def json_ready(obj: Any) -> Any:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    from medflower.fileio import atomic_write_text
-
     atomic_write_text(path, json.dumps(json_ready(obj), indent=2))
     return path
 
@@ -117,7 +120,7 @@ def _display(img: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, dict[st
 
 
 def _panel_grid(n: int, *, ncols: int = 4, size: tuple[float, float] = (3.6, 2.8)):
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: see write_plots
 
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
@@ -137,7 +140,7 @@ def _title(site: SiteData) -> str:
 def plot_labels(
     sites: Sequence[SiteData], num_classes: int, path: Path, class_names: Sequence[str] | None = None
 ) -> Path:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: see write_plots
 
     sites = list(sites)[:MAX_SITES_PLOTTED]
     fig, axes = _panel_grid(len(sites))
@@ -169,7 +172,7 @@ def plot_samples(
     per_site: int = 6,
 ) -> Path:
     """Row per site: the same reference image through the site's scanner, then the site's own images."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # here: see write_plots
 
     sites = list(sites)[:MAX_SITES_PLOTTED]
     lo, hi = value_range
@@ -202,9 +205,7 @@ def plot_samples(
 
 
 def plot_intensity(sites: Sequence[SiteData], path: Path, bins: int = 50) -> Path:
-    import matplotlib.pyplot as plt
-
-    from medflower.simulation.measure import intensity_histograms
+    import matplotlib.pyplot as plt  # here: see write_plots
 
     sites = list(sites)
     edges, hists = intensity_histograms(sites, bins=bins)
@@ -227,12 +228,11 @@ def plot_intensity(sites: Sequence[SiteData], path: Path, bins: int = 50) -> Pat
 
 
 def write_plots(exp: ExperimentConfig, sites: Sequence[SiteData], out_dir: Path) -> list[Path]:
+    # matplotlib is imported in the plotting functions, not at the top: the headless backend must be
+    # chosen before pyplot loads, and `--no-plots` never pays for it
     import matplotlib
 
     matplotlib.use("Agg")
-    from medflower.data import load_dataset
-    from medflower.simulation.shift import site_scanners, value_range
-
     ds = load_dataset(exp)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -253,12 +253,6 @@ def preview(
     exp: ExperimentConfig, out_dir: str | Path, *, identifiability: bool = True, plots: bool = True
 ) -> dict[str, Any]:
     """Build, measure, print and plot the experiment's sites; returns what ``partition.json`` holds."""
-    import torch
-
-    from medflower.data import load_dataset
-    from medflower.simulation.measure import measure_shift
-    from medflower.simulation.sites import build_sites
-
     torch.set_num_threads(max(1, exp.train.num_threads))  # as `compare` does: same identifiability numbers
     out_dir = Path(out_dir)
     ds = load_dataset(exp)

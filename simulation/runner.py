@@ -1,6 +1,8 @@
 """Run a whole federation on one machine with Flower's simulation engine (Ray backend).
 
-The ServerApp and ClientApp are the same objects ``flwr run`` deploys; only the transport differs.
+The ServerApp is the one ``flwr run`` deploys and the ClientApp the simulation's
+(:mod:`medflower.simulation.clientapp`, the hospital's pipeline on simulated sites); only the
+transport differs.
 """
 
 from __future__ import annotations
@@ -12,35 +14,29 @@ from pathlib import Path
 from typing import Any
 
 from medflower.config import ExperimentConfig
+from medflower.modelspec import build_experiment_model
+from medflower.runenv import quiet_flower_env
+from medflower.server.app import build_server_app
+from medflower.simulation.clientapp import app as client_app
+from medflower.simulation.sites import build_sites
 
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+# Ray's own settings for the simulation engine (the telemetry ones are medflower.runenv.FLOWER_ENV)
+RAY_ENV = {
+    "RAY_DEDUP_LOGS": "0",  # every site's log lines, not "repeated 3x"
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray leaves CUDA_VISIBLE_DEVICES alone with num_gpus 0
 }
-
-
-def quiet_flower_env() -> None:
-    """Telemetry and update checks off for Flower and Ray (set before they are imported)."""
-    for k, v in FLOWER_ENV.items():
-        os.environ.setdefault(k, v)
 
 
 def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = False) -> dict[str, Any]:
     """Simulate ``exp`` with one virtual SuperNode per site; returns the written summary."""
     quiet_flower_env()
+    for k, v in RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    # here, not at the top: it starts Ray's machinery, which only a simulation that really runs needs
     from flwr.simulation import run_simulation
-
-    from medflower.client.app import app as client_app
 
     # Fail fast, before Ray starts, on bad data or an impossible partition (and warm the caches
     # the in-process ServerApp reuses).
-    from medflower.modelspec import build_experiment_model
-    from medflower.server.app import build_server_app
-    from medflower.simulation.sites import build_sites
-
     build_sites(exp)
     build_experiment_model(exp)
     out_dir = Path(out_dir)

@@ -19,16 +19,23 @@ k-space operations act on each image's spatial axes independently.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from monai.transforms import (
+    AdjustContrast,
+    GaussianSmooth,
+    GibbsNoise,
+    KSpaceSpikeNoise,
+    RandBiasField,
+    RandGaussianNoise,
+    RandRicianNoise,
+    Resize,
+)
 
+from medflower.config import ExperimentConfig
 from medflower.config.shift import ShiftProfile
-
-if TYPE_CHECKING:
-    from medflower.config import ExperimentConfig
-    from medflower.data import DatasetSplits
+from medflower.data import DatasetSplits
 
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 _CHUNK = 512  # images per MONAI call (bounds memory for 3D volumes)
@@ -59,8 +66,6 @@ class SiteScanner:
         value_range: tuple[float, float],
         spatial_shape: Sequence[int],
     ) -> None:
-        from monai.transforms import RandBiasField
-
         self.profile = profile
         self.seed, self.site_index = seed, site_index
         self.lo, self.hi = value_range
@@ -100,16 +105,6 @@ class SiteScanner:
         return out.reshape(images.shape)
 
     def _apply_stack(self, stack: np.ndarray, *, channels: int, noise_state: np.random.RandomState) -> np.ndarray:
-        from monai.transforms import (
-            AdjustContrast,
-            GaussianSmooth,
-            GibbsNoise,
-            KSpaceSpikeNoise,
-            RandGaussianNoise,
-            RandRicianNoise,
-            Resize,
-        )
-
         p = self.profile
         x = torch.from_numpy((stack.astype(np.float32) - self.lo) / (self.hi - self.lo))  # (K, *spatial) in [0, 1]
         if self.bias is not None:

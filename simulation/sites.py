@@ -12,7 +12,9 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from flwr.app import Context
 
+from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit, DatasetSplits, SiteData, load_dataset
 from medflower.simulation.partition import PartitionPlan, plan_partition
@@ -28,6 +30,22 @@ def site_names(num_sites: int) -> list[str]:
 def build_sites(exp: ExperimentConfig) -> list[SiteData]:
     """Deterministic in ``exp.seed``: the same experiment gives the same sites in every process."""
     return _build(exp.to_json())
+
+
+def load_partition(context: Context, exp: ExperimentConfig) -> SiteData:
+    """The simulated site a node plays: ``node_config["partition-id"]`` indexes :func:`build_sites`."""
+    nc = context.node_config
+    if keys.NODE_PARTITION_ID not in nc:
+        raise ValueError(
+            f"this is the simulation's ClientApp (medflower.simulation.clientapp:app): node config has no "
+            f"{keys.NODE_PARTITION_ID!r} (which simulated site to play); a hospital's node with "
+            f"{keys.NODE_SITE_CONFIG!r} runs the hospital ClientApp, medflower.client.app:app"
+        )
+    sites = build_sites(exp)
+    pid = int(nc[keys.NODE_PARTITION_ID])
+    if not 0 <= pid < len(sites):
+        raise ValueError(f"partition-id {pid} is out of range: the experiment has {len(sites)} sites")
+    return sites[pid]
 
 
 def partition_plan(exp: ExperimentConfig, ds: DatasetSplits | None = None) -> PartitionPlan:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-    os.environ.setdefault(_k, _v)
+from medflower.runenv import quiet_flower_env
+
+quiet_flower_env()
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,9 @@
 """Checkpoints and the participation policy, with the real ClientApp called in-process.
 
-``InlineGrid`` delivers each Message by calling ``medflower.client.app`` directly (no Flower runtime), so a
-"coordinator crash" is an exception at a chosen round and a "dropped site" a node that never
-answers. The deployed version of the same scenarios is in tests/test_deploy_netns.py.
+``InlineGrid`` delivers each Message by calling the simulation's ClientApp
+(``medflower.simulation.clientapp``) directly (no Flower runtime), so a "coordinator crash" is an
+exception at a chosen round and a "dropped site" a node that never answers. The deployed version of
+the same scenarios is in tests/test_deploy_netns.py.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from medflower import keys
-from medflower.client import app as client_app
 from medflower.config import ConfigError, ParticipationConfig, quickstart_experiment
 from medflower.server import checkpoint as ck
 from medflower.server.app import run_server
 from medflower.server.loop import History, RoundAborted, RoundRecord
 from medflower.server.participation import relax_availability, wait_for_sites
+from medflower.simulation.clientapp import app as simulation_app
 
 
 class Crash(RuntimeError):
@@ -64,8 +65,7 @@ class InlineGrid:
             self.sent.append((rnd, msg.metadata.message_type, nid))
             if nid in self.silent_from and rnd >= self.silent_from[nid]:
                 continue
-            fn = client_app.train if msg.metadata.message_type == "train" else client_app.evaluate_
-            replies.append(fn(msg, self.contexts[nid]))
+            replies.append(simulation_app(msg, self.contexts[nid]))
         return replies
 
 

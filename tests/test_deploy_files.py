@@ -71,6 +71,8 @@ def test_compose_runs_one_coordinator_and_three_hospitals_like_the_lab() -> None
         assert flags["--coordinator"] == f"coordinator:{port}"  # the service name; in the certificate (README)
         assert flags["--key"] == f"/node/hospital-{i}.key"
         assert runners[f"hospital-{i}"]["depends_on"] == ["coordinator"]
+        # the hospital's choice of code (deploy/README.md): empty unless the operator sets it
+        assert flags["--trusted-entities"] == "${MEDFLOWER_TRUSTED_ENTITIES:-}", f"hospital-{i}"
 
 
 @pytest.mark.parametrize("script", ["start-coordinator.sh", "start-hospital.sh"])
@@ -98,6 +100,10 @@ def test_dockerfile_copies_every_package_pip_installs() -> None:
     packages = set(pyproject["tool"]["setuptools"]["package-dir"].values())
     assert packages <= copied, packages - copied
     assert pyproject["project"]["readme"] in copied
+    # `flwr run .` in the admin container bundles /opt/medflower: its components must be there
+    for ref in pyproject["tool"]["flwr"]["app"]["components"].values():
+        top = ref.split(":")[0].split(".")[0]
+        assert top in copied or f"{top}.py" in copied, ref
     # the compose commands are relative to WORKDIR, where deploy/ is copied
     workdir = re.search(r"^WORKDIR (\S+)", text, re.M).group(1)
     assert "COPY deploy ./deploy" in text and workdir == "/opt/medflower"

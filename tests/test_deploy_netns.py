@@ -12,6 +12,7 @@ federation is shared by the module and the experiment is tiny. Skips without roo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -21,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.cli.build import build_fab_from_disk
 
-from medflower.deploy.lab import Lab, LabError, netns_unavailable_reason, wait_for
+from medflower import __version__
+from medflower.deploy.lab import REPO, Lab, LabError, netns_unavailable_reason, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -148,6 +151,65 @@ def test_unregistered_node_is_refused(lab: Lab) -> None:
     node_id = json.loads(res.stdout[res.stdout.index("{") :])["node-id"]
     lab.run(lab.coord_ns, ["flwr", "supernode", "unregister", str(node_id), "medflower"], home=lab.admin_home)
     assert str(node_id) not in {str(n.get("node-id")) for n in _nodes(lab) if n.get("status") != "unregistered"}
+
+
+def _trusted_entities(path: Path) -> Path:
+    """A publisher the hospital trusts (Flower's format): an Ed25519 key that signed nothing sent here."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    key = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"fpk_trusted_reviewer: '{key.decode()} reviewer'\n")
+    return path
+
+
+def test_a_hospital_trusting_only_signed_apps_runs_nothing_the_coordinator_sends(lab: Lab) -> None:
+    """deploy/README.md, "Which code runs at your hospital": ``--trusted-entities`` refuses an unsigned bundle.
+
+    ``flwr run .`` sends a bundle built from a checkout, which carries no signature: the node answers
+    each instruction with Flower's FAB verification error, never unpacks the bundle, and the run
+    goes on with the other hospitals.
+    """
+    site = lab.add_site_namespace("hospital-4")
+    lab.node_key(site)
+    res = lab.run(
+        lab.coord_ns,
+        ["flwr", "supernode", "register", str(site.pub), "medflower", "--name", site.name, "--format", "json"],
+        home=lab.admin_home,
+    )
+    node_id = int(json.loads(res.stdout[res.stdout.index("{") :])["node-id"])
+    site_yaml = lab.root / "hospital-4-site.yaml"  # hospital-1's export folder, under its own name
+    site_yaml.write_text("name: hospital-4\ntask: classification\ndata:\n  kind: folders\n  path: hospital-1-export\n")
+    proc = lab.start_hospital(site, site_yaml, trusted_entities=_trusted_entities(site.dir / "trusted-entities.yaml"))
+    try:
+        wait_for(
+            lambda: any(int(n["node-id"]) == node_id and n.get("status") == "online" for n in _nodes(lab)),
+            timeout=120,
+            interval=2.0,
+            what="hospital-4 to come online",
+            lab=lab,
+        )
+        out = lab.root / "run-trusted"
+        run_id = lab.flwr_run({"experiment": str(_experiment(lab.root, "deploy-trusted", 1)), "output-dir": str(out)})
+        (rnd,) = _summary(out, lab, run_id)["rounds"]
+        assert sorted(rnd["sites_train"]) == ["hospital-1", "site-1", "site-2"], rnd
+        refused = [f for f in rnd["failures"] if int(f["node_id"]) == node_id]
+        assert refused and "could not be verified" in refused[0]["reason"], rnd["failures"]
+        assert "The FAB could not be verified" in proc.log.read_text(errors="replace")
+        apps = site.dir / "flwr-home" / "apps"  # where a ClientApp process unpacks the bundle it runs
+        assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
+        # a hospital that accepts it runs the bundle of the administrator's checkout: the same bytes
+        # as `flwr build` of those files (deploy/README.md: how to see which bundle ran)
+        fab_hash = hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()[:8]
+        ran = [p.name for p in (lab.sites[0].dir / "flwr-home" / "apps").iterdir()]
+        assert f"medflower.medflower.{__version__}.{fab_hash}" in ran, (ran, fab_hash)
+        wait_for(lambda: lab.run_status(run_id) == "finished:completed", timeout=60, what="run status", lab=lab)
+    finally:  # the next test expects the three hospitals only
+        if proc.alive():
+            os.killpg(proc.popen.pid, signal.SIGTERM)
+            proc.popen.wait(timeout=30)
+        lab.run(lab.coord_ns, ["flwr", "supernode", "unregister", str(node_id), "medflower"], home=lab.admin_home)
 
 
 def _nodes(lab: Lab) -> list[dict]:

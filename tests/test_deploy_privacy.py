@@ -1,9 +1,10 @@
 """What a hospital node sends: model arrays and scalar metrics only (plus its public site name).
 
 The hospital's data here are real DICOM files whose tags and paths carry identifying strings
-(patient name, MRN, institution, a patient-named folder). The ClientApp's train and evaluate
-functions are called as Flower calls them, and every record of every reply is inspected: record
-names, keys, types, shapes and sizes, and the serialized bytes are searched for the identifiers.
+(patient name, MRN, institution, a patient-named folder), named by the hospital's site YAML. The
+hospital ClientApp (``medflower.client.app:app``) is called as Flower calls it, and every record of
+every reply is inspected: record names, keys, types, shapes and sizes, and the serialized bytes are
+searched for the identifiers.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from medflower import keys
-from medflower.client import app as client_app
+from medflower.client.app import app as hospital_app
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 
@@ -70,12 +72,16 @@ def dicom_site(tmp_path_factory: pytest.TempPathFactory) -> ExperimentConfig:
 
 
 def _context(exp: ExperimentConfig) -> Context:
+    """A hospital's node: its site YAML names the export folder (preparation comes from ``exp``)."""
+    site = Path(str(exp.data.path)).parent / "site.yaml"
+    data = {"kind": "folders", "path": exp.data.path, "val_fraction": 0.25, "test_fraction": 0.25}
+    site.write_text(yaml.safe_dump({"name": "hospital-a", "task": "classification", "data": data}))
     return Context(
         run_id=1,
         node_id=7,
         state=RecordDict(),
         run_config={},
-        node_config={keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: 1},
+        node_config={keys.NODE_SITE_CONFIG: str(site)},
     )
 
 
@@ -129,7 +135,7 @@ def _check_reply(reply: Message, exp: ExperimentConfig, *, with_arrays: bool) ->
 
 
 def test_train_reply_holds_only_the_model_and_scalars(dicom_site, flower_identity) -> None:
-    reply = client_app.train(_instruction(dicom_site, "train"), _context(dicom_site))
+    reply = hospital_app(_instruction(dicom_site, "train"), _context(dicom_site))
     assert not reply.has_error()
     _check_reply(reply, dicom_site, with_arrays=True)
     # the identifiers really were in the data the site read (the test could fail)
@@ -139,7 +145,7 @@ def test_train_reply_holds_only_the_model_and_scalars(dicom_site, flower_identit
 
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_evaluate_reply_holds_only_scalars(dicom_site, flower_identity, split: str) -> None:
-    reply = client_app.evaluate_(_instruction(dicom_site, "evaluate", split), _context(dicom_site))
+    reply = hospital_app(_instruction(dicom_site, "evaluate", split), _context(dicom_site))
     assert not reply.has_error()
     _check_reply(reply, dicom_site, with_arrays=False)
     assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] > 0

@@ -141,6 +141,44 @@ def test_hospital_checks_then_runs_supernode_with_site_config(shims, tmp_path: P
     assert node["env"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
 
 
+def _hospital(shims, *extra: str):
+    return shims(
+        "start-hospital.sh",
+        "--coordinator",
+        "c:1",
+        "--ca",
+        "ca.crt",
+        "--key",
+        "k",
+        "--node-config",
+        "partition-id=0 num-partitions=3",
+        "--no-check",
+        *extra,
+    )
+
+
+def test_hospital_runs_only_signed_app_bundles_when_it_names_trusted_entities(shims, tmp_path: Path) -> None:
+    """deploy/README.md, "Which code runs at your hospital": Flower's --trusted-entities, or its default."""
+    (tmp_path / "trust").mkdir()
+    (tmp_path / "trust" / "entities.yaml").write_text("fpk_x: ssh-ed25519 AAAA\n")
+    res, calls = _hospital(shims, "--trusted-entities", "trust/entities.yaml")
+    assert res.returncode == 0, res.stderr
+    (node,) = calls
+    assert node["argv"][0] == "flower-supernode"
+    # absolute: the node's working directory is not the hospital's
+    assert node["argv"][-2:] == ["--trusted-entities", str(tmp_path / "trust" / "entities.yaml")]
+    for default in ([], ["--trusted-entities", ""]):  # empty (compose's default) = Flower's default
+        res, calls = _hospital(shims, *default)
+        assert res.returncode == 0, res.stderr
+        assert "--trusted-entities" not in calls[0]["argv"], default
+
+
+def test_hospital_refuses_a_missing_trusted_entities_file(shims) -> None:
+    res, calls = _hospital(shims, "--trusted-entities", "nowhere.yaml")
+    assert res.returncode == 2 and calls == []
+    assert "--trusted-entities nowhere.yaml: file not found" in res.stderr
+
+
 def test_hospital_does_not_start_when_its_check_fails(shims, tmp_path: Path) -> None:
     res, calls = shims(
         "start-hospital.sh",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from medflower.runenv import FLOWER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -42,11 +44,8 @@ def test_flwr_run_local_simulation(tmp_path: Path) -> None:
     http_port, control_port = _free_port(), _free_port()
     env = {
         **os.environ,
+        **FLOWER_ENV,
         "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
     }

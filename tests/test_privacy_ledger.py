@@ -9,10 +9,10 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from medflower import keys
-from medflower.client import app as client_app
 from medflower.client.privacy import PrivacyLedger, RoundPrivacy, load_ledger, site_plan
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
+from medflower.simulation.clientapp import app as simulation_app
 from medflower.simulation.sites import build_sites
 
 DELTA = 1e-5
@@ -60,7 +60,7 @@ def test_reported_epsilon_equals_dp_accounting_and_grows(flower_identity) -> Non
     ctx = _context()
     eps = []
     for rnd in (1, 2, 3):
-        m = client_app.train(_message(exp, rnd), ctx).content[keys.METRICS]
+        m = simulation_app(_message(exp, rnd), ctx).content[keys.METRICS]
         assert m[keys.DP_STEPS] == rnd * plan.steps_per_round  # the run-long history, not one round's
         assert m[keys.DP_NOISE_MULTIPLIER] == plan.noise_multiplier  # one sigma, planned for the whole run
         ref = _independent_epsilon(plan.sample_rate, plan.noise_multiplier, int(m[keys.DP_STEPS]))
@@ -75,16 +75,16 @@ def test_reported_epsilon_equals_dp_accounting_and_grows(flower_identity) -> Non
 def test_restarted_client_continues_its_ledger(flower_identity, tmp_path: Path) -> None:
     exp = _exp()
     plan = site_plan(exp, site="site-0", num_train=len(build_sites(exp)[0].train))
-    client_app.train(_message(exp, 1), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)}))
+    simulation_app(_message(exp, 1), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)}))
     assert (tmp_path / "privacy-ledger-site-0.json").is_file()
     # the node restarts: Flower's context.state is gone, the checkpoint folder is not
-    m = client_app.train(_message(exp, 2), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)})).content[keys.METRICS]
+    m = simulation_app(_message(exp, 2), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)})).content[keys.METRICS]
     assert m[keys.DP_STEPS] == 2 * plan.steps_per_round
     assert m[keys.DP_EPSILON] == pytest.approx(
         _independent_epsilon(plan.sample_rate, plan.noise_multiplier, 2 * plan.steps_per_round), rel=0.01
     )
     # without the checkpoint, a restarted node would have started over (what the ledger prevents)
-    fresh = client_app.train(_message(exp, 2), _context()).content[keys.METRICS]
+    fresh = simulation_app(_message(exp, 2), _context()).content[keys.METRICS]
     assert fresh[keys.DP_STEPS] == plan.steps_per_round and fresh[keys.DP_EPSILON] < m[keys.DP_EPSILON]
 
 
@@ -102,7 +102,7 @@ def test_site_refuses_when_the_next_round_would_exceed_its_budget(flower_identit
     # fixed noise: the budget is a cap; 0.5 is below what one round spends at sigma=0.8
     exp = _exp(noise_multiplier=0.8, target_epsilon=0.5)
     ctx = _context()
-    reply = client_app.train(_message(exp, 1), ctx)
+    reply = simulation_app(_message(exp, 1), ctx)
     m = reply.content[keys.METRICS]
     assert m[keys.DP_EXHAUSTED] == 1 and m[keys.NUM_EXAMPLES] == 0 and m[keys.DP_EPSILON] == 0.0
     assert m[keys.DP_EPSILON_NEXT] > 0.5

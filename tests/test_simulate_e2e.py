@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from medflower.runenv import FLOWER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
 def test_quickstart_learns_through_flower(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **FLOWER_ENV, "PYTHONPATH": str(REPO)}  # this checkout's medflower, run elsewhere
     proc = subprocess.run(
         [sys.executable, "-m", "medflower.cli", "simulate", "-o", str(out)],
         cwd=tmp_path,

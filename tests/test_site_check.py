@@ -239,7 +239,7 @@ def test_deployed_client_trains_on_its_site_yaml(shared_data: Path, tmp_path: Pa
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
     from medflower import keys
-    from medflower.client import app as client_app
+    from medflower.client.app import app as hospital_app
     from medflower.modelspec import build_experiment_model
 
     root = tmp_path / "hospital"
@@ -284,11 +284,11 @@ def test_deployed_client_trains_on_its_site_yaml(shared_data: Path, tmp_path: Pa
         dst_node_id=1,
         message_type="train",
     )
-    reply = client_app.train(msg, ctx)
+    reply = hospital_app(msg, ctx)
     assert reply.content[keys.SITE][keys.SITE_NAME] == "st-elsewhere"
     assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 4  # 6 images: 1 val, 1 test, 4 train
     cfg_ev = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1, keys.EVAL_SPLIT: "test"})
-    ev = client_app.evaluate_(
+    ev = hospital_app(
         Message(
             content=RecordDict({keys.ARRAYS: reply.content[keys.ARRAYS], keys.CONFIG: cfg_ev}),
             dst_node_id=1,

@@ -15,7 +15,6 @@ from roundkit import configure, run_round, screen
 from torch import nn
 
 from medflower import keys
-from medflower.client import app as client_app
 from medflower.client.strategy_hooks import SiteStrategy
 from medflower.client.train import LocalHooks, TrainStats, make_loader, train_epochs
 from medflower.config import ConfigError, load_experiment, quickstart_experiment
@@ -26,6 +25,7 @@ from medflower.server.build import build_round, build_strategy
 from medflower.server.loop import RoundAborted, aggregate_evaluate, aggregate_train, run_rounds
 from medflower.server.screens import spec_of
 from medflower.simulation.attack import poison
+from medflower.simulation.clientapp import app as simulation_app
 from medflower.simulation.inprocess import InProcessGrid
 from medflower.strategies.methods.ditto import DITTO_EPOCHS, DITTO_LAMBDA, DITTO_LR, STATE_PERSONAL
 from medflower.strategies.methods.fedbn import LOCAL_KEYS, STATE_LOCAL
@@ -376,7 +376,7 @@ def test_fedbn_site_keeps_its_norm_layers(flower_identity):
     assert norm
     ctx = _context(0, exp)
     cfg = {LOCAL_KEYS: norm}
-    reply = client_app.train(_message(exp, model, config=cfg), ctx)
+    reply = simulation_app(_message(exp, model, config=cfg), ctx)
     sent = set(reply.content[keys.ARRAYS].keys())
     assert sent.isdisjoint(norm) and sent | set(norm) == set(model.state_dict())
     kept = {k: a.numpy() for k, a in ctx.state[STATE_LOCAL].items()}
@@ -396,16 +396,16 @@ def test_ditto_site_keeps_a_personal_model_and_reports_both(flower_identity):
     model = build_experiment_model(exp)
     cfg = {DITTO_LAMBDA: 0.1, DITTO_EPOCHS: 1, DITTO_LR: 0.003}
     ctx = _context(1, exp)
-    reply = client_app.train(_message(exp, model, config=cfg), ctx)
+    reply = simulation_app(_message(exp, model, config=cfg), ctx)
     assert STATE_PERSONAL in ctx.state
     assert math.isfinite(reply.content[keys.METRICS][f"personal-{keys.TRAIN_LOSS}"])
-    ev = client_app.evaluate_(_message(exp, model, kind="evaluate", config=cfg), ctx)
+    ev = simulation_app(_message(exp, model, kind="evaluate", config=cfg), ctx)
     m = ev.content[keys.METRICS]
     assert {"val-accuracy", "personal-val-accuracy", "personal-val-auc", f"personal-{keys.EVAL_LOSS}"} <= set(m)
     assert m[f"personal-{keys.EVAL_LOSS}"] != m[keys.EVAL_LOSS]  # the personal model is another model
 
 
-def test_sign_flip_attack_formula_and_deployed_nodes_ignore_it(flower_identity):
+def test_sign_flip_attack_formula_and_only_named_sites_are_poisoned(flower_identity):
     g = arrays_of({"w": np.array([1.0, 2.0], np.float32), "n": np.array(3, np.int64)})
     local = arrays_of({"w": np.array([1.5, 1.0], np.float32), "n": np.array(4, np.int64)})
     out = numpy_of(poison(local, g, AttackConfig(kind="sign_flip", sites=("site-0",), scale=10.0)))
@@ -413,9 +413,9 @@ def test_sign_flip_attack_formula_and_deployed_nodes_ignore_it(flower_identity):
     assert out["n"] == 4
     exp = replace(exp_with("fedavg"), attack=AttackConfig(kind="nonfinite", sites=("site-0",)))
     model = build_experiment_model(exp)
-    simulated = client_app.train(_message(exp, model), _context(0, exp))
+    simulated = simulation_app(_message(exp, model), _context(0, exp))
     assert any(not np.isfinite(a.numpy()).all() for a in simulated.content[keys.ARRAYS].values())
-    other_site = client_app.train(_message(exp, model), _context(1, exp))
+    other_site = simulation_app(_message(exp, model), _context(1, exp))
     assert all(np.isfinite(a.numpy()).all() for a in other_site.content[keys.ARRAYS].values())
 
 
@@ -424,12 +424,12 @@ def test_scaffold_site_state_persists_between_rounds(flower_identity):
     model = build_experiment_model(exp)
     c = ArrayRecord({n: torch.zeros_like(p) for n, p in model.named_parameters()})
     ctx = _context(0, exp)
-    r1 = client_app.train(_message(exp, model, extra={SCAFFOLD_C: c}), ctx)
+    r1 = simulation_app(_message(exp, model, extra={SCAFFOLD_C: c}), ctx)
     ci1 = numpy_of(ctx.state[STATE_CI])
     dc1 = numpy_of(r1.content[SCAFFOLD_DC])
     for k in ci1:
         np.testing.assert_allclose(ci1[k], dc1[k], rtol=1e-6)  # c_i started at zero
-    client_app.train(_message(exp, model, extra={SCAFFOLD_C: c}), ctx)
+    simulation_app(_message(exp, model, extra={SCAFFOLD_C: c}), ctx)
     assert any(not np.allclose(numpy_of(ctx.state[STATE_CI])[k], ci1[k]) for k in ci1)
 
 

@@ -12,10 +12,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from medflower.client.app import app as client_app
 from medflower.config import quickstart_experiment
 from medflower.config.attack import AttackConfig
 from medflower.config.strategy import StrategyConfig
+from medflower.simulation.clientapp import app as simulation_app
 from medflower.simulation.inprocess import InProcessGrid, simulate_inprocess
 from medflower.strategies.methods.ditto import STATE_PERSONAL
 from medflower.strategies.methods.fedbn import STATE_LOCAL
@@ -45,7 +45,7 @@ def _finite(d: dict) -> bool:
 @pytest.mark.parametrize("name, state_key", [("scaffold", STATE_CI), ("fedbn", STATE_LOCAL), ("ditto", STATE_PERSONAL)])
 def test_strategies_flower_lacks_run_end_to_end(name, state_key, tmp_path, flower_identity):
     exp = small(name)
-    grid = InProcessGrid(client_app, num_sites=exp.partition.num_sites)
+    grid = InProcessGrid(simulation_app, num_sites=exp.partition.num_sites)
     summary = simulate_inprocess(exp, tmp_path, grid=grid)
     assert len(summary["rounds"]) == 2 and all(r["aggregated"] and not r["failures"] for r in summary["rounds"])
     assert _finite(summary["final_global_test"]) and summary["final_global_test"]["accuracy"] is not None

@@ -1,23 +1,37 @@
-"""The domain-shift simulator's subcommands: ``medflower partition`` and ``medflower compare``.
-
-Registered by :func:`medflower.cli.build_parser`; the implementations are imported lazily so that
-``medflower --help`` stays fast.
-"""
+"""The simulator's subcommands: ``medflower simulate``, ``medflower partition`` and ``medflower compare``."""
 
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
+from medflower.config import load_experiment, quickstart_experiment
+from medflower.runenv import default_output_dir
+from medflower.simulation.report import print_summary
 
-def _out_dir(args: argparse.Namespace, name: str, what: str) -> Path:
-    return Path(args.output) if args.output else Path("runs") / f"{name}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+def _out_dir(args: argparse.Namespace, name: str, *what: str) -> Path:
+    return Path(args.output) if args.output else default_output_dir(name, *what)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from medflower.simulation.runner import simulate  # here, not at the top: Flower and torch (--help speed)
+
+    exp = load_experiment(args.experiment) if args.experiment else quickstart_experiment()
+    out = _out_dir(args, exp.name)
+    print(
+        f"medflower: simulating {exp.name!r}: {exp.partition.num_sites} sites, {exp.train.rounds} rounds, "
+        f"model {exp.model.name}, strategy {exp.strategy.name}; results in {out}/",
+        flush=True,
+    )
+    summary = simulate(exp, out, verbose=args.verbose)
+    print_summary(summary)
+    print(f"\nsummary: {out / 'summary.json'}")
+    return 0
 
 
 def _partition(args: argparse.Namespace) -> int:
-    from medflower.config import load_experiment
-    from medflower.simulation.preview import preview
+    from medflower.simulation.preview import preview  # here, not at the top: torch (--help speed)
 
     exp = load_experiment(args.experiment)
     preview(
@@ -27,18 +41,27 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from medflower.config import load_experiment
-    from medflower.simulation.compare import run_compare
+    from medflower.simulation.compare import run_compare  # here, not at the top: torch (--help speed)
 
     exp = load_experiment(args.experiment)
-    out = _out_dir(args, exp.name, "compare")
     run_compare(
-        exp, out, verbose=args.verbose, federated=not args.no_federated, identifiability=not args.no_identifiability
+        exp,
+        _out_dir(args, exp.name, "compare"),
+        verbose=args.verbose,
+        federated=not args.no_federated,
+        identifiability=not args.no_identifiability,
     )
     return 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register ``simulate``, ``partition`` and ``compare``."""
+    p = sub.add_parser("simulate", help="simulate a federation of hospitals on this machine")
+    p.add_argument("experiment", nargs="?", help="experiment YAML (default: the embedded quick start)")
+    p.add_argument("--output", "-o", help="output folder (default: runs/<name>-<time>)")
+    p.add_argument("--verbose", action="store_true", help="show the clients' logs")
+    p.set_defaults(func=_simulate)
+
     p = sub.add_parser(
         "partition",
         help="preview the simulated hospitals of an experiment (no training)",

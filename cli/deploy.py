@@ -1,19 +1,15 @@
-"""``medflower deploy ...`` and ``medflower node check``: the deployment subcommands.
-
-Kept out of medflower/cli.py so that the shared CLI only registers them (two lines) and imports
-nothing heavy for ``--help``.
-"""
+"""``medflower deploy ...`` and ``medflower node check``: the deployment subcommands."""
 
 from __future__ import annotations
 
 import argparse
 
+from cryptography import x509
+
+from medflower.deploy.certs import describe_cert, make_federation_certs, make_node_key
+
 
 def _certs(args: argparse.Namespace) -> int:
-    from cryptography import x509
-
-    from medflower.deploy.certs import describe_cert, make_federation_certs
-
     res = make_federation_certs(
         args.out, names=args.name or [], ips=args.ip or [], days=args.days, ca_days=args.ca_days
     )
@@ -28,8 +24,6 @@ def _certs(args: argparse.Namespace) -> int:
 
 
 def _node_key(args: argparse.Namespace) -> int:
-    from medflower.deploy.certs import make_node_key
-
     res = make_node_key(args.out, site=args.site, overwrite=args.overwrite)
     print(f"private key: {res.private_key} (stays on this machine)")
     print(f"public key:  {res.public_key} (send it to the federation's administrator)")
@@ -37,7 +31,7 @@ def _node_key(args: argparse.Namespace) -> int:
 
 
 def _connection(args: argparse.Namespace) -> int:
-    from medflower.deploy.flwr_connection import add_connection
+    from medflower.deploy.flwr_connection import add_connection  # here, not at the top: Flower's CLI (--help speed)
 
     path = add_connection(name=args.name, address=args.address, ca_cert=args.ca, make_default=not args.no_default)
     print(f"wrote connection {args.name!r} ({args.address}) to {path}")
@@ -45,7 +39,7 @@ def _connection(args: argparse.Namespace) -> int:
 
 
 def _node_check(args: argparse.Namespace) -> int:
-    from medflower.deploy.nodecheck import report, run_checks
+    from medflower.deploy.nodecheck import report, run_checks  # here, not at the top: torch, Flower (--help speed)
 
     node_config = args.node_config or (f"site-config='{args.site_config}'" if args.site_config else "")
     return report(
