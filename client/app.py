@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import replace
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -38,7 +37,6 @@ from medflower.client.site import load_site_data
 from medflower.client.strategy_hooks import SiteStrategy
 from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
-from medflower.config.attack import AttackConfig
 from medflower.data import SiteData
 from medflower.modelspec import build_experiment_model
 from medflower.tasks import evaluate, inference_roi
@@ -95,10 +93,7 @@ def build_client_app(
         site = load_site(context, exp)
         model = build_experiment_model(exp)
         model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
-        # the strategy's client half (FedProx, SCAFFOLD, ...). It never sees the attack section: the
-        # simulation applies an attack through transform_update (strategy_hooks' own attack branch,
-        # which is being removed, must not poison a second time)
-        local = SiteStrategy.for_message(msg, context, replace(exp, attack=AttackConfig()), model)
+        local = SiteStrategy.for_message(msg, context, exp, model)  # the method's site half (FedProx, SCAFFOLD, ...)
         server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
         seed = (
             exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97

@@ -5,8 +5,8 @@ model zoo (:mod:`medflower.models`), task metrics (:mod:`medflower.metrics`), th
 schema and method registry (:mod:`medflower.config`, :mod:`medflower.methods`), message keys
 (:mod:`medflower.keys`) and data loaders (:mod:`medflower.data`). It imports none of the layers
 above it. The layers install as ``medflower.server``, ``medflower.client``,
-``medflower.strategies``, ``medflower.simulation`` and ``medflower.deploy``; ``server`` and
-``client`` never import each other.
+``medflower.strategies``, ``medflower.simulation``, ``medflower.deploy`` and ``medflower.cli``;
+``server`` and ``client`` never import each other.
 
 Why ``__path__`` is extended below: the repository keeps those layers as top-level folders
 (``server/``, ``client/``, ...) and setuptools maps them under ``medflower`` when it installs.
@@ -23,7 +23,7 @@ from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
-LAYERS = ("server", "client", "strategies", "simulation", "deploy")
+LAYERS = ("strategies", "client", "server", "simulation", "deploy", "cli")  # bottom to top
 
 
 def _project_root() -> _Path | None:

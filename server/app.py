@@ -24,6 +24,7 @@ import medflower._preload  # noqa: F401  (before any MONAI import: see its docst
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
 from medflower.modelspec import build_experiment_model
+from medflower.runenv import default_output_dir
 from medflower.server.build import build_round
 from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
 from medflower.server.loop import History, RoundAborted, run_rounds
@@ -40,7 +41,7 @@ def experiment_from_run_config(context: Context) -> ExperimentConfig:
 
 def output_dir_from_run_config(context: Context, exp: ExperimentConfig) -> Path:
     out = str(context.run_config.get(keys.RUN_OUTPUT, "") or "")
-    return Path(out) if out else Path("runs") / f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(out) if out else default_output_dir(exp.name)
 
 
 def checkpoint_dir_from_run_config(context: Context, out_dir: Path) -> Path:

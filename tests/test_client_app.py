@@ -8,6 +8,7 @@ simulated partitions and attacks) and the ``flwr run`` component that picks one 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import subprocess
 import sys
@@ -25,9 +26,11 @@ from medflower.client.app import REFUSED, build_client_app
 from medflower.client.app import app as hospital_app
 from medflower.config import quickstart_experiment
 from medflower.config.attack import AttackConfig
+from medflower.config.strategy import StrategyConfig
 from medflower.modelspec import build_experiment_model
 from medflower.simulation.clientapp import app as simulation_app
 from medflower.simulation.sites import build_sites, load_partition
+from medflower.strategies.methods.fedbn import LOCAL_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,9 +150,9 @@ def test_transform_update_sees_what_the_strategy_would_send(flower_identity) -> 
         return ArrayRecord({k: a for k, a in arrays.items() if k != "never"})
 
     app = build_client_app(load_site=load_partition, transform_update=transform)
-    exp = _exp(epochs=1)
+    exp = dataclasses.replace(_exp(epochs=1), strategy=StrategyConfig(name="fedbn"))  # the method sets the half
     local_keys = [k for k in build_experiment_model(exp).state_dict() if ".1." in k]
-    reply = app(_message(exp, "train", {keys.LOCAL_KEYS: local_keys}), _context(2, exp))
+    reply = app(_message(exp, "train", {LOCAL_KEYS: local_keys}), _context(2, exp))
     assert seen["site"] == "site-2"
     assert seen["keys"] == set(reply.content[keys.ARRAYS].keys()) and seen["keys"].isdisjoint(local_keys)
     assert seen["global_keys"] >= set(local_keys)

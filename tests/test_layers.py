@@ -37,10 +37,7 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 }
 # Violations in modules this branch does not own, each with the change that removes it. strict:
 # when the import goes, the test XPASSes and fails, so the entry is deleted with the fix.
-KNOWN: dict[str, str] = {
-    "client/strategy_hooks.py": "imports medflower.simulation.attack (the attack branch of SiteStrategy.after_train; "
-    "the simulation's ClientApp now applies attacks through build_client_app(transform_update=...))",
-}
+KNOWN: dict[str, str] = {}
 
 
 def module_name(rel: Path) -> str:

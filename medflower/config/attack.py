@@ -1,8 +1,9 @@
 """``attack:`` — SIMULATION-ONLY research switch: chosen simulated sites send poisoned updates.
 
 It exists to measure how robust an aggregation strategy is (see ``bench/strategies.py --attack``).
-Only a simulated site (``node_config["partition-id"]``) ever applies it; a deployed hospital node
-ignores it with a warning, so a coordinator's config can never make a real site sabotage a run.
+Only the simulation's ClientApp applies it; a deployed hospital node refuses an experiment that
+asks for it (before any work, naming the rule), so a coordinator's config can never make a real site
+sabotage a run.
 See :mod:`medflower.simulation.attack`.
 """
 
