@@ -64,7 +64,8 @@ def main() -> None:
             )
     print(f"\nexperiment: {exp_path.relative_to(REPO) if exp_path.is_relative_to(REPO) else exp_path}")
     print(
-        "\n| seed | final test AUC | final test ACC | selected round | selected test AUC | selected test ACC | wall (s) |"
+        "\n| seed | final test AUC | final test ACC | selected round | selected test AUC | selected test ACC "
+        "| wall (s) |"
     )
     print("|---|---|---|---|---|---|---|")
     for seed, auc, acc, sauc, sacc, srnd, wall in rows:

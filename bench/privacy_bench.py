@@ -154,7 +154,7 @@ def utility(model: str, eps_list: list[float | None], seeds: list[int]) -> None:
                 "wall_seconds": round(time.time() - t0, 1),
             }
             RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(_load() + [row], indent=1))
+            RESULTS.write_text(json.dumps([*_load(), row], indent=1))
             print(json.dumps(row), flush=True)
 
 

@@ -233,7 +233,7 @@ def report(args) -> None:
         a0 = attack[0]
         print(
             f"Poisoning: {a0['dataset']}, 5 sites, Dirichlet alpha {a0['alpha']}, {a0['rounds']} rounds; site-0 "
-            f"sends `global - {a0['attack_scale'] or [r['attack_scale'] for r in attack if r['attack_scale']][0]}"
+            f"sends `global - {a0['attack_scale'] or next(r['attack_scale'] for r in attack if r['attack_scale'])}"
             " * (local - global)` every round. Final global test, mean ± sd over seeds "
             f"{sorted({r['seed'] for r in attack})}.\n"
         )
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         report(args)
         return 0
-    for d in args.datasets + [args.attack_dataset]:
+    for d in [*args.datasets, args.attack_dataset]:
         if not (DATA / f"{d}.npz").is_file():
             print(f"bench/strategies.py: {DATA / f'{d}.npz'} not found (set MEDFLOWER_SHARED_DATA)", file=sys.stderr)
             return 2

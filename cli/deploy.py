@@ -54,7 +54,7 @@ def _node_check(args: argparse.Namespace) -> int:
     )
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``deploy`` (certs, node-key, connection) and ``node`` (check)."""
     dp = sub.add_parser("deploy", help="set up a real federation: certificates, node keys, CLI connection")
     dsub = dp.add_subparsers(dest="deploy_command", required=True)

@@ -54,7 +54,7 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``simulate``, ``partition`` and ``compare``."""
     p = sub.add_parser("simulate", help="simulate a federation of hospitals on this machine")
     p.add_argument("experiment", nargs="?", help="experiment YAML (default: the embedded quick start)")

@@ -11,7 +11,7 @@ def _check(args: argparse.Namespace) -> int:
     return run_check(args.site, args.experiment)
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``site check``."""
     p = sub.add_parser("site", help="a hospital's own data (site YAML)")
     site_sub = p.add_subparsers(dest="site_command", required=True)

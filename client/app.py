@@ -21,7 +21,7 @@ This module imports no simulation code: a hospital node never loads it.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -30,7 +30,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
-from medflower import keys
+from medflower import keys, records
 from medflower.client.augment import make_augment
 from medflower.client.privacy import RoundPrivacy, client_dp_mod
 from medflower.client.site import load_site_data
@@ -58,8 +58,10 @@ def experiment_of(msg: Message) -> ExperimentConfig:
     return ExperimentConfig.from_json(str(cfg[keys.EXPERIMENT]))
 
 
-def _reply(msg: Message, site_name: str, metrics: dict[str, float | int], arrays: ArrayRecord | None) -> Message:
-    content = RecordDict({keys.METRICS: MetricRecord(metrics), keys.SITE: ConfigRecord({keys.SITE_NAME: site_name})})
+def _reply(msg: Message, site_name: str, metrics: Mapping[str, float | int], arrays: ArrayRecord | None) -> Message:
+    content = RecordDict(
+        {keys.METRICS: MetricRecord(dict(metrics)), keys.SITE: ConfigRecord({keys.SITE_NAME: site_name})}
+    )
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     return Message(content=content, reply_to=msg)
@@ -92,9 +94,10 @@ def build_client_app(
         torch.set_num_threads(exp.train.num_threads)
         site = load_site(context, exp)
         model = build_experiment_model(exp)
-        model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+        global_arrays = records.arrays(msg, keys.ARRAYS)
+        model.load_state_dict(global_arrays.to_torch_state_dict())
         local = SiteStrategy.for_message(msg, context, exp, model)  # the method's site half (FedProx, SCAFFOLD, ...)
-        server_round = int(msg.content[keys.CONFIG].get(keys.SERVER_ROUND, 0))
+        server_round = records.get_int(records.config(msg, keys.CONFIG), keys.SERVER_ROUND, 0)
         seed = (
             exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97
         )  # not hash(): salted per process
@@ -117,7 +120,7 @@ def build_client_app(
         metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss} | dp.finish(stats)
         arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)
         if transform_update is not None:
-            arrays = transform_update(arrays, msg.content[keys.ARRAYS], exp, site.name)
+            arrays = transform_update(arrays, global_arrays, exp, site.name)
         reply = _reply(msg, site.name, metrics | extra_metrics, arrays)
         for key, record in extra_records.items():  # e.g. SCAFFOLD's control variate change
             reply.content[key] = record
@@ -131,7 +134,8 @@ def build_client_app(
         split_name = str(msg.content[keys.CONFIG].get(keys.EVAL_SPLIT, "val"))
         split = site.split(split_name)
         model = build_experiment_model(exp)
-        model.load_state_dict(msg.content[keys.ARRAYS].to_torch_state_dict())
+        global_arrays = records.arrays(msg, keys.ARRAYS)
+        model.load_state_dict(global_arrays.to_torch_state_dict())
         local = SiteStrategy.for_message(msg, context, exp, model)  # FedBN: the site's own norm layers
         res = evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp))
         metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(split)}

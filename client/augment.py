@@ -43,7 +43,10 @@ def make_augment(kind: str, *, seed: int, max_shift: int = 2) -> Augment | None:
             offs = torch.randint(0, 2 * max_shift + 1, (len(x), spatial), generator=gen)
             xs, ys = [], []
             for i in range(len(x)):
-                idx = (slice(None),) + tuple(slice(int(o), int(o) + s) for o, s in zip(offs[i], x.shape[2:]))
+                idx = (
+                    slice(None),
+                    *tuple(slice(int(o), int(o) + s) for o, s in zip(offs[i], x.shape[2:], strict=True)),
+                )
                 xs.append(xp[i][idx])
                 if dense:
                     ys.append(yp[i][idx])

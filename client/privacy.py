@@ -132,7 +132,7 @@ class PrivacyLedger:
     # ---- what was spent
     @property
     def history(self) -> list[tuple[float, float, int]]:
-        return [tuple(h) for h in self.accountant.history]  # type: ignore[misc]
+        return [(float(s), float(q), int(n)) for s, q, n in self.accountant.history]
 
     @property
     def steps(self) -> int:

@@ -164,8 +164,14 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
             else " (no patient column: each image is treated as its own patient)"
         )
     )
-    formats, shapes, spacings, channels, prepared_shapes = Counter(), Counter(), Counter(), Counter(), Counter()
-    labels, mask_values, voxels = Counter(), Counter(), Counter()
+    formats: Counter[str] = Counter()
+    shapes: Counter[tuple[int, ...]] = Counter()
+    spacings: Counter[tuple[float, ...]] = Counter()
+    channels: Counter[int] = Counter()
+    prepared_shapes: Counter[tuple[int, ...]] = Counter()
+    labels: Counter[int] = Counter()
+    mask_values: Counter[int] = Counter()
+    voxels: Counter[str] = Counter()
     seen: dict[str, str] = {}
     ok_rows = []
     for r, row in enumerate(rows.rows):
@@ -192,7 +198,7 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
         if prep.mask is not None:
             mask_values.update(prep.mask_values)
             values, counts = np.unique(prep.mask, return_counts=True)
-            voxels.update(dict(zip(values.tolist(), counts.tolist())))
+            voxels.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
         else:
             labels[int(row.label)] += 1  # type: ignore[arg-type]
     rep.lines.append(f"readable: {len(ok_rows)}/{n}; formats: {_counts(formats)}")

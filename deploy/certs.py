@@ -19,6 +19,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -257,7 +258,15 @@ def public_key_line(key: ec.EllipticCurvePrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
 
-def describe_cert(cert: x509.Certificate) -> dict[str, object]:
+class CertInfo(TypedDict):
+    subject: str
+    dns: list[str]
+    ips: list[str]
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+def describe_cert(cert: x509.Certificate) -> CertInfo:
     """Subject, SAN entries and validity of a certificate, for printing and checks."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

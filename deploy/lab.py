@@ -14,6 +14,7 @@ with several addresses, TLS and node authentication on one machine; hence this m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -84,10 +85,8 @@ def _kill_ns_processes(*namespaces: str, grace_s: float = 3.0) -> None:
     pids = alive()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and (pids := alive()):
             time.sleep(0.1)
@@ -224,10 +223,8 @@ class Lab:
         for p in self.procs:
             if p.alive():
                 p.popen.kill()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         for ns in reversed(self._namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self._namespaces.clear()

@@ -31,10 +31,13 @@ from medflower.deploy.certs import describe_cert, load_node_private_key, public_
 EXPIRY_WARN_DAYS = 30
 
 
+Status = Literal["ok", "warn", "fail"]
+
+
 @dataclass(frozen=True)
 class CheckResult:
     name: str
-    status: Literal["ok", "warn", "fail"]
+    status: Status
     detail: str
 
 
@@ -84,7 +87,7 @@ def check_ca(ca_path: str | Path) -> CheckResult:
     days = _days_left(cert.not_valid_after_utc)
     if days <= 0:
         return CheckResult("CA certificate", "fail", f"{p} expired on {cert.not_valid_after_utc:%Y-%m-%d}")
-    status = "warn" if days < EXPIRY_WARN_DAYS else "ok"
+    status: Status = "warn" if days < EXPIRY_WARN_DAYS else "ok"
     return CheckResult(
         "CA certificate", status, f"{p} valid until {cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)"
     )
@@ -103,9 +106,11 @@ def _served_cert(host: str, port: int, timeout: float) -> x509.Certificate | Non
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with ctx.wrap_socket(sock, server_hostname=host) as tls:
-                der = tls.getpeercert(binary_form=True)
+        with (
+            socket.create_connection((host, port), timeout=timeout) as sock,
+            ctx.wrap_socket(sock, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
         return x509.load_der_x509_certificate(der) if der else None
     except (OSError, ValueError):
         return None
@@ -160,10 +165,12 @@ def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0
         return CheckResult(
             name, "fail", f"TLS handshake with {host}:{port} failed ({err}); is this the coordinator's HTTPS port?"
         )
+    if der is None:
+        return CheckResult(name, "fail", f"{host}:{port} sent no certificate")
     cert = x509.load_der_x509_certificate(der)
     days = _days_left(cert.not_valid_after_utc)
     health = _health(host, port, ctx, timeout)
-    status = "warn" if days < EXPIRY_WARN_DAYS or health != 200 else "ok"
+    status: Status = "warn" if days < EXPIRY_WARN_DAYS or health != 200 else "ok"
     return CheckResult(
         name,
         status,

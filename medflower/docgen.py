@@ -346,8 +346,8 @@ def strategy_table_markdown(methods: Mapping[str, Any]) -> str:
     listed under the table with their reasons.
     """
     out = [
-        "| name | what it does | `params` (default, allowed) | privacy modes | sum-only server (secure aggregation, planned) "
-        "| models | source |",
+        "| name | what it does | `params` (default, allowed) | privacy modes "
+        "| sum-only server (secure aggregation, planned) | models | source |",
         "|---|---|---|---|---|---|---|",
     ]
     refusals: list[str] = []

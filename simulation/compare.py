@@ -84,7 +84,8 @@ def federated_model(exp: ExperimentConfig, out_dir: Path, *, verbose: bool) -> t
     return model, summary
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def _nanmean(values: Sequence[float | None]) -> float:
+    """The mean of the defined values (None or NaN: undefined, e.g. AUC on one class)."""
     vals = [v for v in values if v is not None and not math.isnan(v)]
     return float(np.mean(vals)) if vals else math.nan
 
@@ -118,7 +119,7 @@ def derive(matrix: dict[str, dict[str, dict[str, float]]], site_names: Sequence[
 
 def matrix_table(matrix: dict[str, dict[str, dict[str, float]]], columns: Sequence[str], metric: str) -> str:
     return md_table(
-        ["model \\ test split"] + list(columns),
+        ["model \\ test split", *list(columns)],
         [[m] + [row[c].get(metric, math.nan) for c in columns] for m, row in matrix.items()],
     )
 
@@ -154,7 +155,9 @@ def plot_matrix(
     title: str,
     labels: dict[str, str] | None = None,
 ) -> Path:
-    """One heat map per metric: rows are models, columns test splits; ``labels`` renames sites (e.g. with their scanner)."""
+    """One heat map per metric: rows are models, columns test splits.
+
+    ``labels`` renames sites (e.g. with their scanner)."""
     # here, not at the top: the headless backend must be chosen before pyplot loads, and a run
     # that plots nothing never pays for matplotlib
     import matplotlib
@@ -169,7 +172,7 @@ def plot_matrix(
         figsize=(1.0 * len(columns) * len(metrics) + 3.5 * len(metrics), 0.45 * len(models) + 2.2),
         squeeze=False,
     )
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         data = np.array([[matrix[m][c].get(metric, math.nan) for c in columns] for m in models], dtype=float)
         im = ax.imshow(
             np.ma.masked_invalid(data),
@@ -258,11 +261,10 @@ def run_compare(
         matrix[f"local:{s.name}"] = evaluate_everywhere(model, exp, tests)
         seconds[f"local:{s.name}"] = time.time() - t0
         print(f"local:{s.name}: trained on {len(s.train)} images in {seconds[f'local:{s.name}']:.1f}s", flush=True)
-    fed_summary: dict[str, Any] = {}
     if federated:
         t0 = time.time()
         print("federated: simulating with Flower ...", flush=True)
-        fed, fed_summary = federated_model(exp, out_dir / "federated", verbose=verbose)
+        fed, _fed_summary = federated_model(exp, out_dir / "federated", verbose=verbose)
         matrix["federated"] = evaluate_everywhere(fed, exp, tests)
         seconds["federated"] = time.time() - t0
         print(
@@ -274,7 +276,7 @@ def run_compare(
     order = [m for m in ("pooled", "federated") if m in matrix] + [m for m in matrix if m.startswith("local:")]
     matrix = {m: matrix[m] for m in order}
 
-    columns = names + [POOLED_TEST]
+    columns = [*names, POOLED_TEST]
     metrics = main_metrics(exp.task)
     derived = {m: derive(matrix, names, m) for m in metrics}
     result = {
@@ -347,6 +349,6 @@ def render(result: dict[str, Any], names: Sequence[str]) -> str:
             "",
             comparison_table(d, names),
             "",
-            matrix_table(result["matrix"], list(names) + [POOLED_TEST], metric),
+            matrix_table(result["matrix"], [*list(names), POOLED_TEST], metric),
         ]
     return "\n".join(lines)

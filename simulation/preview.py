@@ -63,7 +63,7 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     cells = [[cell(v) for v in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = lambda vs: "| " + " | ".join(v.ljust(w) for v, w in zip(vs, widths)) + " |"  # noqa: E731
+    line = lambda vs: "| " + " | ".join(v.ljust(w) for v, w in zip(vs, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
@@ -105,7 +105,9 @@ def site_tables(measured: dict[str, Any]) -> str:
         if "confusion" in ident:
             names = ident["sites"]
             out.append(
-                md_table(["true \\ predicted"] + names, [[n] + row for n, row in zip(names, ident["confusion"])])
+                md_table(
+                    ["true \\ predicted", *names], [[n, *row] for n, row in zip(names, ident["confusion"], strict=True)]
+                )
             )
     return "\n".join(out)
 
@@ -146,8 +148,8 @@ def plot_labels(
     fig, axes = _panel_grid(len(sites))
     x = np.arange(num_classes)
     w = 0.27
-    for ax, s in zip(axes, sites):
-        for k, (split, colour) in enumerate(zip(SPLITS, ("tab:blue", "tab:orange", "tab:green"))):
+    for ax, s in zip(axes, sites, strict=True):
+        for k, (split, colour) in enumerate(zip(SPLITS, ("tab:blue", "tab:orange", "tab:green"), strict=True)):
             counts = np.bincount(s.split(split).targets.astype(np.int64), minlength=num_classes)[:num_classes]
             ax.bar(x + (k - 1) * w, counts, width=w, label=split, color=colour)
         ax.set_title(_title(s), fontsize=9)
@@ -179,7 +181,7 @@ def plot_samples(
     fig, axes = plt.subplots(
         len(sites), per_site + 1, figsize=(1.5 * (per_site + 1) + 1.6, 1.6 * len(sites) + 0.6), squeeze=False
     )
-    for r, (s, scanner) in enumerate(zip(sites, scanners)):
+    for r, (s, scanner) in enumerate(zip(sites, scanners, strict=True)):
         ref = scanner.apply(reference[None], "test")[0]
         row = [ref] + [s.train.images[i] for i in range(min(per_site, len(s.train)))]
         for c in range(per_site + 1):
@@ -209,11 +211,11 @@ def plot_intensity(sites: Sequence[SiteData], path: Path, bins: int = 50) -> Pat
 
     sites = list(sites)
     edges, hists = intensity_histograms(sites, bins=bins)
-    pooled = np.mean([h for h in hists.values()], axis=0)
+    pooled = np.mean(list(hists.values()), axis=0)
     centres = (edges[:-1] + edges[1:]) / 2
     shown = sites[:MAX_SITES_PLOTTED]
     fig, axes = _panel_grid(len(shown))
-    for ax, s in zip(axes, shown):
+    for ax, s in zip(axes, shown, strict=True):
         ax.fill_between(centres, hists[s.name], step="mid", alpha=0.6, label=s.name)
         ax.plot(centres, pooled, drawstyle="steps-mid", color="0.3", lw=1, label="all sites (mean)")
         ax.set_title(_title(s), fontsize=9)

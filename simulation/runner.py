@@ -44,7 +44,7 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     if summary_path.exists():
         summary_path.unlink()  # never report a previous run's results as this one's
     cpus = os.cpu_count() or 1
-    backend_config = {
+    backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }

@@ -82,7 +82,7 @@ class SiteScanner:
         self.spike_loc = tuple(
             int(machine.randint(0, max(1, s // 4))) + s // 2 + max(1, s // 8) for s in self.spatial_shape
         )
-        self.spike_loc = tuple(min(v, s - 1) for v, s in zip(self.spike_loc, self.spatial_shape))
+        self.spike_loc = tuple(min(v, s - 1) for v, s in zip(self.spike_loc, self.spatial_shape, strict=True))
 
     def describe(self) -> dict[str, object]:
         out: dict[str, object] = dict(self.profile.changed())
@@ -110,15 +110,15 @@ class SiteScanner:
         if self.bias is not None:
             x = torch.as_tensor(self.bias(x, randomize=False))
         if p.downsample > 1.0:
-            low = tuple(max(2, int(round(s / p.downsample))) for s in self.spatial_shape)
-            x = Resize(low, mode="area")(x)
-            x = Resize(self.spatial_shape, mode="bilinear" if len(low) == 2 else "trilinear")(x)
+            low = tuple(max(2, round(s / p.downsample)) for s in self.spatial_shape)
+            x = torch.as_tensor(Resize(low, mode="area")(x))
+            x = torch.as_tensor(Resize(self.spatial_shape, mode="bilinear" if len(low) == 2 else "trilinear")(x))
         if p.gibbs_alpha > 0:
-            x = GibbsNoise(alpha=p.gibbs_alpha)(x)
+            x = torch.as_tensor(GibbsNoise(alpha=p.gibbs_alpha)(x))
         if p.kspace_spike > 0:
             # MONAI sets the spike's log-magnitude; an unnormalised FFT spreads it over every pixel
             k_intensity = float(np.log(p.kspace_spike * np.prod(self.spatial_shape)))
-            x = KSpaceSpikeNoise(loc=self.spike_loc, k_intensity=k_intensity)(x)
+            x = torch.as_tensor(KSpaceSpikeNoise(loc=self.spike_loc, k_intensity=k_intensity)(x))
         if p.blur_sigma > 0:
             x = GaussianSmooth(sigma=p.blur_sigma)(x)
         x = torch.as_tensor(x, dtype=torch.float32)
@@ -128,6 +128,7 @@ class SiteScanner:
             contrast = AdjustContrast(gamma=p.gamma)
             x = torch.cat([torch.as_tensor(contrast(x[i : i + channels])) for i in range(0, len(x), channels)])
         if p.noise_std > 0:
+            noise: RandRicianNoise | RandGaussianNoise
             if p.noise == "rician":
                 noise = RandRicianNoise(prob=1.0, std=p.noise_std, sample_std=False)
             else:

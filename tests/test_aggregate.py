@@ -26,7 +26,7 @@ from medflower.strategies.methods.scaffold import SCAFFOLD_DC, Scaffold
 from medflower.strategies.state import load_strategy_state, strategy_state_dict
 from medflower.strategies.testing import arrays_of, make_reply
 
-FLOWER_COMMON = dict(min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+FLOWER_COMMON = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
 
 
 def exp_with(name: str, **params):
@@ -34,7 +34,9 @@ def exp_with(name: str, **params):
 
 
 def replies_from(models: list[dict[str, np.ndarray]], weights: list[float]):
-    return [make_reply(m, num_examples=w, site=f"site-{i}") for i, (m, w) in enumerate(zip(models, weights))]
+    return [
+        make_reply(m, num_examples=w, site=f"site-{i}") for i, (m, w) in enumerate(zip(models, weights, strict=True))
+    ]
 
 
 G1 = {"w": np.zeros((2,), np.float32)}
@@ -46,7 +48,7 @@ G1 = {"w": np.zeros((2,), np.float32)}
 def test_fedavg_weighted_mean_by_hand():
     s = build_round(exp_with("fedavg"), num_sites=2)
     replies = replies_from([{"w": np.array([1, 2], np.float32)}, {"w": np.array([5, 6], np.float32)}], [1, 3])
-    out, metrics = run_round(s, G1, replies)
+    out, _metrics = run_round(s, G1, replies)
     np.testing.assert_allclose(out["w"], [4.0, 5.0])  # (1*1 + 3*5)/4 = 4, (2 + 18)/4 = 5
     assert out["w"].dtype == np.float32
 
@@ -162,7 +164,7 @@ def _replies(name: str, models, weights):
     extra = (lambda: {SCAFFOLD_DC: arrays_of({"w": np.zeros(3, np.float32)})}) if name == "scaffold" else dict
     return [
         make_reply({"w": np.array(m, np.float32)}, num_examples=w, site=f"site-{i}", extra_records=extra())
-        for i, (m, w) in enumerate(zip(models, weights))
+        for i, (m, w) in enumerate(zip(models, weights, strict=True))
     ]
 
 
@@ -217,10 +219,10 @@ def test_one_site_gives_that_sites_model(name, model, w):
 # ---- our configured strategies == Flower's own aggregation --------------------------------------
 
 FLOWER_EQUIVALENT = {
-    "fedavg": (dict(), lambda: fl.FedAvg(**FLOWER_COMMON)),
-    "fedprox": (dict(proximal_mu=0.3), lambda: fl.FedProx(proximal_mu=0.3, **FLOWER_COMMON)),
+    "fedavg": ({}, lambda: fl.FedAvg(**FLOWER_COMMON)),
+    "fedprox": ({"proximal_mu": 0.3}, lambda: fl.FedProx(proximal_mu=0.3, **FLOWER_COMMON)),
     "fedadam": (
-        dict(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2),
+        {"eta": 0.05, "beta_1": 0.8, "beta_2": 0.95, "tau": 1e-2},
         lambda: fl.FedAdam(eta=0.05, beta_1=0.8, beta_2=0.95, tau=1e-2, **FLOWER_COMMON),
     ),
 }

@@ -31,7 +31,7 @@ def test_classification_labels_untouched_and_content_preserved_by_flip() -> None
     y = torch.arange(16)
     xa, ya = make_augment("flip", seed=1)(x, y)
     assert torch.equal(ya, y)
-    for a, b in zip(xa, x):  # each sample is one of its four flips
+    for a, b in zip(xa, x, strict=True):  # each sample is one of its four flips
         assert any(torch.equal(a, f) for f in (b, b.flip(-1), b.flip(-2), b.flip(-1).flip(-2)))
 
 

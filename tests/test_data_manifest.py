@@ -22,16 +22,16 @@ BRAIN = "segmentation/brain_mr_tumour"
 
 
 def _isbi_cfg(**kw) -> DataConfig:
-    base = dict(
-        kind="folders",
-        path="x",
-        image_dir="image",
-        label_dir="label",
-        size=(32, 32),
-        intensity="window",
-        window=(0.0, 255.0),
-        mask_values=(255, 0),
-    )
+    base = {
+        "kind": "folders",
+        "path": "x",
+        "image_dir": "image",
+        "label_dir": "label",
+        "size": (32, 32),
+        "intensity": "window",
+        "window": (0.0, 255.0),
+        "mask_values": (255, 0),
+    }
     return DataConfig(**(base | kw))
 
 
@@ -126,7 +126,7 @@ def test_classification_manifest_with_class_names_and_rgb(shared_data: Path, tmp
     assert sorted(allx.tolist()) == [0] * 6 + [1] * 6
     rgb = load_file_dataset(DataConfig(**{**cfg.__dict__, "channels": 3}), path=csv, task="classification", seed=0)
     assert rgb.in_channels == 3
-    _write_manifest(csv, ["image", "diagnosis"], rows + [["rgb0.png", "unknown"]])
+    _write_manifest(csv, ["image", "diagnosis"], [*rows, ["rgb0.png", "unknown"]])
     with pytest.raises(DataError, match=r"m\.csv row 14.*'unknown'.*normal"):
         load_file_dataset(cfg, path=csv, task="classification", seed=0)
 

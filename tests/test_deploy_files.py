@@ -136,7 +136,7 @@ def test_readme_commands_use_only_flags_their_program_accepts() -> None:
     assert len(commands) >= 10
     for line in commands:
         argv = shlex.split(line)
-        prog, subs, flags = readme_check.signature(argv)
+        prog, _subs, _ = readme_check.signature(argv)
         assert prog in readme_check.CHECKED, line
         if prog.endswith(".sh"):
             assert set(_flags(argv)) <= _script_flags(prog), line

@@ -7,6 +7,7 @@ record their arguments and environment, so these tests run in milliseconds and n
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -68,7 +69,7 @@ def test_coordinator_runs_superlink_with_tls_auth_and_no_runtime_installs(shims,
     (call,) = calls
     argv = call["argv"]
     assert argv[0] == "flower-superlink"
-    pairs = dict(zip(argv[1::1], argv[2::1]))
+    pairs = dict(itertools.pairwise(argv))
     assert pairs["--ssl-ca-certfile"] == f"{certs}/ca.crt"
     assert (
         pairs["--ssl-certfile"] == f"{certs}/coordinator.crt" and pairs["--ssl-keyfile"] == f"{certs}/coordinator.key"

@@ -123,7 +123,7 @@ def test_plan_applies_the_same_case_mix_and_size_to_every_split() -> None:
     cfg = PartitionConfig(kind="dirichlet", num_sites=3, alpha=0.5, quantity="sizes", sizes=(3.0, 2.0, 1.0))
     plan = plan_partition(cfg, {"train": train, "test": test}, num_classes=2, seed=0)
     tr, te = plan.apply(train, np.random.default_rng(0)), plan.apply(test, np.random.default_rng(1))
-    for a, b in zip(tr, te):
+    for a, b in zip(tr, te, strict=True):
         assert len(a) / len(train) == pytest.approx(len(b) / len(test), abs=0.01)
         assert train.targets[a].mean() == pytest.approx(test.targets[b].mean(), abs=0.06)
 
@@ -137,7 +137,7 @@ def test_natural_partition_follows_groups_in_every_split() -> None:
     assert plan.group_values == ("a", "b", "c")
     for split in (train, test):
         parts = plan.apply(split, np.random.default_rng(0))
-        for value, idx in zip(plan.group_values, parts):
+        for value, idx in zip(plan.group_values, parts, strict=True):
             assert set(split.groups["hospital"][idx].tolist()) == {value}
         assert sum(len(p) for p in parts) == len(split)
 

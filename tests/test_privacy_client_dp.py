@@ -41,7 +41,7 @@ def _arrays(value: float) -> ArrayRecord:
 
 def _replies(msgs: list[Message], sizes=(10, 50, 200)) -> list[Message]:
     out = []
-    for i, (msg, n) in enumerate(zip(msgs, sizes)):
+    for i, (msg, n) in enumerate(zip(msgs, sizes[: len(msgs)], strict=True)):
         content = RecordDict(
             {
                 keys.ARRAYS: _arrays(float(i + 1)),

@@ -17,19 +17,19 @@ from medflower.modelspec import build_experiment_model
 from medflower.schema import ConfigError
 from medflower.tasks import logits_of, make_loss
 
-VIT = dict(
-    in_channels=1,
-    img_size=(16, 16),
-    patch_size=4,
-    hidden_size=32,
-    mlp_dim=64,
-    num_layers=2,
-    num_heads=4,
-    classification=True,
-    num_classes=3,
-    spatial_dims=2,
-    post_activation=None,
-)
+VIT = {
+    "in_channels": 1,
+    "img_size": (16, 16),
+    "patch_size": 4,
+    "hidden_size": 32,
+    "mlp_dim": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "classification": True,
+    "num_classes": 3,
+    "spatial_dims": 2,
+    "post_activation": None,
+}
 
 
 def _assert_per_sample_grads_match(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, task: str) -> None:

@@ -1,4 +1,5 @@
-"""Scanner shift: deterministic per seed and site, the same machine for every split, each parameter does what it says."""
+"""Scanner shift: deterministic per seed and site, the same machine for every split, each parameter does what
+it says."""
 
 from __future__ import annotations
 

@@ -81,6 +81,6 @@ def test_proportions_apply_alike_to_every_split() -> None:
     props = dirichlet_proportions(2, 3, 0.3, rng)
     tr = assign(train, props, np.random.default_rng(0))
     te = assign(test, props, np.random.default_rng(1))
-    for a, b in zip(tr, te):
+    for a, b in zip(tr, te, strict=True):
         if len(a) > 50 and len(b) > 20:
             assert abs(train[a].mean() - test[b].mean()) < 0.12

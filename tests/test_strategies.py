@@ -97,11 +97,11 @@ def test_params_reach_flowers_strategy():
 
 
 def test_train_messages_carry_what_the_sites_need():
-    exp, g, params = _global_and_layout("scaffold")
+    _exp, g, params = _global_and_layout("scaffold")
 
     def first_message(name, **kw):
         s = build_strategy(replace(exp_with(name, **kw)), num_sites=2)
-        return list(s.configure_train(1, arrays_of(g), ConfigRecord(), StubGrid(2)))[0].content
+        return next(iter(s.configure_train(1, arrays_of(g), ConfigRecord(), StubGrid(2)))).content
 
     assert first_message("fedprox", proximal_mu=0.5)[keys.CONFIG][PROXIMAL_MU] == 0.5
     c = first_message("scaffold")[SCAFFOLD_C]
@@ -347,7 +347,7 @@ def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    msg = _message(exp, model, extra={SCAFFOLD_C: ArrayRecord({k: v for k, v in c.items()})})
+    msg = _message(exp, model, extra={SCAFFOLD_C: ArrayRecord(dict(c.items()))})
     ctx = _context(0, exp)
     local = SiteStrategy.for_message(msg, ctx, exp, model)
     x = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -358,13 +358,13 @@ def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     nn.functional.cross_entropy(model(xb), yb).backward()
     local.hooks.after_backward(model)
     opt.step()
-    for (n, p), gn in zip(model.named_parameters(), g):
+    for (n, p), gn in zip(model.named_parameters(), g, strict=True):
         torch.testing.assert_close(p.detach(), x[n] - 0.1 * (gn + c[n]))
     _, extra, _ = local.after_train(
         model, TrainStats(num_examples=8, num_steps=1, loss=0.1), site=type("S", (), {"name": "site-0"})(), seed=0
     )
     dc = extra[SCAFFOLD_DC]
-    for (n, _), gn in zip(model.named_parameters(), g):
+    for (n, _), gn in zip(model.named_parameters(), g, strict=True):
         torch.testing.assert_close(torch.from_numpy(dc[n].numpy()), gn, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(ctx.state[STATE_CI][n].numpy()), gn, rtol=1e-4, atol=1e-5)
 

@@ -32,7 +32,6 @@ def _experiment_keys() -> str:
 
 def _strategy_table() -> str:
     from medflower import docgen
-
     from medflower.strategies.registry import METHODS
 
     return docgen.strategy_table_markdown(METHODS)
