@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal, Union, get_args, get_origin
 
 from medflower.config import ExperimentConfig
+from medflower.config.shift import PRESETS
 
 # Fields of the walked dataclasses that are not YAML keys (set by the loader, refused in a YAML file).
 NOT_YAML_KEYS: dict[type, frozenset[str]] = {ExperimentConfig: frozenset({"base_dir"})}
@@ -372,8 +373,6 @@ def strategy_table_markdown(methods: Mapping[str, Any]) -> str:
 
 def shift_presets_markdown() -> str:
     """The scanner-shift presets (``medflower.config.shift.PRESETS``): every number, as the code holds it."""
-    from medflower.config.shift import PRESETS
-
     out = ["| preset | parameters |", "|---|---|"]
     for name, params in PRESETS.items():
         text = ", ".join(f"{k}={yaml_value(v)}" for k, v in params.items()) or "no change"

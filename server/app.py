@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
+from medflower.data import load_dataset
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import default_output_dir
 from medflower.server.build import build_round
@@ -30,6 +31,7 @@ from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
 from medflower.server.loop import History, RoundAborted, run_rounds
 from medflower.server.participation import relax_availability, wait_for_sites
 from medflower.server.results import write_summary
+from medflower.tasks import evaluate, inference_roi
 
 FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
 
@@ -58,9 +60,6 @@ def site_directory_from_run_config(context: Context) -> Path | None:
 
 def make_global_evaluate(exp: ExperimentConfig):
     """Server-side evaluation on the data set's held-out test split (None if there is none)."""
-    from medflower.data import load_dataset
-    from medflower.tasks import evaluate, inference_roi
-
     test = load_dataset(exp).test
     if len(test) == 0:
         return None

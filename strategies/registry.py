@@ -34,6 +34,7 @@ from torch import nn
 from medflower import keys, records
 from medflower.hooks import LocalHooks, SiteRuntime, TrainStats
 from medflower.schema import ConfigError, from_dict
+from medflower.strategies import methods
 
 PRIVACY_MODES = ("none", "sample", "client")  # medflower.config.privacy.PrivacyMode
 
@@ -179,8 +180,6 @@ class NoParams:
 
 
 def _discover() -> dict[str, Method]:
-    from medflower.strategies import methods
-
     found: dict[str, Method] = {}
     for info in sorted(pkgutil.iter_modules(methods.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{methods.__name__}.{info.name}")
