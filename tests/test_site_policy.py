@@ -322,3 +322,10 @@ def test_the_coordinator_records_a_refusal_and_carries_on(tmp_path: Path, caplog
     assert set(summary["sites_test"]) == {"hospital-a"}
     assert [(r["site"], r["what"]) for r in summary["sites_test_refusals"]] == [("hospital-b", "test")]
     assert "policy.allow_test_evaluation" in summary["sites_test_refusals"][0]["reason"]
+
+
+def test_the_example_site_yaml_with_a_policy_loads() -> None:
+    path = Path(__file__).resolve().parents[1] / "examples" / "sites" / "hospital_dp_policy.yaml"
+    site = load_site_config(path)
+    assert site.policy.require_privacy == "sample" and site.policy.max_epsilon == 3.0
+    assert site.state_path() == Path("/var/lib/medflower/state")
