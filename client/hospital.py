@@ -188,6 +188,8 @@ class _Handling:
         metrics = _metrics_of(reply)
         if refusal is None and metrics.get(keys.DP_EXHAUSTED) == 1:
             refusal = "dp-budget: the site's privacy budget is exhausted"
+        if error is None and reply.has_error():  # an error a Flower mod answered with (e.g. a clipping precondition)
+            error = {"code": f"flower-{reply.error.code}", "ref": ""}
         try:
             self.audit.append(
                 {
