@@ -1,4 +1,4 @@
-"""Differential privacy at a hospital: DP-SGD with a privacy ledger that is honest for the whole run.
+"""Differential privacy at a hospital: DP-SGD with a privacy ledger that is honest across rounds, restarts and runs.
 
 What goes wrong elsewhere, and what this module does instead:
 
@@ -118,7 +118,7 @@ def plan_noise_multiplier(
 
 
 class PrivacyLedger:
-    """A site's privacy accountant for the whole run, with what was charged in which round.
+    """A data set's privacy accountant over every run, with what was charged in which round (and run).
 
     ``accountant`` is an Opacus accountant (``rdp`` or ``prv``); its ``state_dict()`` /
     ``load_state_dict()`` carry the history, and :meth:`save` / :meth:`load` put it in a file.
