@@ -1,12 +1,14 @@
-"""Differential privacy at a hospital: DP-SGD with a privacy ledger that is honest for the whole run.
+"""Differential privacy at a hospital: DP-SGD with a privacy ledger that is honest across rounds, restarts and runs.
 
 What goes wrong elsewhere, and what this module does instead:
 
 * Flower's Opacus example builds a new ``PrivacyEngine`` every round, so the epsilon it reports
-  covers one round. Here the site's accountant (its *ledger*, :class:`PrivacyLedger`) lives for
-  the whole run in Flower's persistent ``context.state``, and in a file in the site's checkpoint
-  folder (node config ``checkpoint-dir``) so that a restarted node continues it. Each round's
-  ``PrivacyEngine`` is handed that same accountant object, so Opacus steps the run-long history.
+  covers one round. Here the site's accountant (its *ledger*, :class:`PrivacyLedger`) lives in
+  Flower's persistent ``context.state`` and in a file in the site's state folder (node config
+  ``state-dir`` or the site YAML's ``state_dir``: :mod:`medflower.client.state`), one file per data
+  set, so that it continues across node restarts *and* across runs: epsilon accumulates for the
+  same data set, whatever run spends it. Each round's ``PrivacyEngine`` is handed that same
+  accountant object, so Opacus steps the whole history.
 * The noise multiplier is derived from the whole planned run: ``train.rounds`` x local steps per
   round at the Poisson sampling rate (:func:`plan_noise_multiplier`, Opacus'
   ``get_noise_multiplier``), not from one round.
@@ -30,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medflower import keys
+from medflower.client.state import LedgerPlace
 from medflower.client.train import LocalHooks, TrainStats
 from medflower.config import ExperimentConfig
 from medflower.fileio import atomic_write_text
@@ -116,15 +118,16 @@ def plan_noise_multiplier(
 
 
 class PrivacyLedger:
-    """A site's privacy accountant for the whole run, with what was charged in which round.
+    """A data set's privacy accountant over every run, with what was charged in which round (and run).
 
     ``accountant`` is an Opacus accountant (``rdp`` or ``prv``); its ``state_dict()`` /
     ``load_state_dict()`` carry the history, and :meth:`save` / :meth:`load` put it in a file.
     """
 
-    def __init__(self, *, site: str, mechanism: str) -> None:
+    def __init__(self, *, site: str, mechanism: str, data_key: str = "") -> None:
         self.site = site
         self.mechanism = mechanism
+        self.data_key = data_key  # which data set it accounts for (medflower.client.state.data_key)
         self.accountant = _quiet_accountant(mechanism)
         self.rounds: list[dict[str, Any]] = []  # {"round", "steps", "noise_multiplier", "sample_rate"}
         self.pending: dict[str, Any] | None = None  # write-ahead record of a round in progress
@@ -149,7 +152,17 @@ class PrivacyLedger:
         return _epsilon_of(self.mechanism, history, delta)
 
     # ---- write-ahead charging around a round
-    def begin(self, *, server_round: int, noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    def begin(
+        self,
+        *,
+        server_round: int,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        run_id: int | None = None,
+        delta: float | None = None,
+    ) -> None:
+        """Charge a round before it trains (write-ahead); ``run_id`` and ``delta`` are kept when given."""
         self.settle_pending()
         self.pending = {
             "round": server_round,
@@ -158,6 +171,10 @@ class PrivacyLedger:
             "steps": steps,
             "steps_before": self.steps,
         }
+        if run_id is not None:
+            self.pending["run_id"] = run_id
+        if delta is not None:
+            self.pending["delta"] = delta
 
     def commit(self) -> None:
         """Close the pending round; steps Opacus did not take (empty batches) are charged anyway."""
@@ -176,6 +193,7 @@ class PrivacyLedger:
                 "noise_multiplier": p["noise_multiplier"],
                 "sample_rate": p["sample_rate"],
             }
+            | {k: p[k] for k in ("run_id", "delta") if k in p}
         )
 
     def settle_pending(self) -> None:
@@ -198,6 +216,7 @@ class PrivacyLedger:
         return {
             "format": LEDGER_FORMAT,
             "site": self.site,
+            **({"data_key": self.data_key} if self.data_key else {}),
             "mechanism": acc["mechanism"],
             "history": [list(h) for h in acc["history"]],
             "rounds": copy.deepcopy(self.rounds),
@@ -212,6 +231,11 @@ class PrivacyLedger:
             )
         if state.get("site") != self.site:
             raise ValueError(f"privacy ledger: it belongs to site {state.get('site')!r}, not {self.site!r}")
+        if self.data_key and state.get("data_key", self.data_key) != self.data_key:
+            raise ValueError(
+                f"privacy ledger of site {self.site!r}: it accounts for data set {str(state.get('data_key'))[:16]}, "
+                f"not {self.data_key[:16]}"
+            )
         try:
             self.accountant.load_state_dict(
                 {
@@ -233,8 +257,8 @@ class PrivacyLedger:
         return json.dumps(self.state_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, site: str, mechanism: str) -> PrivacyLedger:
-        ledger = cls(site=site, mechanism=mechanism)
+    def from_json(cls, text: str, *, site: str, mechanism: str, data_key: str = "") -> PrivacyLedger:
+        ledger = cls(site=site, mechanism=mechanism, data_key=data_key)
         ledger.load_state_dict(json.loads(text))
         return ledger
 
@@ -243,51 +267,69 @@ class PrivacyLedger:
         atomic_write_text(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path, *, site: str, mechanism: str) -> PrivacyLedger:
+    def load(cls, path: str | Path, *, site: str, mechanism: str, data_key: str = "") -> PrivacyLedger:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise ValueError(f"privacy ledger {path}: cannot be read: {err}") from err
         try:
-            return cls.from_json(text, site=site, mechanism=mechanism)
+            return cls.from_json(text, site=site, mechanism=mechanism, data_key=data_key)
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"privacy ledger {path}: not valid JSON ({err}); refusing to start a new ledger over it"
             ) from err
 
 
-def ledger_path(context: Context, site: str) -> Path | None:
-    """``<checkpoint-dir>/privacy-ledger-<site>.json`` when the node config names a checkpoint folder."""
-    folder = str(context.node_config.get(keys.NODE_CHECKPOINT_DIR, "") or "")
-    if not folder:
-        return None
-    return Path(folder).expanduser() / f"privacy-ledger-{re.sub(r'[^A-Za-z0-9_.-]', '_', site)}.json"
+def _state_slot(place: LedgerPlace | None) -> str:
+    return place.data_key if place is not None and place.data_key else "json"
 
 
-def load_ledger(context: Context, *, site: str, mechanism: str) -> PrivacyLedger:
-    """The site's ledger: from ``context.state`` or the checkpoint file, whichever has charged more."""
+def load_ledger(context: Context, *, site: str, mechanism: str, place: LedgerPlace | None = None) -> PrivacyLedger:
+    """The data set's ledger: from ``context.state`` or its file (``place.path``), whichever has charged more."""
+    key = place.data_key if place is not None else ""
     found = []
-    if LEDGER_STATE_KEY in context.state:
+    slot = _state_slot(place)
+    if LEDGER_STATE_KEY in context.state and slot in context.state.config_records[LEDGER_STATE_KEY]:
         found.append(
-            PrivacyLedger.from_json(str(context.state[LEDGER_STATE_KEY]["json"]), site=site, mechanism=mechanism)
+            PrivacyLedger.from_json(
+                str(context.state.config_records[LEDGER_STATE_KEY][slot]), site=site, mechanism=mechanism, data_key=key
+            )
         )
-    path = ledger_path(context, site)
-    if path is not None and path.is_file():
-        found.append(PrivacyLedger.load(path, site=site, mechanism=mechanism))
-    ledger = max(found, key=lambda led: led.charged_steps) if found else PrivacyLedger(site=site, mechanism=mechanism)
+    if place is not None and place.path is not None and place.path.is_file():
+        found.append(PrivacyLedger.load(place.path, site=site, mechanism=mechanism, data_key=key))
+    ledger = (
+        max(found, key=lambda led: led.charged_steps)
+        if found
+        else PrivacyLedger(site=site, mechanism=mechanism, data_key=key)
+    )
     ledger.settle_pending()
     return ledger
 
 
-def store_ledger(context: Context, ledger: PrivacyLedger) -> None:
-    context.state[LEDGER_STATE_KEY] = ConfigRecord({"json": ledger.to_json()})
-    path = ledger_path(context, ledger.site)
-    if path is not None:
-        ledger.save(path)
+def store_ledger(context: Context, ledger: PrivacyLedger, place: LedgerPlace | None = None) -> None:
+    rec = context.state.config_records.get(LEDGER_STATE_KEY) or ConfigRecord()
+    rec[_state_slot(place)] = ledger.to_json()
+    context.state[LEDGER_STATE_KEY] = rec
+    if place is not None and place.path is not None:
+        ledger.save(place.path)
 
 
-def _node_float(context: Context, key: str) -> float | None:
+def ledger_epsilon(path: Path, *, delta: float) -> float | None:
+    """Epsilon a ledger file has charged at ``delta`` (a pending round counted); None when there is no file.
+
+    The audit log's ``epsilon_before``: read from the file before a message is handled.
+    """
+    if not path.is_file():
+        return None
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    ledger = PrivacyLedger.from_json(json.dumps(raw), site=str(raw.get("site")), mechanism=str(raw.get("mechanism")))
+    ledger.settle_pending()
+    return ledger.epsilon(delta)
+
+
+def node_float(context: Context, key: str) -> float | None:
+    """A positive number from the node config (None when unset); anything else names the key."""
     value = context.node_config.get(key)
     if value is None or value == "":
         return None
@@ -358,8 +400,8 @@ class RoundPrivacy:
     coordinator's: :mod:`medflower.strategies.privacy`).
     """
 
-    def __init__(self, *, exp: ExperimentConfig, context: Context, site: str) -> None:
-        self.exp, self.context, self.site = exp, context, site
+    def __init__(self, *, exp: ExperimentConfig, context: Context, site: str, place: LedgerPlace | None = None) -> None:
+        self.exp, self.context, self.site, self.place = exp, context, site, place
         self.plan: SitePlan | None = None
         self.ledger: PrivacyLedger | None = None
         self.refusal: dict[str, float | int] | None = None
@@ -367,13 +409,21 @@ class RoundPrivacy:
 
     @classmethod
     def start(
-        cls, exp: ExperimentConfig, context: Context, *, site: str, num_train: int, server_round: int
+        cls,
+        exp: ExperimentConfig,
+        context: Context,
+        *,
+        site: str,
+        num_train: int,
+        server_round: int,
+        place: LedgerPlace | None = None,
     ) -> RoundPrivacy:
-        rp = cls(exp=exp, context=context, site=site)
+        """Plan the round and charge it to the ledger at ``place`` (the data set's file; None: memory only)."""
+        rp = cls(exp=exp, context=context, site=site, place=place)
         if exp.privacy.mode != "sample":
             return rp
-        node_eps = _node_float(context, keys.NODE_DP_TARGET_EPSILON)
-        node_delta = _node_float(context, keys.NODE_DP_TARGET_DELTA)
+        node_eps = node_float(context, keys.NODE_DP_TARGET_EPSILON)
+        node_delta = node_float(context, keys.NODE_DP_TARGET_DELTA)
         if node_eps is not None and node_eps > exp.privacy.target_epsilon:
             log(
                 WARNING,
@@ -386,7 +436,7 @@ class RoundPrivacy:
                 exp.privacy.target_epsilon,
             )
         rp.plan = plan = site_plan(exp, site=site, num_train=num_train, node_epsilon=node_eps, node_delta=node_delta)
-        rp.ledger = ledger = load_ledger(context, site=site, mechanism=exp.privacy.accountant)
+        rp.ledger = ledger = load_ledger(context, site=site, mechanism=exp.privacy.accountant, place=place)
         after = ledger.projected_epsilon(
             plan.target_delta,
             noise_multiplier=plan.noise_multiplier,
@@ -407,15 +457,17 @@ class RoundPrivacy:
                 after,
             )
             rp.refusal = {keys.NUM_EXAMPLES: 0, **rp._metrics(spent, after, exhausted=1)}
-            store_ledger(context, ledger)  # a settled crash charge must be kept
+            store_ledger(context, ledger, place)  # a settled crash charge must be kept
             return rp
         ledger.begin(
             server_round=server_round,
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
             steps=plan.steps_per_round,
+            run_id=int(context.run_id),
+            delta=plan.target_delta,
         )
-        store_ledger(context, ledger)  # write-ahead: charged even if this process dies mid-round
+        store_ledger(context, ledger, place)  # write-ahead: charged even if this process dies mid-round
         return rp
 
     def _metrics(self, spent: float, after: float, *, exhausted: int) -> dict[str, float | int]:
@@ -485,7 +537,7 @@ class RoundPrivacy:
             self._gsm = None
         ledger, plan = self.ledger, self.plan
         ledger.commit()
-        store_ledger(self.context, ledger)
+        store_ledger(self.context, ledger, self.place)
         spent = ledger.epsilon(plan.target_delta)
         after = ledger.projected_epsilon(
             plan.target_delta,

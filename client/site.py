@@ -14,6 +14,13 @@ images are *prepared* (size, spacing, intensity window, ...) must be the same at
 preparation keys the site YAML leaves out are taken from the experiment the coordinator sends
 (:data:`medflower.config.data.PREPARATION_KEYS`); the site's own split fractions and columns stay.
 
+Two more sections belong to the hospital alone, never to the coordinator:
+
+* ``policy:`` (:class:`~medflower.client.policy.SitePolicy`): the models, strategies, privacy, rounds
+  and evaluations the site agrees to; every message is checked against it before any work;
+* ``state_dir:`` the node's state folder (privacy ledgers, audit log: :mod:`medflower.client.state`),
+  relative to this YAML; node config ``state-dir`` names it too.
+
 The SuperNode reads it through ``--node-config "site-config='site.yaml'"``
 (:func:`load_site_data`, called by :mod:`medflower.client.app`). Loading is the very code the simulator uses
 (:func:`medflower.data.manifest.load_file_dataset`), so a federation rehearsed in simulation reads
@@ -37,6 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from medflower.client.policy import SitePolicy
 from medflower.config import ExperimentConfig, load_experiment
 from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
 from medflower.data import SiteData
@@ -55,6 +63,8 @@ class SiteConfig:
     name: str
     task: Literal["classification", "segmentation"]
     data: DataConfig
+    policy: SitePolicy = field(default_factory=SitePolicy)  # what the hospital agrees to (client/policy.py)
+    state_dir: str | None = None  # the node's state folder (client/state.py); relative to this YAML
     # the YAML's folder (relative paths resolve from it); not a YAML key
     base_dir: str = field(default="", compare=False)
 
@@ -75,9 +85,16 @@ class SiteConfig:
         p = Path(self.data.path or "").expanduser()
         return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
 
+    def state_path(self) -> Path | None:
+        """``state_dir`` resolved from the YAML's folder (None when the YAML names none)."""
+        if not self.state_dir:
+            return None
+        p = Path(self.state_dir).expanduser()
+        return p if p.is_absolute() or not self.base_dir else Path(self.base_dir) / p
+
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    return read_yaml_mapping(path, what="site", keys_hint="keys name, task, data")
+    return read_yaml_mapping(path, what="site", keys_hint="keys name, task, data, policy, state_dir")
 
 
 def load_site_config(path: str | Path, exp: ExperimentConfig | None = None) -> SiteConfig:

@@ -48,3 +48,4 @@ DP_CLIPPING_NORM = "dp-clipping-norm"  # MetricRecord (server, mode client): the
 NODE_DP_TARGET_EPSILON = "dp-target-epsilon"  # node_config: the hospital's own (stricter) epsilon
 NODE_DP_TARGET_DELTA = "dp-target-delta"  # node_config: the hospital's own (stricter) delta
 NODE_CHECKPOINT_DIR = "checkpoint-dir"  # node_config: where the site keeps its checkpoint (DP ledger)
+NODE_STATE_DIR = "state-dir"  # node_config: the hospital's state folder (privacy ledgers, audit log; client/state.py)

@@ -22,8 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from medflower import keys
 from medflower.cli import apps
-from medflower.client.app import REFUSED, build_client_app
 from medflower.client.app import app as hospital_app
+from medflower.client.app import build_client_app
 from medflower.config import quickstart_experiment
 from medflower.config.attack import AttackConfig
 from medflower.config.strategy import StrategyConfig
@@ -96,12 +96,19 @@ def _node(**node_config) -> Context:
     return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
 
-def test_missing_site_is_a_clear_error(flower_identity) -> None:
+def test_missing_site_is_a_clear_error(flower_identity, caplog: pytest.LogCaptureFixture) -> None:
     exp = _exp()
-    with pytest.raises(ValueError, match=r"this is the hospital ClientApp .* --node-config \"site-config="):
-        hospital_app(_message(exp, "train"), _node())
-    with pytest.raises(ValueError, match="this is the hospital ClientApp"):  # a simulated node on the hospital app
-        hospital_app(_message(exp, "train"), _context(0, exp))
+    # the hospital app contains its errors: the coordinator gets a code and a reference, the site's log the rest
+    for ctx in (_node(), _context(0, exp)):  # no site YAML; a simulated node on the hospital app
+        caplog.clear()
+        reply = hospital_app(_message(exp, "train"), ctx)
+        assert reply.has_error() and not reply.has_content()
+        reason = reply.error.reason
+        assert reason.startswith("config-error: ") and "(ref " in reason and "site-config" not in reason
+        ref = reason.rsplit("(ref ", 1)[1].rstrip(")")
+        site_log = [r for r in caplog.records if r.name == "medflower.site"]
+        assert any(ref in r.getMessage() and "this is the hospital ClientApp" in r.getMessage() for r in site_log)
+        assert any('--node-config "site-config=' in r.getMessage() for r in site_log)
     with pytest.raises(ValueError, match=r"this is the simulation's ClientApp .* no 'partition-id'"):
         simulation_app(_message(exp, "train"), _node())
     with pytest.raises(ValueError, match="partition-id 9 is out of range: the experiment has 3 sites"):
@@ -109,15 +116,18 @@ def test_missing_site_is_a_clear_error(flower_identity) -> None:
 
 
 @pytest.mark.parametrize("kind", ["train", "evaluate"])
-def test_hospital_refuses_simulated_poisoning_before_any_work(kind: str, flower_identity) -> None:
+def test_hospital_refuses_simulated_poisoning_before_any_work(kind: str, flower_identity, tmp_path: Path) -> None:
     exp = replace(_exp(), attack=AttackConfig(kind="sign_flip", sites=("site-0",)))
-    # no site YAML exists: a refusal that did any work (loading the site) would raise instead
-    reply = hospital_app(_message(exp, kind), _node(**{keys.NODE_SITE_CONFIG: "/nonexistent/site.yaml"}))
-    assert reply.has_error() and not reply.has_content()  # an error reply: no weights, no metrics
-    assert reply.error.code == REFUSED
-    reason = reply.error.reason
-    assert "refused by a hospital node" in reason and "simulation-only" in reason
-    assert "attack.kind 'sign_flip'" in reason and "Rule:" in reason
+    # the site YAML names data that do not exist: a refusal that did any work (loading them) would fail instead
+    site = tmp_path / "site.yaml"
+    site.write_text("name: hospital-a\ntask: classification\ndata: {kind: folders, path: /nonexistent/export}\n")
+    reply = hospital_app(_message(exp, kind), _node(**{keys.NODE_SITE_CONFIG: str(site)}))
+    assert not reply.has_error() and not reply.content.array_records  # a refusal: an answer without weights
+    assert reply.content[keys.METRICS][keys.NUM_EXAMPLES] == 0
+    assert reply.content[keys.SITE][keys.SITE_NAME] == "hospital-a"
+    reason = str(reply.content[keys.SITE][keys.REFUSAL])
+    assert reason.startswith("simulation-only: a hospital node never runs simulation-only code")
+    assert "attack.kind 'sign_flip'" in reason
 
 
 def test_simulated_attack_is_applied_once_after_training(flower_identity) -> None:
@@ -192,17 +202,22 @@ TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 exp = ExperimentConfig.from_dict({"attack": {"kind": "nonfinite", "sites": ["site-0"]}})
 cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1})
 content = RecordDict({keys.ARRAYS: ArrayRecord(build_experiment_model(exp).state_dict()), keys.CONFIG: cfg})
-ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_SITE_CONFIG: "/site.yaml"}, state=RecordDict(),
+ctx = Context(run_id=1, node_id=1, node_config={keys.NODE_SITE_CONFIG: sys.argv[1]}, state=RecordDict(),
               run_config={})
 reply = clientapp(Message(content=content, dst_node_id=1, message_type="train"), ctx)
-assert reply.has_error() and "refused by a hospital node" in reply.error.reason, reply.error
+assert not reply.has_error(), reply.error
+assert str(reply.content[keys.SITE][keys.REFUSAL]).startswith("simulation-only: "), reply.content
 assert simulation_modules() == [], simulation_modules()
 print("no simulation code loaded")
 """
 
 
-def test_a_hospital_node_never_loads_simulation_code() -> None:
+def test_a_hospital_node_never_loads_simulation_code(tmp_path: Path) -> None:
     """The ``flwr run`` component on a hospital's node, in a fresh process: no ``medflower.simulation`` module."""
-    res = subprocess.run([sys.executable, "-c", HOSPITAL_NODE], cwd=REPO, capture_output=True, text=True, timeout=300)
+    site = tmp_path / "site.yaml"
+    site.write_text("name: hospital-a\ntask: classification\ndata: {kind: folders, path: /nonexistent/export}\n")
+    res = subprocess.run(
+        [sys.executable, "-c", HOSPITAL_NODE, str(site)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     assert "no simulation code loaded" in res.stdout

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from medflower import keys
 from medflower.client.privacy import PrivacyLedger, RoundPrivacy, load_ledger, site_plan
+from medflower.client.state import node_ledger_place
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 from medflower.simulation.clientapp import app as simulation_app
@@ -75,26 +76,27 @@ def test_reported_epsilon_equals_dp_accounting_and_grows(flower_identity) -> Non
 def test_restarted_client_continues_its_ledger(flower_identity, tmp_path: Path) -> None:
     exp = _exp()
     plan = site_plan(exp, site="site-0", num_train=len(build_sites(exp)[0].train))
-    simulation_app(_message(exp, 1), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)}))
-    assert (tmp_path / "privacy-ledger-site-0.json").is_file()
-    # the node restarts: Flower's context.state is gone, the checkpoint folder is not
-    m = simulation_app(_message(exp, 2), _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)})).content[keys.METRICS]
+    simulation_app(_message(exp, 1), _context(**{keys.NODE_STATE_DIR: str(tmp_path)}))
+    assert len(list(tmp_path.glob("privacy-ledger-site-0-*.json"))) == 1  # one ledger per site and data set
+    # the node restarts: Flower's context.state is gone, the state folder is not
+    m = simulation_app(_message(exp, 2), _context(**{keys.NODE_STATE_DIR: str(tmp_path)})).content[keys.METRICS]
     assert m[keys.DP_STEPS] == 2 * plan.steps_per_round
     assert m[keys.DP_EPSILON] == pytest.approx(
         _independent_epsilon(plan.sample_rate, plan.noise_multiplier, 2 * plan.steps_per_round), rel=0.01
     )
-    # without the checkpoint, a restarted node would have started over (what the ledger prevents)
+    # without the state folder, a restarted node would have started over (what the ledger prevents)
     fresh = simulation_app(_message(exp, 2), _context()).content[keys.METRICS]
     assert fresh[keys.DP_STEPS] == plan.steps_per_round and fresh[keys.DP_EPSILON] < m[keys.DP_EPSILON]
 
 
 def test_a_round_that_crashed_is_charged(tmp_path: Path) -> None:
     exp = _exp()
-    ctx = _context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)})
-    rp = RoundPrivacy.start(exp, ctx, site="site-0", num_train=100, server_round=1)
+    ctx = _context(**{keys.NODE_STATE_DIR: str(tmp_path)})
+    place = node_ledger_place(ctx, exp, "site-0")
+    rp = RoundPrivacy.start(exp, ctx, site="site-0", num_train=100, server_round=1, place=place)
     assert rp.refusal is None
-    # the process dies here (no finish): the write-ahead record is in the checkpoint
-    restarted = load_ledger(_context(**{keys.NODE_CHECKPOINT_DIR: str(tmp_path)}), site="site-0", mechanism="rdp")
+    # the process dies here (no finish): the write-ahead record is in the state folder
+    restarted = load_ledger(_context(), site="site-0", mechanism="rdp", place=place)
     assert restarted.steps == rp.plan.steps_per_round and restarted.pending is None
 
 
