@@ -28,13 +28,11 @@ from typing import Literal
 from medflower.config import ExperimentConfig
 from medflower.config.model import ModelName
 from medflower.schema import ConfigError, rng_field
-from medflower.strategies.registry import method_names
+from medflower.strategies.registry import METHODS, method_names
 
 # Methods that keep a personal model at the site (trained on its data, never aggregated), which
-# ``policy.allow_personal_models: false`` refuses. The method registry (medflower.strategies.registry
-# .Method) has no attribute that says so; this is the one place that names them. A test checks that
-# every name here is a registered method, so a rename fails loudly.
-PERSONAL_MODEL_METHODS: tuple[str, ...] = ("ditto",)
+# ``policy.allow_personal_models: false`` refuses: declared by each method (Method.personal_model).
+PERSONAL_MODEL_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS.values() if m.personal_model)
 
 EVAL_SPLITS = ("val", "test")  # what a coordinator may ask a site to evaluate on (never its training split)
 MESSAGE_KINDS = ("train", "evaluate")

@@ -135,7 +135,8 @@ class Method:
     ``privacy`` maps every privacy mode to None (compatible) or the reason it is refused;
     ``secure_aggregation`` is None when the server half needs only the weighted sum of the updates
     (so secure aggregation could hide each one), else the reason it must see each update;
-    ``models`` says which models the method needs (checked when it is built). ``reply_arrays``
+    ``models`` says which models the method needs (checked when it is built); ``personal_model``
+    whether each site keeps a model of its own (a hospital's policy may refuse that). ``reply_arrays``
     gives the ArrayRecords a valid train reply carries, from the global model's layout.
     """
 
@@ -148,6 +149,7 @@ class Method:
     privacy: Mapping[str, str | None]
     secure_aggregation: str | None
     models: str = "any"
+    personal_model: bool = False  # keeps a model at each site that is trained there and never aggregated
     source: str = "Flower"
     reference: str = ""
     reply_arrays: Callable[[Spec, Strategy], dict[str, Spec]] = model_arrays

@@ -155,6 +155,7 @@ METHOD = Method(
         "client": None,
     },
     secure_aggregation=None,
+    personal_model=True,
     source="medflower",
     reference="Li et al., ICML 2021",
 )
