@@ -74,14 +74,22 @@ def download_medmnist(
 
 
 def _to_nchw(images: np.ndarray, path: Path, key: str) -> np.ndarray:
-    if images.ndim == 3:  # (N, H, W) grey
+    """``(N, C, rows, columns)`` or ``(N, C, rows, columns, slices)``: medflower's axis convention
+    (:mod:`medflower.data.readers`), which every file reader follows too."""
+    if images.ndim == 3:  # (N, rows, columns) grey: as numpy holds pictures, kept
         images = images[:, None]
-    elif images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, H, W, C)
+    elif images.ndim == 4 and images.shape[-1] in (1, 3):  # (N, rows, columns, C)
         images = np.moveaxis(images, -1, 1)
-    elif images.ndim == 4:  # (N, D, H, W) 3D grey (OrganMNIST3D etc.)
-        images = images[:, None]
+    elif images.ndim == 4:
+        # 3D grey (OrganMNIST3D etc.) is stored (N, slices, rows, columns): MedMNIST shows images[:, d]
+        # as pictures. The convention puts slices last, as MONAI's readers do for NIfTI and DICOM
+        # series; the arrays come from an .npz, not a file MONAI reads, so the axis is moved here.
+        images = np.moveaxis(images, 1, -1)[:, None]
     else:
-        raise DataError(f"{path}: {key} has shape {images.shape}; expected (N,H,W), (N,H,W,C) or (N,D,H,W)")
+        raise DataError(
+            f"{path}: {key} has shape {images.shape}; expected (N, rows, columns), (N, rows, columns, C) "
+            "or (N, slices, rows, columns)"
+        )
     x = images.astype(np.float32)
     if images.dtype == np.uint8:
         x /= 255.0

@@ -8,6 +8,24 @@ written here is only the glue MONAI has no transform for: choosing the reader fr
 channel-count adapter (RGB to grey and back), the image-vs-mask grid check and mapping stored mask
 values (e.g. 0/255 PNG masks) to class indices.
 
+**One axis convention** (docs/hospital-data.md, "Image axes"): every reader yields the same array
+``(C, rows, columns)`` for a 2D image and ``(C, rows, columns, slices)`` for a volume, as numpy and
+the MedMNIST ``.npz`` files hold pictures (``image[0, 0]`` is the top-left pixel):
+
+* PNG/JPEG/BMP/TIFF: rows top to bottom, columns left to right (``PILReader(reverse_indexing=False)``;
+  MONAI's default reverses them into columns x rows);
+* a DICOM file: its pixel raster, ``Rows`` x ``Columns`` (``PydicomReader(swap_ij=False)``; MONAI's
+  default swaps them); a multi-frame file: rows x columns x frames;
+* ``.npy`` (and ``.npz``): taken as stored, already rows x columns (x slices);
+* a volume with a known orientation (NIfTI, a DICOM series with orientation/position tags) is brought by
+  MONAI's ``Orientation`` to the axis codes :data:`AXCODES_3D` (``PLS``): rows run anterior to posterior,
+  columns from the patient's right to left, slices inferior to superior. These are the rows and columns
+  of an axial slice as a radiologist views it, and those of an axial DICOM series as stored, so a DICOM
+  series and its NIfTI conversion give the same array. ``data.orientation`` replaces ``PLS`` with other
+  axis codes. A 2D NIfTI (two dimensions) is taken as stored, rows x columns.
+
+Masks are read by the same code, so they follow their images.
+
 Privacy: DICOM headers are read by pydicom but never leave this module. Only the pixel array, the
 spatial shape and the voxel spacing are returned; errors name the file and the exception type, not
 header values (pydicom's warnings and messages can quote tag values such as a patient's name).
@@ -67,25 +85,73 @@ def file_format(path: Path) -> str:
     )
 
 
-def _reader(fmt: str) -> Any:
+AXCODES_3D = "PLS"  # volumes: rows anterior->posterior, columns right->left, slices inferior->superior
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # axis codes name directions in RAS space (both readers' affines)
+AXES = {2: "rows x columns", 3: "rows x columns x slices"}
+
+
+def axes_of(ndim: int) -> str:
+    """What the spatial axes of a prepared array are: ``rows x columns`` (2D) or ``... x slices`` (3D)."""
+    return AXES.get(ndim, f"{ndim} axes")
+
+
+def describe(shape: tuple[int, ...], *, channels: bool = False) -> str:
+    """``20x40 (rows x columns)``, or ``1x20x40 (channels x rows x columns)`` with ``channels``."""
+    spatial = len(shape) - (1 if channels else 0)
+    axes = ("channels x " if channels else "") + axes_of(spatial)
+    return f"{'x'.join(str(int(v)) for v in shape)} ({axes})"
+
+
+def _dicom_layout(path: Path) -> tuple[int, int]:
+    """(samples per pixel, frames) of a DICOM file, or of the first file of a series folder.
+
+    Read from the header only (no pixels), so that the reader can be told where the colour axis is.
+    """
+    import pydicom  # here: only DICOM needs it
+
+    first = path
+    if path.is_dir():
+        first = next((p for p in sorted(path.iterdir()) if p.is_file()), path)
+    try:
+        ds = pydicom.dcmread(first, stop_before_pixels=True, specific_tags=["SamplesPerPixel", "NumberOfFrames"])
+        return int(ds.get("SamplesPerPixel") or 1), int(ds.get("NumberOfFrames") or 1)
+    except Exception:  # LoadImage reports an unreadable file, naming it
+        return 1, 1
+
+
+def _reader(fmt: str, samples: int = 1) -> Any:
+    """The MONAI reader of ``fmt``, set to the rows x columns convention (see the module doc)."""
     from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader  # MONAI: lazy (see top)
 
     if fmt == "nifti":
-        return NibabelReader()
+        return NibabelReader()  # voxel axes as stored; read_image reorients volumes (Orientation)
     if fmt == "dicom":
-        return PydicomReader()
+        # swap_ij=False: pydicom's raster, Rows x Columns (MONAI's default swaps it to Columns x Rows);
+        # a colour DICOM's samples are its last axis (without channel_dim they would read as slices)
+        return PydicomReader(swap_ij=False, channel_dim=-1 if samples > 1 else None)
     if fmt == "image":
-        return PILReader()
+        return PILReader(reverse_indexing=False)  # rows x columns (MONAI's default gives columns x rows)
     return NumpyReader()
 
 
-def read_image(path: str | Path) -> Any:
-    """Read ``path`` as a channel-first MONAI ``MetaTensor`` (float32, affine attached).
+def _has_orientation(img: Any, fmt: str, frames: int) -> bool:
+    """Whether the file states where its axes point (so that ``Orientation`` can be applied)."""
+    if fmt == "nifti":
+        return True
+    # a DICOM file or series with ImageOrientationPatient (0020,0037); MONAI gives the others (and
+    # multi-frame files, whose geometry is per frame) an identity affine that means nothing
+    return fmt == "dicom" and frames == 1 and "00200037" in img.meta
 
+
+def read_image(path: str | Path, *, orientation: str | None = None) -> Any:
+    """Read ``path`` as a channel-first MONAI ``MetaTensor`` (float32, affine attached) in the axis
+    convention of the module doc: ``(C, rows, columns)`` or ``(C, rows, columns, slices)``.
+
+    A volume with a known orientation is brought to ``orientation`` (default :data:`AXCODES_3D`).
     Raises :class:`DataError` naming the file when it is missing, empty, truncated or not readable
     by the reader its type selects.
     """
-    from monai.transforms import LoadImage  # MONAI: lazy (see top)
+    from monai.transforms import LoadImage, Orientation  # MONAI: lazy (see top)
 
     path = Path(path)
     if not path.exists():
@@ -95,10 +161,11 @@ def read_image(path: str | Path) -> Any:
         raise DataError(f"{path}: empty folder (expected the files of one DICOM series)")
     if path.is_file() and path.stat().st_size == 0:
         raise DataError(f"{path}: empty file")
+    samples, frames = _dicom_layout(path) if fmt == "dicom" else (1, 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom/nibabel warnings may quote header values
-            img = LoadImage(reader=_reader(fmt), image_only=True, ensure_channel_first=True, dtype=np.float32)(
+            img = LoadImage(reader=_reader(fmt, samples), image_only=True, ensure_channel_first=True, dtype=np.float32)(
                 str(path)
             )
     except Exception as err:
@@ -108,6 +175,21 @@ def read_image(path: str | Path) -> Any:
         raise DataError(f"{path}: has {img.ndim - 1} spatial dimensions after reading; expected 2D or 3D")
     if not torch.isfinite(img).all():
         raise DataError(f"{path}: holds NaN or infinite values")
+    if fmt == "dicom" and frames > 1 and path.is_file() and img.ndim == 4:
+        # A multi-frame file reads frames first, (C, frames, rows, columns). MONAI has no option to stack
+        # frames last as it does a series' slices, and its affine for such a file is the identity, so
+        # this move of an axis cannot disturb any geometry: it gives rows x columns x frames.
+        img = img.movedim(1, -1)
+    if orientation is not None and (img.ndim != 4 or len(orientation) != 3):
+        raise DataError(
+            f"{path}: is {img.ndim - 1}D but data.orientation {orientation!r} applies to volumes (3 axis "
+            "codes); 2D images are read as rows x columns"
+        )
+    if img.ndim == 4 and _has_orientation(img, fmt, frames):
+        try:
+            img = Orientation(axcodes=orientation or AXCODES_3D, labels=RAS_LABELS)(img)
+        except (RuntimeError, ValueError) as err:
+            raise DataError(f"{path}: cannot reorient to {orientation or AXCODES_3D}: {_first_line(err)}") from None
     return img
 
 
@@ -124,7 +206,8 @@ def spacing_of(img: Any) -> tuple[float, ...]:
 def grid_mismatch(image: Any, mask: Any) -> str | None:
     """Why ``mask`` is not on ``image``'s voxel grid (shape or affine), or None if it is."""
     if tuple(image.shape[1:]) != tuple(mask.shape[1:]):
-        return f"mask shape {tuple(mask.shape[1:])} differs from image shape {tuple(image.shape[1:])}"
+        got, want = describe(tuple(mask.shape[1:])), describe(tuple(image.shape[1:]))
+        return f"mask shape {got} differs from image shape {want}"
     a, b = np.asarray(image.affine, dtype=np.float64), np.asarray(mask.affine, dtype=np.float64)
     if a.shape != b.shape or not np.allclose(a, b, atol=GRID_ATOL_MM):
         return (
@@ -136,11 +219,11 @@ def grid_mismatch(image: Any, mask: Any) -> str | None:
 
 @dataclass
 class Prepared:
-    image: np.ndarray  # float32 (C, *spatial)
-    mask: np.ndarray | None  # int64 (1, *spatial) class indices
-    raw_shape: tuple[int, ...]  # spatial shape as stored
+    image: np.ndarray  # float32 (C, rows, columns[, slices])
+    mask: np.ndarray | None  # int64 (1, rows, columns[, slices]) class indices
+    raw_shape: tuple[int, ...]  # spatial shape as read: rows x columns (x slices), before resampling
     raw_channels: int
-    spacing: tuple[float, ...]  # as stored
+    spacing: tuple[float, ...]  # as read (mm per row, column, slice), before resampling
     mask_values: tuple[int, ...] = ()  # distinct stored mask values (before mapping)
 
 
@@ -200,11 +283,13 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
     """
     from monai import transforms as mt  # MONAI: lazy (see top)
 
-    img = read_image(image_path)
+    # image and mask come in the axis convention (module doc), so the grid check below compares a
+    # DICOM series with its NIfTI mask once both are reoriented
+    img = read_image(image_path, orientation=cfg.orientation)
     raw_shape, raw_channels, spacing = tuple(img.shape[1:]), int(img.shape[0]), spacing_of(img)
     mask = None
     if mask_path is not None:
-        mask = read_image(mask_path)
+        mask = read_image(mask_path, orientation=cfg.orientation)
         if mask.shape[0] == 3 and torch.equal(mask[0], mask[1]) and torch.equal(mask[0], mask[2]):
             mask = mask[:1]  # an RGB-saved grey mask
         if mask.shape[0] != 1:
@@ -216,15 +301,12 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
     for key in ("spacing", "size", "patch_size"):
         value = getattr(cfg, key)
         if value is not None and len(value) != nd:
-            raise DataError(f"{image_path}: is {nd}D {raw_shape} but data.{key} has {len(value)} values")
+            raise DataError(f"{image_path}: is {nd}D {describe(raw_shape)} but data.{key} has {len(value)} values")
     img = _adapt_channels(img, cfg.channels, image_path)
     stored_values: tuple[int, ...] = ()
     if mask is not None:
         stored_values = tuple(int(v) for v in torch.unique(mask).tolist()[:256])
     try:
-        if cfg.orientation is not None:
-            img = mt.Orientation(axcodes=cfg.orientation)(img)
-            mask = mt.Orientation(axcodes=cfg.orientation)(mask) if mask is not None else None
         if cfg.spacing is not None:
             img = mt.Spacing(pixdim=cfg.spacing, mode="bilinear")(img)
             mask = mt.Spacing(pixdim=cfg.spacing, mode="nearest")(mask) if mask is not None else None
@@ -259,7 +341,7 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
 
 
 def cut_slabs(array: np.ndarray, slabs: int, path: Path) -> list[np.ndarray]:
-    """Split a (C, X, Y, Z) array into ``slabs`` equal parts along Z (the slice axis)."""
+    """Split a (C, rows, columns, slices) array into ``slabs`` equal parts along the slice axis."""
     if slabs == 1:
         return [array]
     if array.ndim != 4:
