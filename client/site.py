@@ -50,7 +50,7 @@ from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
 from medflower.data import SiteData
 from medflower.data.base import DataError
 from medflower.data.manifest import assign_splits, load_file_dataset, patient_crossings, read_rows
-from medflower.data.readers import file_format, prepare, segmentation_classes
+from medflower.data.readers import AXCODES_3D, axes_of, file_format, prepare, segmentation_classes
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, to_dict
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -128,20 +128,34 @@ def load_site_data(site_yaml_path: str | Path, exp: ExperimentConfig) -> SiteDat
 def _load_site(path: str, mtime: int, exp_json: str) -> SiteData:
     exp = ExperimentConfig.from_json(exp_json)
     site = load_site_config(path, exp)
-    ds = load_file_dataset(site.data, path=site.data_path(), task=site.task, seed=exp.seed, name=site.name)
-    m = exp.model
-    expected = {
-        "model.in_channels": (m.in_channels, ds.in_channels),
-        "model.img_size": (tuple(m.img_size) if m.img_size else None, tuple(ds.img_size)),
-    }
-    for key, (want, got) in expected.items():
-        if want is not None and want != got:
-            raise ConfigError(
-                f"{path}: the site's prepared images give {key.split('.')[1]} {got} but the "
-                f"experiment's {key} is {want}; set data.size/data.channels (or leave them "
-                "to the experiment)"
-            )
+    channels, size, source = _model_input(exp)
+    try:
+        ds = load_file_dataset(
+            site.data,
+            path=site.data_path(),
+            task=site.task,
+            seed=exp.seed,
+            name=site.name,
+            expect_channels=channels,
+            expect_size=size,
+            expected_from=source,
+        )
+    except DataError as err:  # every data error of a site names the site
+        text = str(err)
+        raise DataError(text if text.startswith(f"site {site.name!r}") else f"site {site.name!r}: {text}") from err
     return SiteData(site.name, ds.train, ds.val, ds.test, {"num_classes": ds.num_classes})
+
+
+def _model_input(exp: ExperimentConfig) -> tuple[int, tuple[int, ...], str]:
+    """The input the experiment's model is built for: channels, size (rows x columns [x slices]), and
+    where they come from; the very sizes :func:`medflower.modelspec.build_experiment_model` uses."""
+    m = exp.model
+    if m.in_channels is not None and m.img_size is not None:
+        return m.in_channels, tuple(m.img_size), "the experiment's model (model.in_channels, model.img_size)"
+    from medflower.modelspec import model_spec  # lazy: imports the model zoo, which `site check` does not need
+
+    spec = model_spec(exp)  # the sizes model.* leaves open come from the experiment's data set
+    return spec.in_channels, tuple(spec.img_size), "the experiment's model (sized by model.* and the experiment's data)"
 
 
 # ------------------------------------------------------------------------------------------ site check
@@ -220,11 +234,21 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
             labels[int(row.label)] += 1  # type: ignore[arg-type]
     rep.lines.append(f"readable: {len(ok_rows)}/{n}; formats: {_counts(formats)}")
     if ok_rows:
-        rep.lines.append(f"stored shapes: {_counts(shapes, _shape)}")
-        rep.lines.append(f"stored channels: {_counts(channels)}")
-        rep.lines.append(f"stored spacings (mm): {_counts(spacings, _shape)}")
-        rep.lines.append(f"prepared (C x spatial): {_counts(prepared_shapes, _shape)}")
         dims = sorted({len(s) - 1 for s in prepared_shapes})
+        axes = axes_of(dims[0]) if len(dims) == 1 else "rows x columns (x slices)"
+        oriented = ""
+        if 3 in dims:
+            oriented = (
+                f", volumes reoriented to {cfg.orientation} (data.orientation)"
+                if cfg.orientation
+                else f", volumes reoriented to {AXCODES_3D}: rows anterior->posterior, columns right->left, "
+                "slices inferior->superior"
+            )
+        rep.lines.append(f"axes: {axes} (row 0 at the top{oriented}), the same for every file format")
+        rep.lines.append(f"shapes as read ({axes}): {_counts(shapes, _shape)}")
+        rep.lines.append(f"channels as stored: {_counts(channels)}")
+        rep.lines.append(f"spacings as read (mm, {axes}): {_counts(spacings, _shape)}")
+        rep.lines.append(f"prepared (channels x {axes}): {_counts(prepared_shapes, _shape)}")
         if len(dims) > 1:
             rep.errors.append(
                 f"images are {' and '.join(f'{d}D' for d in dims)}; one site's images must all be 2D or all 3D"

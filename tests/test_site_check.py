@@ -51,7 +51,11 @@ def test_nifti_image_and_mask_pass(shared_data: Path, tmp_path: Path) -> None:
         )
     )
     assert rc == 0, out
-    assert "readable: 1/1" in out and "33x41x25" in out and "2.0x2.0x2.0" in out and "site check OK" in out
+    assert "readable: 1/1" in out and "2.0x2.0x2.0" in out and "site check OK" in out
+    # stored 33x41x25 LAS; reoriented to PLS its anterior-posterior axis (41) is the rows
+    assert "axes: rows x columns x slices" in out and "volumes reoriented to PLS" in out
+    assert "shapes as read (rows x columns x slices): 41x33x25" in out
+    assert "prepared (channels x rows x columns x slices): 1x41x33x25" in out
 
 
 def test_png_folder_pair_passes_with_label_balance(shared_data: Path, tmp_path: Path) -> None:
@@ -68,7 +72,8 @@ def test_png_folder_pair_passes_with_label_balance(shared_data: Path, tmp_path: 
     )
     rc, out = _check(site)
     assert rc == 0, out
-    assert "readable: 30/30" in out and "512x512 (x30)" in out and "stored mask values: [0, 255]" in out
+    assert "readable: 30/30" in out and "stored mask values: [0, 255]" in out
+    assert "axes: rows x columns (row 0 at the top)" in out and "shapes as read (rows x columns): 512x512 (x30)" in out
     assert "class 1: 78." in out  # the white (cell) pixels of the ISBI masks
 
 
@@ -114,6 +119,8 @@ def test_dicom_files_and_series_pass_and_no_identifier_is_printed(
     assert f"readable: {len(files)}/{len(files)}" in out and "dicom" in out
     if files == ["monai_CT_DICOM"]:
         assert "16x16x4" in out  # the 4-slice series read as one volume
+    if files == ["emri_small.dcm"]:
+        assert "(rows x columns x slices): 64x64x10" in out  # a multi-frame file: its frames are the slices
     identifiers = _dicom_identifiers(paths)
     assert identifiers, "the test files should carry identifying tags to look for"
     leaked = [v for v in identifiers if v in out]

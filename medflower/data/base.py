@@ -9,9 +9,20 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from medflower.schema import ConfigError
+
 
 class DataError(ValueError):
     """A data file is missing, unreadable or malformed; the message names the file (and key)."""
+
+
+class ModelInputError(ConfigError):
+    """A site's prepared images are not the shape or channel count the experiment's model takes.
+
+    A configuration error (``data.size``/``data.channels`` against the model), not an unreadable
+    file: a hospital node reports it to the coordinator as ``config-error``. The message names the
+    site, both shapes and an example file.
+    """
 
 
 @dataclass

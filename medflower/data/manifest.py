@@ -28,12 +28,13 @@ import numpy as np
 
 from medflower.config import ExperimentConfig
 from medflower.config.data import DataConfig
-from medflower.data.base import ArraySplit, DataError, DatasetSplits, split_indices
+from medflower.data.base import ArraySplit, DataError, DatasetSplits, ModelInputError, split_indices
 from medflower.data.readers import (
     SUPPORTED,
     Prepared,
     balanced_patches,
     cut_slabs,
+    describe,
     grid_patches,
     prepare,
     segmentation_classes,
@@ -364,8 +365,9 @@ def load_samples(rows: RowList, cfg: DataConfig, task: str) -> tuple[list[Sample
         common = shapes.most_common(1)[0][0]
         odd = next(s for s in samples if s.image.shape != common)
         raise DataError(
-            f"{rows.rows[odd.row].image}: prepared shape {odd.image.shape} differs from the others' "
-            f"{common}; set data.size (and data.channels) so that every image has the same shape"
+            f"{rows.rows[odd.row].image}: prepared shape {describe(odd.image.shape, channels=True)} differs from "
+            f"the others' {describe(common, channels=True)}; set data.size (and data.channels) so that every "
+            "image has the same shape"
         )
     return samples, prepared
 
@@ -409,10 +411,81 @@ def _patchify(split: ArraySplit, cfg: DataConfig, seed: int) -> ArraySplit:
     return ArraySplit(images, masks, {k: np.repeat(v, per) for k, v in split.groups.items()})
 
 
-def load_file_dataset(cfg: DataConfig, *, path: Path, task: str, seed: int, name: str | None = None) -> DatasetSplits:
-    """Read the files ``cfg`` describes into train/val/test arrays (patient-safe splits)."""
+def check_model_input(
+    samples: list[Sample],
+    prepared: list[Prepared],
+    rows: RowList,
+    cfg: DataConfig,
+    task: str,
+    *,
+    channels: int | None,
+    size: tuple[int, ...] | None,
+    who: str,
+    expected_from: str = "the experiment's model",
+) -> None:
+    """Raise :class:`ModelInputError` if the prepared samples do not have the model's input ``channels`` and
+    ``size``, naming ``who`` (the site), both shapes and the file to blame (or one example file).
+
+    The samples share one shape already (:func:`load_samples`). A segmentation set trained on patches
+    gives the model ``data.patch_size``-sized inputs; the whole images only need the channel count.
+    """
+    image = samples[0].image
+    got_size = tuple(cfg.patch_size) if (task == "segmentation" and cfg.patch_size) else tuple(image.shape[1:])
+    got = (int(image.shape[0]), *got_size)
+    want = (
+        channels if channels is not None else got[0],
+        *(tuple(size) if size is not None else got_size),
+    )
+    if got == want:
+        return
+    row = rows.rows[samples[0].row]
+    prep = prepared[samples[0].row]
+    unset = [k for k in ("size", "channels") if getattr(cfg, k) is None]
+    kept = f" (data.{' and data.'.join(unset)} not set: kept as read)" if unset else ""
+    patches = got_size != tuple(image.shape[1:])
+    fix = []
+    if want[1:] != got[1:]:
+        fix.append(f"data.{'patch_size' if patches else 'size'}: {list(want[1:])}")
+    if want[0] != got[0]:
+        fix.append(f"data.channels: {want[0]}")
+    raise ModelInputError(
+        f"{who}: its prepared images are {describe(got, channels=True)}{' patches' if patches else ''} but "
+        f"{expected_from} expects {describe(want, channels=True)}; e.g. {row.where}: {row.image} reads as "
+        f"{describe(prep.raw_shape)}, {prep.raw_channels} channel(s){kept}; prepare them with "
+        f"{', '.join(fix)} (in the experiment, which every site inherits, or in the site YAML)"
+    )
+
+
+def load_file_dataset(
+    cfg: DataConfig,
+    *,
+    path: Path,
+    task: str,
+    seed: int,
+    name: str | None = None,
+    expect_channels: int | None = None,
+    expect_size: tuple[int, ...] | None = None,
+    expected_from: str = "the experiment's model",
+) -> DatasetSplits:
+    """Read the files ``cfg`` describes into train/val/test arrays (patient-safe splits).
+
+    With ``expect_channels``/``expect_size`` (a deployed site: the experiment's model input), prepared
+    images of another shape are refused before anything else (:func:`check_model_input`).
+    """
     rows = read_rows(cfg, path, task)
-    samples, _ = load_samples(rows, cfg, task)
+    samples, prepared = load_samples(rows, cfg, task)
+    if expect_channels is not None or expect_size is not None:
+        check_model_input(
+            samples,
+            prepared,
+            rows,
+            cfg,
+            task,
+            channels=expect_channels,
+            size=expect_size,
+            who=f"site {name!r}" if name else str(path),
+            expected_from=expected_from,
+        )
     splits = assign_splits(rows.rows, [s.row for s in samples], cfg, seed)
     by_split = {k: [i for i, s in enumerate(splits) if s == k] for k in SPLITS}
     if not by_split["train"]:
