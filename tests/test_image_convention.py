@@ -392,3 +392,26 @@ def test_the_hospital_node_refuses_before_training(tmp_path: Path, flower_identi
     assert reply.has_error() and reply.error.reason.startswith("config-error: ")
     logged = " ".join(r.getMessage() for r in caplog.records if r.name == "medflower.site")
     assert "site 'st-wide'" in logged and "1x20x40" in logged and "1x16x16" in logged
+
+
+def test_segmentation_patches_are_checked_against_the_model(tmp_path: Path) -> None:
+    """Trained on ``data.patch_size`` patches, a segmentation model takes patches: those are compared."""
+    from medflower.data.manifest import load_file_dataset
+
+    root = tmp_path / "seg"
+    for sub in ("images", "labels"):
+        (root / sub).mkdir(parents=True)
+    for i in range(3):
+        _write_pil(root / "images" / f"{i}.png", PICTURE)
+        _write_pil(root / "labels" / f"{i}.png", (PICTURE == 250).astype(np.uint8))
+    cfg = DataConfig(kind="folders", path="x", patch_size=(8, 8), val_fraction=0.0, test_fraction=0.0)
+    with pytest.raises(
+        ModelInputError, match=r"prepared training patches are 1x8x8 .* expects 1x16x16 .*patch_size: \[16, 16\]"
+    ):
+        load_file_dataset(
+            cfg, path=root, task="segmentation", seed=0, name="seg", expect_channels=1, expect_size=(16, 16)
+        )
+    ds = load_file_dataset(
+        cfg, path=root, task="segmentation", seed=0, name="seg", expect_channels=1, expect_size=(8, 8)
+    )
+    assert ds.img_size == (8, 8) and ds.train.images.shape[1:] == (1, 8, 8)

@@ -449,7 +449,7 @@ def check_model_input(
     if want[0] != got[0]:
         fix.append(f"data.channels: {want[0]}")
     raise ModelInputError(
-        f"{who}: its prepared images are {describe(got, channels=True)}{' patches' if patches else ''} but "
+        f"{who}: its prepared {'training patches' if patches else 'images'} are {describe(got, channels=True)} but "
         f"{expected_from} expects {describe(want, channels=True)}; e.g. {row.where}: {row.image} reads as "
         f"{describe(prep.raw_shape)}, {prep.raw_channels} channel(s){kept}; prepare them with "
         f"{', '.join(fix)} (in the experiment, which every site inherits, or in the site YAML)"

@@ -177,9 +177,11 @@ def read_image(path: str | Path, *, orientation: str | None = None) -> Any:
         raise DataError(f"{path}: holds NaN or infinite values")
     if fmt == "dicom" and frames > 1 and path.is_file() and img.ndim == 4:
         # A multi-frame file reads frames first, (C, frames, rows, columns). MONAI has no option to stack
-        # frames last as it does a series' slices, and its affine for such a file is the identity, so
-        # this move of an axis cannot disturb any geometry: it gives rows x columns x frames.
+        # frames last as it does a series' slices, hence this move of an axis: rows x columns x frames.
+        # MONAI does not read a multi-frame file's (per-frame) geometry, so no affine is disturbed: it
+        # is set to the identity (1 mm per axis, no orientation), as MONAI gives files without geometry.
         img = img.movedim(1, -1)
+        img.affine = torch.eye(4, dtype=torch.float64)
     if orientation is not None and (img.ndim != 4 or len(orientation) != 3):
         raise DataError(
             f"{path}: is {img.ndim - 1}D but data.orientation {orientation!r} applies to volumes (3 axis "
