@@ -78,11 +78,11 @@ class DataConfig:
 
     # ---- preparation: how every image becomes a fixed-size tensor ----
     channels: int | None = rng_field(None, min=1, max=16)  # None = as stored (must agree)
-    orientation: str | None = None  # e.g. "RAS" (3D): reorient every volume to these axis codes
+    orientation: str | None = None  # volumes: axis codes to reorient to instead of the convention's PLS
     spacing: tuple[float, ...] | None = None  # resample to this voxel size (mm), e.g. [1.0, 1.0, 2.5]
     intensity: Intensity = "minmax"
     window: tuple[float, ...] | None = None  # intensity: window; e.g. CT HU [-1000, 400], PNG [0, 255]
-    size: tuple[int, ...] | None = None  # every image is brought to this size ([H, W] or [X, Y, Z])
+    size: tuple[int, ...] | None = None  # every image is brought to this size ([rows, columns(, slices)])
     fit: Literal["resize", "pad_crop"] = "resize"  # how `size` is reached
     patch_size: tuple[int, ...] | None = None  # segmentation: train on patches, infer by sliding window
     # grid: non-overlapping patches covering each training image; balanced: MONAI's
