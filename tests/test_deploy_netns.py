@@ -191,7 +191,7 @@ def _other_ca_and_expired_certs(lab: Lab, site: Site) -> tuple[Path, Path]:
     foreign = (other / "clients" / f"{site.name}.crt").rename(lab.root / "foreign.crt")
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
     expired = sign_client_csr(lab.certs, site.csr, days=30, not_before=long_ago).rename(lab.root / "expired.crt")
-    lab.sign(site)  # the federation's valid one again in certs/clients/ (renewal: the same CSR)
+    lab.sign(site, days=365)  # renewal (README step 9): the federation's valid one again, same CSR
     return foreign, expired
 
 
