@@ -334,7 +334,15 @@ class Lab:
         return [p for p in ns_pids(self.coord_ns) if any("flwr-serverapp" in a for a in cmdline(p)[:2])]
 
     def kill_superlink(self) -> None:
-        """SIGKILL the SuperLink process (a crash, an OOM kill); the launch script then stops nginx and exits."""
+        """SIGKILL the SuperLink process (a crash, an OOM kill); the launch script then stops nginx and
+        exits, and what is left of the service is stopped, as a service manager does.
+
+        Flower starts the ServerApp in a process of its own session (through ``flower-superexec``),
+        which notices its parent's death only when its main thread next runs Python code, and then
+        may block in its exit handler. systemd (``KillMode=control-group``, its default) and a
+        container runtime stop every process of a service whose main process exited; everything in
+        the coordinator's namespace is that service, so the lab does the same.
+        """
         pids = self.superlink_pids()
         if not pids:
             raise LabError(f"no flower-superlink process in {self.coord_ns}\n{self.logs()}")
@@ -342,6 +350,7 @@ class Lab:
             os.kill(pid, signal.SIGKILL)
         if self.coordinator is not None:
             self.coordinator.popen.wait(timeout=30)
+        kill_ns_processes(self.coord_ns)
 
     def add_connection(self, *, ns: str | None = None, address: str | None = None, home: Path | None = None) -> None:
         """The administrator's `flwr` connection (default: on the coordinator host, to the admin port)."""

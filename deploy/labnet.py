@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 TAG_RE = re.compile(r"^mf(\d+)x\d+-")
 T = TypeVar("T")
@@ -126,8 +126,17 @@ class Proc:
             return ""
 
 
+class _HasLogs(Protocol):
+    def logs(self) -> str: ...
+
+
 def wait_for(
-    predicate: Callable[[], T], *, timeout: float, interval: float = 0.5, what: str = "condition", lab=None
+    predicate: Callable[[], T],
+    *,
+    timeout: float,
+    interval: float = 0.5,
+    what: str = "condition",
+    lab: _HasLogs | None = None,
 ) -> T:
     """Poll ``predicate`` until it returns a truthy value; LabError (with the lab's logs) on timeout."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,8 @@
 # MEDFLOWER_SITE_DIRECTORY and names every reply by the registered site of its node.
 # Runtime installation of the app's dependencies is switched off: the image/venv already has them.
 # If either the SuperLink or nginx exits, the other is stopped and the script exits with its
-# status, for the service manager (systemd, compose's restart policy) to restart both.
+# status, for the service manager (systemd, compose's restart policy) to stop what is left (Flower
+# runs the ServerApp in a session of its own) and restart both.
 set -euo pipefail
 
 CERTS="" STATE="" HOST="0.0.0.0" PORT="9093" ADMIN_PORT="9094" SL_PORT="9095" ADMIN_NETS=()

@@ -279,3 +279,16 @@ def test_nginx_enforces_the_coordinator_and_sidecar_rules(pki, tmp_path: Path) -
             p.wait(timeout=10)
         server.shutdown()
         server.server_close()
+
+
+def test_proxy_config_command_prints_the_config_path_and_names_missing_flags(pki, tmp_path: Path, capsys) -> None:
+    from medflower.cli import main as cli
+
+    argv = ["deploy", "proxy-config", "coordinator", "--out", str(tmp_path / "p"), "--listen", "0.0.0.0:9093"]
+    assert cli(argv) == 2
+    assert "--certs and --superlink are required" in capsys.readouterr().err
+    assert cli([*argv, "--certs", str(pki["certs"]), "--superlink", "127.0.0.1:9095"]) == 0
+    assert capsys.readouterr().out.strip() == str((tmp_path / "p" / "nginx.conf").resolve())
+    side = ["deploy", "proxy-config", "hospital", "--out", str(tmp_path / "s"), "--listen", "127.0.0.1:9092"]
+    assert cli([*side, "--coordinator", "coordinator:9093"]) == 2
+    assert "--ca, --client-cert, --client-key required" in capsys.readouterr().err

@@ -278,3 +278,14 @@ def test_hospital_data_argument_errors(shims, tmp_path: Path, extra: list[str], 
     res, calls = shims("start-hospital.sh", *_hospital_args(tmp_path, *extra))
     assert res.returncode == 2 and calls == []
     assert message in res.stderr
+
+
+@pytest.mark.parametrize("script", ["start-coordinator.sh", "start-hospital.sh"])
+def test_help_prints_the_whole_header_comment(script: str) -> None:
+    res = subprocess.run([str(DEPLOY / script), "--help"], capture_output=True, text=True, timeout=10)
+    header = []
+    for line in (DEPLOY / script).read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert res.returncode == 0 and res.stdout.splitlines() == header
