@@ -42,6 +42,7 @@ from flwr.cli.build import build_fab_from_disk
 
 from medflower import __version__
 from medflower.deploy.lab import REPO, Lab, LabError, Site, netns_unavailable_reason, proxy_unavailable_reason, wait_for
+from medflower.deploy.labnet import environ
 from medflower.deploy.proxy import CERT_REFUSED
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -165,6 +166,9 @@ def test_run_completes_through_the_proxy(lab: Lab) -> None:
     out = lab.root / "run-complete"
     exp = _experiment(lab.root, "deploy-complete", rounds=1)
     run_id = lab.flwr_run({"experiment": str(exp), "output-dir": str(out)})
+    (serverapp, *_) = wait_for(lab.serverapp_pids, timeout=60, what="the ServerApp process", lab=lab)
+    # the ServerApp Flower started inherited start-coordinator.sh's MEDFLOWER_SITE_DIRECTORY
+    assert environ(serverapp).get("MEDFLOWER_SITE_DIRECTORY") == str(lab.directory)
     summary = _summary(out, lab, run_id)
     assert [r["round"] for r in summary["rounds"]] == [1]
     for r in summary["rounds"]:
@@ -178,7 +182,7 @@ def test_run_completes_through_the_proxy(lab: Lab) -> None:
     for name in NAMES:
         assert re.search(rf'"POST /v1/fleet/push-messages HTTP/1.1" 200 .* client="CN={name}"', access), name
     serverapp_log = (lab.root / "logs" / "coordinator.log").read_text(errors="replace")
-    assert "no site directory" not in serverapp_log  # the ServerApp inherited MEDFLOWER_SITE_DIRECTORY
+    assert "no site directory" not in serverapp_log  # so it named the replies by the directory
 
 
 def _other_ca_and_expired_certs(lab: Lab, site: Site) -> tuple[Path, Path]:
