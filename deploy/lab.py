@@ -1,15 +1,18 @@
-"""A federation rehearsal on one Linux machine: a coordinator and N hospitals, each in its own
-network namespace, wired by veth pairs to a bridge inside the coordinator's namespace.
+"""A federation rehearsal on one Linux machine: a coordinator, an administrator's workstation and N
+hospitals, each in its own network namespace, wired by veth pairs to a bridge inside the
+coordinator's namespace.
 
 It runs exactly the steps of deploy/README.md (the same ``medflower deploy``/``flwr`` commands and
 the same launch scripts the container images run), so that tests/test_deploy_netns.py (or an
-administrator rehearsing from Python) exercises a real deployment: TLS and node authentication on,
-real IP addresses, links that can be cut. Nothing is attached to the host's own network namespace,
-so no traffic leaves the lab. Needs root and ``ip netns`` (iproute2). Every command it runs is
-recorded in ``Lab.commands``.
+administrator rehearsing from Python) exercises a real deployment: the reverse proxy in front of a
+SuperLink bound to loopback, client certificates, TLS and node authentication on, real IP
+addresses, links that can be cut and restored, a SuperLink that can be killed and restarted.
+Nothing is attached to the host's own network namespace, so no traffic leaves the lab. Needs root,
+``ip netns`` (iproute2) and nginx. Every command it runs is recorded in ``Lab.commands``.
 
-Flower has a local SuperLink for simulations but nothing that exercises its deployment transport
-with several addresses, TLS and node authentication on one machine; hence this module.
+Lab processes run this checkout's medflower (its root first on ``PYTHONPATH``), whatever copy is
+installed. Flower has a local SuperLink for simulations but nothing that exercises its deployment
+transport with several addresses, TLS and node authentication on one machine; hence this module.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -28,115 +30,84 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medflower.deploy.labnet import (
+    PROBE,
+    LabError,
+    Proc,
+    cmdline,
+    kill_ns_processes,
+    netns_unavailable_reason,
+    ns_pids,
+    pids_running,
+    proxy_unavailable_reason,
+    remove_stale_namespaces,
+    wait_for,
+)
 from medflower.runenv import FLOWER_ENV
+
+__all__ = ["REPO", "Lab", "LabError", "Site", "netns_unavailable_reason", "proxy_unavailable_reason", "wait_for"]
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(__file__).resolve().parent
 LAB_ENV = {**FLOWER_ENV, "PYTHONUNBUFFERED": "1"}  # every lab process; unbuffered: logs are read live
 CONNECTION = "medflower"
-TAG_RE = re.compile(r"^mf(\d+)x\d+-")
-
-
-class LabError(RuntimeError):
-    """A lab step failed; the message names the step and where its log is."""
-
-
-def netns_unavailable_reason() -> str | None:
-    """Why this machine cannot host the lab (None if it can)."""
-    if sys.platform != "linux":
-        return f"network namespaces need Linux, this is {sys.platform}"
-    if os.geteuid() != 0:
-        return "creating network namespaces needs root"
-    if shutil.which("ip") is None:
-        return "the `ip` command (iproute2) is not installed"
-    probe = f"mfprobe{os.getpid()}"
-    res = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
-    if res.returncode != 0:
-        return f"`ip netns add` failed: {res.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return None
-
-
-def remove_stale_namespaces() -> list[str]:
-    """Delete lab namespaces left by a lab process that no longer exists (e.g. killed by a timeout)."""
-    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    removed = []
-    for line in res.stdout.splitlines():
-        name = line.split()[0] if line.split() else ""
-        m = TAG_RE.match(name)
-        if m and not Path(f"/proc/{m.group(1)}").exists():
-            _kill_ns_processes(name)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-            removed.append(name)
-    return removed
-
-
-def _ns_pids(ns: str) -> list[int]:
-    res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
-    return [int(p) for p in res.stdout.split() if p.isdigit()]
-
-
-def _kill_ns_processes(*namespaces: str, grace_s: float = 3.0) -> None:
-    """Every process inside a lab namespace was started by the lab: stop them, then force."""
-
-    def alive() -> list[int]:
-        return [pid for ns in namespaces for pid in _ns_pids(ns)]
-
-    pids = alive()
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (pids := alive()):
-            time.sleep(0.1)
-        if not pids:
-            return
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
-    except OSError:
-        return []
-
-
-@dataclass
-class Proc:
-    name: str
-    ns: str
-    popen: subprocess.Popen
-    log: Path
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+COORDINATOR_NAME = "coordinator"  # the DNS name in the coordinator's certificate (nginx checks names only)
 
 
 @dataclass
 class Site:
+    """A hospital's machine: its namespace, address and files (as deploy/README.md names them)."""
+
     name: str
     ns: str
     ip: str
     dir: Path
-    key: Path
-    pub: Path
-    ca: Path
     proc: Proc | None = None
+
+    @property
+    def key(self) -> Path:
+        return self.dir / f"{self.name}.key"
+
+    @property
+    def pub(self) -> Path:
+        return self.dir / f"{self.name}.pub"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.dir / f"{self.name}.tls.key"
+
+    @property
+    def csr(self) -> Path:
+        return self.dir / f"{self.name}.csr"
+
+    @property
+    def cert(self) -> Path:
+        return self.dir / f"{self.name}.crt"
+
+    @property
+    def ca(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state"
 
 
 @dataclass
 class Lab:
-    """``with Lab(root) as lab: ...``; see :meth:`setup` for the README's steps."""
+    """``with Lab(root) as lab: ...``; see :meth:`setup` for the README's steps.
+
+    ``names`` are the sites' names (default ``hospital-1``...): each is registered under its name,
+    which must be the name its replies carry (a site YAML's ``name``; ``site-<partition-id>`` for a
+    simulated partition).
+    """
 
     root: Path
     num_sites: int = 3
+    names: list[str] | None = None
     port: int = 9093
+    admin_port: int = 9094
+    superlink_port: int = 9095
     subnet: str = "10.77.0"
     tag: str = ""
     commands: list[list[str]] = field(default_factory=list)
@@ -145,13 +116,20 @@ class Lab:
     def __post_init__(self) -> None:
         self.root = Path(self.root).resolve()
         self.tag = self.tag or f"mf{os.getpid()}x{int(time.time() * 1000) % 100000}"
+        self.names = list(self.names or [f"hospital-{i + 1}" for i in range(self.num_sites)])
+        if len(self.names) != self.num_sites:
+            raise ValueError(f"names: {len(self.names)} given for num_sites={self.num_sites}")
         self.coord_ns = f"{self.tag}-c"
+        self.admin_ns = f"{self.tag}-a"  # an administrator's workstation on the admin network
         self.coord_ip = f"{self.subnet}.1"
-        self.address = f"{self.coord_ip}:{self.port}"
+        self.admin_ip = f"{self.subnet}.5"
+        self.address = f"{self.coord_ip}:{self.port}"  # what hospitals dial
+        self.admin_address = f"127.0.0.1:{self.admin_port}"  # the administrator, on the coordinator host
         self.admin = self.root / "admin"
         self.certs = self.admin / "certs"
         self.admin_home = self.admin / "flwr-home"
         self.coord_state = self.root / "coordinator"
+        self.directory = self.coord_state / "sites.json"  # start-coordinator.sh's default site directory
         self.sites: list[Site] = []
         self._namespaces: list[str] = []
         self.coordinator: Proc | None = None
@@ -173,8 +151,18 @@ class Lab:
         if res.returncode != 0:
             raise LabError(f"`ip {' '.join(args)}` failed: {res.stderr.strip()}")
 
+    def _attach(self, ns: str, veth: str, ip: str) -> None:
+        """A new namespace ``ns`` with ``ip`` on its eth0, the other end ``veth`` on the bridge."""
+        self._ip("netns", "add", ns)
+        self._namespaces.append(ns)
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", self.coord_ns, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self._ip("-n", self.coord_ns, "link", "set", veth, "master", "br0", "up")
+        self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+        self._ip("-n", ns, "link", "set", "eth0", "up")
+
     def up(self) -> None:
-        """Namespaces, a bridge in the coordinator's namespace and one veth pair per hospital."""
+        """Namespaces, a bridge in the coordinator's namespace, one veth pair per other machine."""
         remove_stale_namespaces()
         self.root.mkdir(parents=True, exist_ok=True)
         c = self.coord_ns
@@ -184,42 +172,31 @@ class Lab:
         self._ip("-n", c, "link", "add", "br0", "type", "bridge")
         self._ip("-n", c, "addr", "add", f"{self.coord_ip}/24", "dev", "br0")
         self._ip("-n", c, "link", "set", "br0", "up")
-        for i in range(self.num_sites):
-            name = f"hospital-{i + 1}"
-            ns = f"{self.tag}-h{i + 1}"
-            ip = f"{self.subnet}.{11 + i}"
-            self._ip("netns", "add", ns)
-            self._namespaces.append(ns)
-            self._ip("-n", ns, "link", "set", "lo", "up")
-            self._ip("-n", c, "link", "add", f"vh{i + 1}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            self._ip("-n", c, "link", "set", f"vh{i + 1}", "master", "br0", "up")
-            self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-            self._ip("-n", ns, "link", "set", "eth0", "up")
-            d = self.root / "sites" / name
-            self.sites.append(Site(name, ns, ip, d, d / f"{name}.key", d / f"{name}.pub", d / "ca.crt"))
+        self._attach(self.admin_ns, "vadm", self.admin_ip)
+        for i, name in enumerate(self.names or []):
+            ns, ip = f"{self.tag}-h{i + 1}", f"{self.subnet}.{11 + i}"
+            self._attach(ns, f"vh{i + 1}", ip)
+            self.sites.append(Site(name, ns, ip, self.root / "sites" / name))
 
     def add_site_namespace(self, name: str) -> Site:
-        """One more hospital namespace on the bridge (e.g. an unregistered node)."""
+        """One more hospital machine on the bridge (e.g. an unregistered node)."""
         i = len(self._namespaces)
         ns, ip = f"{self.tag}-x{i}", f"{self.subnet}.{100 + i}"
-        self._ip("netns", "add", ns)
-        self._namespaces.append(ns)
-        self._ip("-n", ns, "link", "set", "lo", "up")
-        self._ip("-n", self.coord_ns, "link", "add", f"vx{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-        self._ip("-n", self.coord_ns, "link", "set", f"vx{i}", "master", "br0", "up")
-        self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-        self._ip("-n", ns, "link", "set", "eth0", "up")
-        d = self.root / "sites" / name
-        return Site(name, ns, ip, d, d / f"{name}.key", d / f"{name}.pub", d / "ca.crt")
+        self._attach(ns, f"vx{i}", ip)
+        return Site(name, ns, ip, self.root / "sites" / name)
 
     def cut_link(self, site: Site) -> None:
         """Take the hospital's only interface down: its packets stop, its processes keep running."""
         self.commands.append(["ip", "-n", site.ns, "link", "set", "eth0", "down"])
         self._ip("-n", site.ns, "link", "set", "eth0", "down")
 
+    def restore_link(self, site: Site) -> None:
+        self.commands.append(["ip", "-n", site.ns, "link", "set", "eth0", "up"])
+        self._ip("-n", site.ns, "link", "set", "eth0", "up")
+
     def down(self) -> None:
         """Stop every process in the lab's namespaces and delete them (idempotent)."""
-        _kill_ns_processes(*self._namespaces)
+        kill_ns_processes(*self._namespaces)
         for p in self.procs:
             if p.alive():
                 p.popen.kill()
@@ -233,6 +210,7 @@ class Lab:
     def env(self, flwr_home: Path | None) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "FLWR_HOME"}
         env.update(LAB_ENV)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
         if flwr_home is not None:
             flwr_home.mkdir(parents=True, exist_ok=True)
             env["FLWR_HOME"] = str(flwr_home)
@@ -291,12 +269,36 @@ class Lab:
             time.sleep(0.5)
         raise LabError(f"nothing listens on {host}:{port} after {timeout:.0f}s" + (f":\n{proc.tail()}" if proc else ""))
 
-    # ---- the README's steps ----
+    def probe(
+        self, ns: str, port: int, path: str, *, method: str = "POST", cert: Path | None = None, key: Path | None = None
+    ) -> str:
+        """An HTTPS request to the coordinator from ``ns`` (optionally with a client certificate):
+        ``"<status> <body start>"`` or ``"error ..."`` (see :data:`medflower.deploy.labnet.PROBE`)."""
+        argv = [sys.executable, "-c", PROBE, self.coord_ip, str(port), method, path, str(self.certs / "ca.crt")]
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns, *argv, str(cert or ""), str(key or "")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return (res.stdout or res.stderr).strip()
+
+    # ---- the README's steps: administrator ----
     def make_certs(self) -> None:
         """Administrator: CA and the coordinator's certificate (name and IP the hospitals dial)."""
         self.run(
             self.coord_ns,
-            ["medflower", "deploy", "certs", "--out", str(self.certs), "--name", "coordinator", "--ip", self.coord_ip],
+            [
+                "medflower",
+                "deploy",
+                "certs",
+                "--out",
+                str(self.certs),
+                "--name",
+                COORDINATOR_NAME,
+                "--ip",
+                self.coord_ip,
+            ],
         )
 
     def coordinator_argv(self) -> list[str]:
@@ -308,16 +310,52 @@ class Lab:
             str(self.coord_state),
             "--port",
             str(self.port),
+            "--admin-port",
+            str(self.admin_port),
+            "--admin-network",
+            f"{self.admin_ip}/32",
+            "--superlink-port",
+            str(self.superlink_port),
         ]
 
     def start_coordinator(self) -> Proc:
         self.coordinator = self.spawn(self.coord_ns, self.coordinator_argv(), name="coordinator")
         self.wait_listening(self.coord_ns, self.coord_ip, self.port, proc=self.coordinator)
+        self.wait_listening(
+            self.coord_ns, "127.0.0.1", self.superlink_port, proc=self.coordinator
+        )  # the SuperLink behind it
         return self.coordinator
 
-    def add_connection(self) -> None:
+    def superlink_pids(self) -> list[int]:
+        return pids_running(self.coord_ns, "flower-superlink")
+
+    def serverapp_pids(self) -> list[int]:
+        """ServerApp processes Flower started in the coordinator's namespace."""
+        return [p for p in ns_pids(self.coord_ns) if any("flwr-serverapp" in a for a in cmdline(p)[:2])]
+
+    def kill_superlink(self) -> None:
+        """SIGKILL the SuperLink process (a crash, an OOM kill); the launch script then stops nginx and
+        exits, and what is left of the service is stopped, as a service manager does.
+
+        Flower starts the ServerApp in a process of its own session (through ``flower-superexec``),
+        which notices its parent's death only when its main thread next runs Python code, and then
+        may block in its exit handler. systemd (``KillMode=control-group``, its default) and a
+        container runtime stop every process of a service whose main process exited; everything in
+        the coordinator's namespace is that service, so the lab does the same.
+        """
+        pids = self.superlink_pids()
+        if not pids:
+            raise LabError(f"no flower-superlink process in {self.coord_ns}\n{self.logs()}")
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        if self.coordinator is not None:
+            self.coordinator.popen.wait(timeout=30)
+        kill_ns_processes(self.coord_ns)
+
+    def add_connection(self, *, ns: str | None = None, address: str | None = None, home: Path | None = None) -> None:
+        """The administrator's `flwr` connection (default: on the coordinator host, to the admin port)."""
         self.run(
-            self.coord_ns,
+            ns or self.coord_ns,
             [
                 "medflower",
                 "deploy",
@@ -325,26 +363,103 @@ class Lab:
                 "--name",
                 CONNECTION,
                 "--address",
-                self.address,
+                address or self.admin_address,
                 "--ca",
                 str(self.certs / "ca.crt"),
             ],
-            home=self.admin_home,
+            home=home or self.admin_home,
         )
 
-    def node_key(self, site: Site) -> None:
-        """Hospital IT: create the node key; the administrator hands over ca.crt."""
-        self.run(site.ns, ["medflower", "deploy", "node-key", "--site", site.name, "--out", str(site.dir)])
-        shutil.copy(self.certs / "ca.crt", site.ca)
-
-    def register(self, site: Site) -> None:
-        """Administrator: register the hospital's public key with the coordinator."""
+    def sign(self, site: Site, *, days: int | None = None) -> None:
+        """Administrator: sign the hospital's CSR; the hospital installs the certificate (renewal: again)."""
+        extra = ["--days", str(days)] if days is not None else []
         self.run(
             self.coord_ns,
-            ["flwr", "supernode", "register", str(site.pub), CONNECTION, "--name", site.name],
-            home=self.admin_home,
-            timeout=60,
+            ["medflower", "deploy", "certs", "--out", str(self.certs), "--client-csr", str(site.csr), *extra],
         )
+        shutil.copy(self.certs / "clients" / f"{site.name}.crt", site.cert)
+
+    def register(self, site: Site, *, declared_examples: int | None = None) -> int:
+        """Administrator: admit the hospital's key under its name (Flower and the site directory)."""
+        extra = ["--declared-examples", str(declared_examples)] if declared_examples else []
+        self.run(
+            self.coord_ns,
+            [
+                "medflower",
+                "deploy",
+                "register",
+                "--name",
+                site.name,
+                "--key",
+                str(site.pub),
+                "--directory",
+                str(self.directory),
+                *extra,
+            ],
+            home=self.admin_home,
+            timeout=90,
+        )
+        return self.node_id(site.name)
+
+    def unregister(self, site: Site) -> None:
+        self.run(
+            self.coord_ns,
+            ["medflower", "deploy", "unregister", "--name", site.name, "--directory", str(self.directory)],
+            home=self.admin_home,
+            timeout=90,
+        )
+
+    def node_id(self, name: str) -> int:
+        sites = json.loads(self.directory.read_text())["sites"]
+        (node,) = [int(n) for n, e in sites.items() if e["name"] == name]
+        return node
+
+    def flwr(self, *args: str, ns: str | None = None, home: Path | None = None, check: bool = True) -> Any:
+        """An administrator's ``flwr ... --format json`` (default: on the coordinator host); its JSON."""
+        res = self.run(
+            ns or self.coord_ns, ["flwr", *args, "--format", "json"], home=home or self.admin_home, check=check
+        )
+        try:
+            return json.loads(res.stdout[res.stdout.index("{") :])
+        except ValueError:
+            if check:
+                raise LabError(f"`flwr {' '.join(args)}` printed no JSON:\n{res.stdout}\n{res.stderr}") from None
+            return {"success": False, "stdout": res.stdout, "stderr": res.stderr}
+
+    def flwr_run(self, run_config: dict[str, str], *, app: Path = REPO) -> int:
+        """Administrator: submit the app to the federation; returns the run id."""
+        rc = " ".join(f"{k}='{v}'" for k, v in run_config.items())
+        out = self.flwr("run", str(app), CONNECTION, "--run-config", rc)
+        if not out.get("success") or "run-id" not in out:
+            raise LabError(f"`flwr run` failed: {out}")
+        return int(out["run-id"])
+
+    def runs(self) -> list[dict[str, Any]]:
+        return list(self.flwr("ls", CONNECTION).get("runs", []))
+
+    def run_status(self, run_id: int) -> str:
+        for r in self.runs():
+            if int(r.get("run-id", -1)) == run_id:
+                return str(r.get("status", ""))
+        return ""
+
+    def stop_run(self, run_id: int) -> None:
+        # check=False: the coordinator may already have marked a run whose ServerApp died as finished
+        self.run(
+            self.coord_ns, ["flwr", "stop", str(run_id), CONNECTION], home=self.admin_home, timeout=60, check=False
+        )
+
+    def nodes(self) -> list[dict[str, Any]]:
+        return list(self.flwr("supernode", "ls", CONNECTION)["nodes"])
+
+    def node_status(self, node_id: int) -> str:
+        return next((str(n.get("status")) for n in self.nodes() if int(n["node-id"]) == node_id), "")
+
+    # ---- the README's steps: hospital ----
+    def node_key(self, site: Site) -> None:
+        """Hospital IT: node key and TLS key with its CSR; the administrator hands over ca.crt."""
+        self.run(site.ns, ["medflower", "deploy", "node-key", "--site", site.name, "--out", str(site.dir)])
+        shutil.copy(self.certs / "ca.crt", site.ca)
 
     @staticmethod
     def data_args(data: str | Path) -> list[str]:
@@ -366,6 +481,10 @@ class Lab:
                 str(site.key),
                 "--pub",
                 str(site.pub),
+                "--client-cert",
+                str(site.cert),
+                "--client-key",
+                str(site.tls_key),
                 *self.data_args(data),
             ],
             check=False,
@@ -380,13 +499,19 @@ class Lab:
             str(DEPLOY / "start-hospital.sh"),
             "--coordinator",
             self.address,
+            "--coordinator-name",
+            COORDINATOR_NAME,
             "--ca",
             str(site.ca),
             "--key",
             str(site.key),
+            "--client-cert",
+            str(site.cert),
+            "--client-key",
+            str(site.tls_key),
             *self.data_args(data),
             "--state",
-            str(site.dir / "flwr-home"),
+            str(site.state),
             "--trusted-entities",  # always given, as in compose.yaml: the hospital's choice is on the command line
             str(trusted_entities) if trusted_entities is not None else "",
         ]
@@ -399,63 +524,31 @@ class Lab:
         site.proc = self.spawn(site.ns, argv, name=site.name)
         return site.proc
 
-    def flwr_run(self, run_config: dict[str, str], *, app: Path = REPO) -> int:
-        """Administrator: submit the app to the federation; returns the run id."""
-        rc = " ".join(f"{k}='{v}'" for k, v in run_config.items())
-        res = self.run(
-            self.coord_ns,
-            ["flwr", "run", str(app), CONNECTION, "--run-config", rc, "--format", "json"],
-            home=self.admin_home,
-            timeout=180,
-        )
-        try:
-            out = json.loads(res.stdout[res.stdout.index("{") :])
-        except ValueError as err:
-            raise LabError(f"`flwr run` printed no JSON:\n{res.stdout}\n{res.stderr}") from err
-        if not out.get("success") or "run-id" not in out:
-            raise LabError(f"`flwr run` failed: {out}")
-        return int(out["run-id"])
-
-    def runs(self) -> list[dict[str, Any]]:
-        res = self.run(self.coord_ns, ["flwr", "ls", CONNECTION, "--format", "json"], home=self.admin_home, timeout=60)
-        out = json.loads(res.stdout[res.stdout.index("{") :])
-        return list(out.get("runs", []))
-
-    def run_status(self, run_id: int) -> str:
-        for r in self.runs():
-            if int(r.get("run-id", -1)) == run_id:
-                return str(r.get("status", ""))
-        return ""
-
-    def stop_run(self, run_id: int) -> None:
-        # check=False: the coordinator may already have marked a run whose ServerApp died as finished
-        self.run(
-            self.coord_ns, ["flwr", "stop", str(run_id), CONNECTION], home=self.admin_home, timeout=60, check=False
-        )
-
-    def serverapp_pids(self) -> list[int]:
-        """ServerApp processes Flower started in the coordinator's namespace."""
-        return [p for p in _ns_pids(self.coord_ns) if any("flwr-serverapp" in a for a in cmdline(p)[:2])]
+    def onboard(self, site: Site, data: str | Path, *, check_node: bool = True, start: bool = True) -> None:
+        """One hospital's steps: keys, certificate, registration, checks, start."""
+        self.node_key(site)
+        self.sign(site)
+        self.register(site)
+        if isinstance(data, Path):  # a hospital with its own files reads every one of them once
+            self.run(site.ns, ["medflower", "site", "check", str(data)], timeout=300)
+        if check_node:
+            res = self.node_check(site, data)
+            if res.returncode != 0:
+                raise LabError(f"node check failed for {site.name}:\n{res.stdout}\n{res.stderr}")
+        if start:
+            self.start_hospital(site, data)
 
     def setup(self, node_configs: list[str | Path], *, check_nodes: bool = True) -> None:
-        """Steps 1-6 of deploy/README.md for every hospital, then start the hospitals' nodes."""
+        """The README's steps for the coordinator and every hospital, then start the hospitals' nodes."""
         self.make_certs()
         self.start_coordinator()
         self.add_connection()
-
-        def onboard(site: Site, cfg: str | Path) -> None:  # hospitals onboard independently: in parallel
-            self.node_key(site)
-            self.register(site)
-            if isinstance(cfg, Path):  # a hospital with its own files reads every one of them once
-                self.run(site.ns, ["medflower", "site", "check", str(cfg)], timeout=300)
-            if check_nodes:
-                res = self.node_check(site, cfg)
-                if res.returncode != 0:
-                    raise LabError(f"node check failed for {site.name}:\n{res.stdout}\n{res.stderr}")
-            self.start_hospital(site, cfg)
-
-        with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
-            for fut in [pool.submit(onboard, site, cfg) for site, cfg in zip(self.sites, node_configs, strict=True)]:
+        with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:  # hospitals onboard independently
+            futures = [
+                pool.submit(self.onboard, site, cfg, check_node=check_nodes)
+                for site, cfg in zip(self.sites, node_configs, strict=True)
+            ]
+            for fut in futures:
                 fut.result()
 
     def logs(self) -> str:
@@ -463,14 +556,3 @@ class Lab:
             f"---- {p.name} ({'running' if p.alive() else f'exit {p.popen.returncode}'}) ----\n{p.tail()}"
             for p in self.procs
         )
-
-
-def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "condition", lab: Lab | None = None):
-    """Poll ``predicate`` until it returns a truthy value; LabError with the lab's logs on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise LabError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{lab.logs()}" if lab else ""))

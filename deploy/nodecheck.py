@@ -4,14 +4,15 @@ A SuperNode that cannot connect retries silently, and a TLS failure surfaces as 
 error deep in a log (Flower #4844, Fed-BioMed #1447). This check does each step on its own and says
 which one fails and what to do: the node key loads the way flower-supernode loads it, the CA
 certificate is a valid, unexpired CA, the coordinator answers over TLS with a certificate that this
-CA signed and that names the address dialled, and the site's data description is readable.
-It changes nothing (in particular it does not register or activate the node).
+CA signed and that names the address dialled, its proxy accepts this hospital's client certificate
+(``--client-cert``/``--client-key``: it answers ``/health`` from the SuperLink behind it), and the
+site's data description is readable. It changes nothing (in particular it does not register or
+activate the node).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import http.client
 import os
 import socket
@@ -26,7 +27,8 @@ from flwr.common.config import parse_config_args
 from medflower.client.site import load_site_config
 from medflower.data.base import DataError
 from medflower.data.manifest import read_rows
-from medflower.deploy.certs import describe_cert, load_node_private_key, public_key_line
+from medflower.deploy.certs import describe_cert, key_sha256, load_node_private_key, public_key_line
+from medflower.deploy.proxy import CERT_REFUSED
 
 EXPIRY_WARN_DAYS = 30
 
@@ -51,7 +53,7 @@ def check_key(key_path: str | Path, pub_path: str | Path | None = None) -> Check
     except ValueError as err:
         return CheckResult("node key", "fail", str(err))
     line = public_key_line(key)
-    fp = hashlib.sha256(line.split()[1].encode()).hexdigest()[:16]
+    fp = key_sha256(line)[:16]
     if pub_path is not None:
         pub = Path(pub_path)
         if not pub.is_file() or pub.read_text().split()[:2] != line.split()[:2]:
@@ -116,8 +118,18 @@ def _served_cert(host: str, port: int, timeout: float) -> x509.Certificate | Non
         return None
 
 
-def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0) -> CheckResult:
+def check_coordinator(
+    address: str,
+    ca_path: str | Path,
+    *,
+    timeout: float = 5.0,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+) -> CheckResult:
+    """TLS to the coordinator, verified against ``ca_path``; with a client certificate, the proxy's verdict."""
     name = "coordinator"
+    if (client_cert is None) != (client_key is None):
+        return CheckResult(name, "fail", "give --client-cert and --client-key together")
     try:
         host, port = split_address(address)
     except ValueError as err:
@@ -140,6 +152,14 @@ def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0
             "a firewall or route blocks outbound traffic to the coordinator",
         )
     ctx = ssl.create_default_context(cafile=str(ca_path))
+    if client_cert is not None and client_key is not None:
+        try:
+            ctx.load_cert_chain(str(client_cert), str(client_key))
+        except (ssl.SSLError, OSError) as err:
+            sock.close()
+            return CheckResult(
+                name, "fail", f"--client-cert {client_cert} / --client-key {client_key} do not load as a pair ({err})"
+            )
     try:
         with ctx.wrap_socket(sock, server_hostname=host) as tls:
             der = tls.getpeercert(binary_form=True)
@@ -169,25 +189,34 @@ def check_coordinator(address: str, ca_path: str | Path, *, timeout: float = 5.0
         return CheckResult(name, "fail", f"{host}:{port} sent no certificate")
     cert = x509.load_der_x509_certificate(der)
     days = _days_left(cert.not_valid_after_utc)
-    health = _health(host, port, ctx, timeout)
-    status: Status = "warn" if days < EXPIRY_WARN_DAYS or health != 200 else "ok"
-    return CheckResult(
-        name,
-        status,
+    health, body = _health(host, port, ctx, timeout)
+    reached = (
         f"{host}:{port} reachable over TLS; certificate verified, valid until "
-        f"{cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days); /health answered {health}",
+        f"{cert.not_valid_after_utc:%Y-%m-%d} ({days:.0f} days)"
     )
+    if CERT_REFUSED in body:
+        hint = (
+            "pass --client-cert and --client-key (the certificate the administrator signed for your .csr)"
+            if client_cert is None
+            else f"the proxy refused --client-cert {client_cert} ({body.strip()}); it must be issued by the "
+            "federation CA and be within its validity: ask the administrator to sign your .csr again"
+        )
+        return CheckResult(name, "fail", f"{reached}; but its proxy requires a client certificate: {hint}")
+    status: Status = "warn" if days < EXPIRY_WARN_DAYS or health != 200 else "ok"
+    accepted = "; client certificate accepted" if client_cert is not None and health == 200 else ""
+    return CheckResult(name, status, f"{reached}{accepted}; /health answered {health}")
 
 
-def _health(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> int | str:
+def _health(host: str, port: int, ctx: ssl.SSLContext, timeout: float) -> tuple[int | str, str]:
     try:
         conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=timeout)
         conn.request("GET", "/health")
-        status = conn.getresponse().status
+        resp = conn.getresponse()
+        body = resp.read(4096).decode(errors="replace")
         conn.close()
-        return status
+        return resp.status, body
     except (OSError, http.client.HTTPException) as err:
-        return f"error ({err})"
+        return f"error ({err})", ""
 
 
 def parse_node_config(text: str) -> dict[str, object]:
@@ -246,12 +275,14 @@ def run_checks(
     key: str | Path,
     node_config: str,
     pub: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
     timeout: float = 5.0,
 ) -> list[CheckResult]:
     return [
         check_key(key, pub),
         check_ca(ca),
-        check_coordinator(coordinator, ca, timeout=timeout),
+        check_coordinator(coordinator, ca, timeout=timeout, client_cert=client_cert, client_key=client_key),
         check_data(node_config),
     ]
 

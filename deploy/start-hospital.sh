@@ -1,53 +1,80 @@
 #!/usr/bin/env bash
-# Start a hospital's node: a Flower SuperNode that dials the coordinator over TLS and signs every
-# request with the hospital's registered key. Nothing listens for inbound connections.
+# Start a hospital's node: a Flower SuperNode that signs every request with the hospital's
+# registered key, and beside it an nginx sidecar that carries those requests to the coordinator over
+# TLS with the hospital's client certificate. Nothing listens for inbound connections from outside.
 #
 # Usage:
 #   deploy/start-hospital.sh --coordinator HOST:PORT --ca ca.crt --key SITE.key \
+#       --client-cert SITE.crt --client-key SITE.tls.key --state DIR \
 #       (--site-config site.yaml | --node-config "partition-id=0 num-partitions=3") \
-#       [--state DIR] [--trusted-entities FILE] [--no-check]
+#       [--coordinator-name NAME] [--trusted-entities FILE] [--proxy-port 9092] [--no-check]
 #
-#   --coordinator  the address in the coordinator's certificate (a name or IP it lists) and port
+#   --coordinator  the coordinator's address and hospital port (9093)
+#   --coordinator-name
+#                  a DNS name in the coordinator's certificate (default: the host of --coordinator;
+#                  needed when that is an IP address: nginx checks certificates by name only)
 #   --ca           the federation's CA certificate (from the administrator)
 #   --key          this hospital's private node key (`medflower deploy node-key`)
+#   --client-cert  this hospital's client certificate (the administrator signs its .csr)
+#   --client-key   its key, <site>.tls.key (`medflower deploy node-key`)
+#   --state DIR    this node's state folder: passed to the ClientApp as node config state-dir (its
+#                  privacy ledger and audit log), FLWR_HOME (DIR/flwr-home) and the sidecar (DIR/proxy)
 #   --site-config  this hospital's site YAML (its data, on this machine only)
 #   --node-config  raw Flower node config instead (e.g. a simulated partition, for rehearsals)
-#   --state DIR    FLWR_HOME for this node (default: ~/.flwr)
 #   --trusted-entities FILE
 #                  run only app bundles signed by a publisher listed in FILE (Flower's
 #                  `flower-supernode --trusted-entities`); empty or absent: run the bundle the
 #                  coordinator sends (deploy/README.md, "Which code runs at your hospital")
+#   --proxy-port   the sidecar's port on 127.0.0.1, which the SuperNode dials (default 9092)
 #   --no-check     skip `medflower node check` before starting
+#
+# Why the sidecar: flower-supernode cannot present a TLS client certificate, which the coordinator's
+# proxy requires (medflower/deploy/proxy.py). If the SuperNode or the sidecar exits, the other is
+# stopped and the script exits with its status.
 set -euo pipefail
 
-COORD="" CA="" KEY="" SITE="" NODECFG="" STATE="" TRUST="" CHECK=1
+COORD="" COORD_NAME="" CA="" KEY="" CCERT="" CKEY="" SITE="" NODECFG="" STATE="" TRUST="" CHECK=1 PPORT="9092"
 while [ $# -gt 0 ]; do
   case "$1" in
     --coordinator) COORD="$2"; shift 2 ;;
+    --coordinator-name) COORD_NAME="$2"; shift 2 ;;
     --ca) CA="$2"; shift 2 ;;
     --key) KEY="$2"; shift 2 ;;
+    --client-cert) CCERT="$2"; shift 2 ;;
+    --client-key) CKEY="$2"; shift 2 ;;
     --site-config) SITE="$2"; shift 2 ;;
     --node-config) NODECFG="$2"; shift 2 ;;
     --state) STATE="$2"; shift 2 ;;
     --trusted-entities) TRUST="$2"; shift 2 ;;
+    --proxy-port) PPORT="$2"; shift 2 ;;
     --no-check) CHECK=0; shift ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
-    *) echo "start-hospital.sh: unknown argument '$1' (valid: --coordinator --ca --key --site-config --node-config --state --trusted-entities --no-check)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
+    *) echo "start-hospital.sh: unknown argument '$1' (valid: --coordinator --coordinator-name --ca --key --client-cert --client-key --state --site-config --node-config --trusted-entities --proxy-port --no-check)" >&2; exit 2 ;;
   esac
 done
 [ -n "$COORD" ] || { echo "start-hospital.sh: --coordinator HOST:PORT is required" >&2; exit 2; }
 [ -n "$CA" ] || { echo "start-hospital.sh: --ca ca.crt is required" >&2; exit 2; }
 [ -n "$KEY" ] || { echo "start-hospital.sh: --key SITE.key is required" >&2; exit 2; }
+[ -n "$CCERT" ] || { echo "start-hospital.sh: --client-cert SITE.crt is required (the administrator signs your .csr)" >&2; exit 2; }
+[ -n "$CKEY" ] || { echo "start-hospital.sh: --client-key SITE.tls.key is required" >&2; exit 2; }
+[ -n "$STATE" ] || { echo "start-hospital.sh: --state DIR is required (this node's ledger, audit log and Flower state)" >&2; exit 2; }
 if [ -n "$SITE" ] && [ -n "$NODECFG" ]; then
   echo "start-hospital.sh: give --site-config or --node-config, not both" >&2; exit 2
 fi
+case "$NODECFG" in *state-dir=*) echo "start-hospital.sh: --node-config must not set state-dir: give --state DIR" >&2; exit 2 ;; esac
+mkdir -p "$STATE"
+STATE="$(cd "$STATE" && pwd)"  # absolute: the ClientApp runs elsewhere
+case "$STATE" in *"'"*) echo "start-hospital.sh: --state $STATE: a quote in the path cannot go into the node config" >&2; exit 2 ;; esac
 if [ -n "$SITE" ]; then
   [ -f "$SITE" ] || { echo "start-hospital.sh: --site-config $SITE: file not found" >&2; exit 2; }
-  SITE="$(cd "$(dirname "$SITE")" && pwd)/$(basename "$SITE")"  # the ClientApp runs elsewhere
+  SITE="$(cd "$(dirname "$SITE")" && pwd)/$(basename "$SITE")"
   NODECFG="site-config='$SITE'"
 fi
 [ -n "$NODECFG" ] || { echo "start-hospital.sh: --site-config site.yaml (or --node-config) is required" >&2; exit 2; }
-SUPERNODE_ARGS=(--superlink "$COORD" --root-certificates "$CA" --auth-supernode-private-key "$KEY" --node-config "$NODECFG")
+NODECFG="$NODECFG state-dir='$STATE'"
+command -v nginx >/dev/null || { echo "start-hospital.sh: nginx is not installed (Debian/Ubuntu: apt-get install nginx); the sidecar presents the client certificate" >&2; exit 2; }
+
+SUPERNODE_ARGS=(--superlink "127.0.0.1:$PPORT" --root-certificates "$STATE/proxy/loopback-ca.crt" --auth-supernode-private-key "$KEY" --node-config "$NODECFG")
 if [ -n "$TRUST" ]; then
   [ -f "$TRUST" ] || { echo "start-hospital.sh: --trusted-entities $TRUST: file not found" >&2; exit 2; }
   SUPERNODE_ARGS+=(--trusted-entities "$(cd "$(dirname "$TRUST")" && pwd)/$(basename "$TRUST")")
@@ -55,10 +82,27 @@ fi
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-if [ -n "$STATE" ]; then mkdir -p "$STATE"; export FLWR_HOME="$STATE"; fi
+export FLWR_HOME="$STATE/flwr-home"
+mkdir -p "$FLWR_HOME"
 
 if [ "$CHECK" = 1 ]; then
-  medflower node check --coordinator "$COORD" --ca "$CA" --key "$KEY" --node-config "$NODECFG"
+  medflower node check --coordinator "$COORD" --ca "$CA" --key "$KEY" --client-cert "$CCERT" --client-key "$CKEY" --node-config "$NODECFG"
 fi
 
-exec flower-supernode "${SUPERNODE_ARGS[@]}"
+PROXY_ARGS=(--out "$STATE/proxy" --listen "127.0.0.1:$PPORT" --coordinator "$COORD" --ca "$CA" --client-cert "$CCERT" --client-key "$CKEY")
+[ -z "$COORD_NAME" ] || PROXY_ARGS+=(--coordinator-name "$COORD_NAME")
+CONF="$(medflower deploy proxy-config hospital "${PROXY_ARGS[@]}")"
+
+nginx -p "$STATE/proxy" -c "$CONF" -e "$STATE/proxy/error.log" -g "daemon off;" &
+PROXY=$!
+flower-supernode "${SUPERNODE_ARGS[@]}" &
+NODE=$!
+
+stop() { kill -TERM "$NODE" "$PROXY" 2>/dev/null || true; }
+trap 'stop; wait; exit 143' TERM INT
+set +e
+wait -n "$NODE" "$PROXY"
+status=$?
+stop
+wait
+exit "$status"

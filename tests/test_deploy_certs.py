@@ -231,3 +231,111 @@ def test_cli_writes_certs_and_keys(tmp_path: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "created CA" in out and "['coordinator', 'localhost', '10.1.2.3', '127.0.0.1']" in out
     assert (tmp_path / "k" / "hospital-b.pub").is_file()
+
+
+def test_a_hospitals_csr_becomes_a_client_certificate_and_renews_with_the_same_key(fed, tmp_path: Path) -> None:
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = certs.make_node_key(tmp_path / "site", site="hospital-a")
+    assert key.tls_key.stat().st_mode & 0o777 == 0o600
+    first = certs.sign_client_csr(fed.ca_cert.parent, key.csr, days=30)
+    assert first == fed.ca_cert.parent / "clients" / "hospital-a.crt"
+    cert = x509.load_pem_x509_certificate(first.read_bytes())
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(fed.ca_cert.read_bytes()))
+    assert cert.subject.rfc4514_string() == "CN=hospital-a"
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]  # a client certificate, never a server's
+    assert 29 < (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 30
+    tls_key = serialization.load_pem_private_key(key.tls_key.read_bytes(), password=None)
+    spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert cert.public_key().public_bytes(*spki) == tls_key.public_key().public_bytes(*spki)
+    renewed = x509.load_pem_x509_certificate(certs.sign_client_csr(fed.ca_cert.parent, key.csr).read_bytes())
+    assert renewed.serial_number != cert.serial_number  # a new certificate ...
+    assert renewed.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)  # ... for the same key
+
+
+def test_client_csr_errors_name_the_file(fed, tmp_path: Path) -> None:
+    key = certs.make_node_key(tmp_path / "site", site="hospital-a")
+    with pytest.raises(ValueError, match="--client-csr .*nowhere.csr: file not found"):
+        certs.sign_client_csr(fed.ca_cert.parent, tmp_path / "nowhere.csr")
+    (tmp_path / "bad.csr").write_text("not a csr")
+    with pytest.raises(ValueError, match="--client-csr .*bad.csr: not a PEM certificate signing request"):
+        certs.sign_client_csr(fed.ca_cert.parent, tmp_path / "bad.csr")
+    with pytest.raises(ValueError, match="ca.crt not found: the CA.s certificate and key"):
+        certs.sign_client_csr(tmp_path / "site", key.csr)  # no CA there
+    with pytest.raises(ValueError, match="--days must be >= 1"):
+        certs.sign_client_csr(fed.ca_cert.parent, key.csr, days=0)
+    fed.ca_key.rename(tmp_path / "offline-ca.key")  # kept offline between signings
+    with pytest.raises(ValueError, match="ca.key not found: .*put ca.key back from its offline copy"):
+        certs.sign_client_csr(fed.ca_cert.parent, key.csr)
+    (tmp_path / "offline-ca.key").rename(fed.ca_key)
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    odd = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "../etc")]))
+        .sign(ec.generate_private_key(ec.SECP384R1()), certs.hashes.SHA384())
+    )
+    (tmp_path / "odd.csr").write_bytes(odd.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ValueError, match="--client-csr .*odd.csr: site name '../etc'"):
+        certs.sign_client_csr(fed.ca_cert.parent, tmp_path / "odd.csr")
+
+
+def test_cli_signs_a_csr_without_touching_the_coordinator_certificate(fed, tmp_path: Path, capsys) -> None:
+    key = certs.make_node_key(tmp_path / "site", site="hospital-b")
+    before = fed.coordinator_cert.read_bytes()
+    assert cli(["deploy", "certs", "--out", str(fed.ca_cert.parent), "--client-csr", str(key.csr), "--days", "90"]) == 0
+    out = capsys.readouterr().out
+    assert "client certificate:" in out and "CN=hospital-b" in out and "coordinator certificate" not in out
+    assert fed.coordinator_cert.read_bytes() == before
+    assert cli(["deploy", "certs", "--out", str(tmp_path / "empty"), "--client-csr", str(key.csr)]) == 2
+
+
+class _MutualTLS(http.server.BaseHTTPRequestHandler):
+    """Answers /health like the coordinator's nginx: 400 and its refusal text without a client certificate."""
+
+    def do_GET(self):
+        from medflower.deploy.proxy import CERT_REFUSED
+
+        ok = bool(self.connection.getpeercert())
+        body = b"" if ok else f"{CERT_REFUSED} (NONE)\n".encode()
+        self.send_response(200 if ok else 400)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_node_check_reports_the_proxys_verdict_on_the_client_certificate(fed, tmp_path: Path) -> None:
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MutualTLS)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(fed.coordinator_cert, fed.coordinator_key)
+    ctx.load_verify_locations(fed.ca_cert)
+    ctx.verify_mode = ssl.CERT_OPTIONAL  # like nginx: the verdict comes as an HTTP answer
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        address = f"127.0.0.1:{srv.server_address[1]}"
+        res = nodecheck.check_coordinator(address, fed.ca_cert)
+        assert res.status == "fail" and "pass --client-cert and --client-key" in res.detail, res.detail
+        key = certs.make_node_key(tmp_path / "site", site="hospital-a")
+        crt = certs.sign_client_csr(fed.ca_cert.parent, key.csr)
+        res = nodecheck.check_coordinator(address, fed.ca_cert, client_cert=crt, client_key=key.tls_key)
+        assert res.status == "ok" and "client certificate accepted" in res.detail, res.detail
+        res = nodecheck.check_coordinator(address, fed.ca_cert, client_cert=crt, client_key=key.private_key)
+        assert res.status == "fail" and "do not load as a pair" in res.detail, res.detail
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_key_fingerprint_is_the_one_node_check_prints(tmp_path: Path) -> None:
+    key = certs.make_node_key(tmp_path, site="hospital-a")
+    fp = certs.key_sha256(key.public_key)
+    assert len(fp) == 64 and fp == certs.key_sha256(key.public_key.read_text())
+    assert f"fingerprint {fp[:16]}" in nodecheck.check_key(key.private_key, key.public_key).detail
+    with pytest.raises(ValueError, match="not an OpenSSH public key line"):
+        certs.key_sha256("garbage")

@@ -45,7 +45,7 @@ def _script_flags(script: str) -> set[str]:
 
 def _lab_argv() -> tuple[list[str], list[str]]:
     lab = Lab(Path("/nonexistent/lab"))
-    site = Site("hospital-1", "ns", "10.0.0.2", Path("/s"), Path("/s/k"), Path("/s/p"), Path("/s/ca"))
+    site = Site("hospital-1", "ns", "10.0.0.2", Path("/s"))
     return lab.coordinator_argv(), lab.hospital_argv(site, Path("/s/site.yaml"))  # as the lab's hospital-1
 
 
@@ -58,8 +58,16 @@ def test_compose_runs_one_coordinator_and_three_hospitals_like_the_lab() -> None
     coord = runners["coordinator"]["command"]
     assert Path(coord[0]).name == "start-coordinator.sh"
     assert set(_flags(coord)) == set(_flags(lab_coord[1:]))
-    port = _flags(coord)["--port"]
-    assert f"{port}:{port}" in runners["coordinator"]["ports"]
+    port, admin_port = _flags(coord)["--port"], _flags(coord)["--admin-port"]
+    assert runners["coordinator"]["ports"] == [f"{port}:{port}"]  # the hospital port only, never the admin port
+    # the Control API is allowed from the admin network, which only the admin service (no hospital) is on
+    subnet = _compose()["networks"]["admin"]["ipam"]["config"][0]["subnet"]
+    assert _flags(coord)["--admin-network"] == subnet and admin_port != port
+    assert sorted(runners["coordinator"]["networks"]) == ["admin", "federation"]
+    assert services["admin"]["networks"] == ["admin"]
+    assert all("admin" not in runners[f"hospital-{i}"].get("networks", ["federation"]) for i in (1, 2, 3))
+    assert "coordinator-state:/state" in services["admin"]["volumes"]  # `deploy register` writes sites.json there
+    assert services["admin"]["environment"]["MEDFLOWER_SITE_DIRECTORY"] == "/state/sites.json"
 
     # the lab's hospitals were checked (`medflower node check`) just before they started
     lab_flags = set(_flags(lab_hosp[1:])) - {"--no-check"}
@@ -70,6 +78,9 @@ def test_compose_runs_one_coordinator_and_three_hospitals_like_the_lab() -> None
         assert set(flags) == lab_flags, f"hospital-{i}"
         assert flags["--coordinator"] == f"coordinator:{port}"  # the service name; in the certificate (README)
         assert flags["--key"] == f"/node/hospital-{i}.key"
+        assert flags["--client-cert"] == f"/node/hospital-{i}.crt"
+        assert flags["--client-key"] == f"/node/hospital-{i}.tls.key"
+        assert flags["--state"] == "/state" and f"hospital-{i}-state:/state" in runners[f"hospital-{i}"]["volumes"]
         assert runners[f"hospital-{i}"]["depends_on"] == ["coordinator"]
         # the hospital's choice of code (deploy/README.md): empty unless the operator sets it
         assert flags["--trusted-entities"] == "${MEDFLOWER_TRUSTED_ENTITIES:-}", f"hospital-{i}"
@@ -126,6 +137,7 @@ def test_dockerfile_installs_the_pinned_torch_from_the_chosen_wheel_index() -> N
     ):
         assert var in text
     assert re.search(r"^USER medflower$", text, re.M)  # not root
+    assert re.search(r"apt-get install -y --no-install-recommends nginx", text)  # the proxies (both roles)
     assert _compose()["x-image"]["build"]["dockerfile"] == "deploy/Dockerfile"
 
 

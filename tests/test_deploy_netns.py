@@ -1,17 +1,33 @@
-"""A real deployment on one machine: a coordinator and 3 hospitals in their own network namespaces.
+"""A real deployment on one machine: a coordinator, an administrator's workstation and 3 hospitals,
+each in its own network namespace.
 
-TLS and SuperNode authentication are on; everything is started by the commands and scripts of
-deploy/README.md (through :class:`medflower.deploy.lab.Lab`, which records every command it runs). Covers:
-a run to completion through ``flwr run``; an unregistered node is refused; the ServerApp is killed
-and a resubmitted run resumes from the checkpoint with no round repeated or lost; a hospital's link
-is cut mid-round and the run completes with the others, the absence recorded in summary.json.
+The SuperLink listens on the coordinator's loopback interface only, behind nginx; hospitals reach it
+through their own nginx sidecar with a client certificate the federation CA issued; TLS and
+SuperNode authentication are on; hospitals are registered under their names in the site directory.
+Everything is started by the commands and scripts of deploy/README.md (through
+:class:`medflower.deploy.lab.Lab`, which records every command it runs). Covers:
+
+* network separation: only nginx listens on the network; Fleet works through the proxy; a node
+  without a client certificate cannot connect; a certificate from another CA, an expired one, or
+  the coordinator's own server certificate is refused; from a hospital's namespace, listing,
+  submitting and stopping runs are refused on both ports (with a valid client certificate too);
+  the administrator's ``flwr`` commands work from the coordinator host and the admin network;
+* registration: an unregistered key is refused; ``medflower deploy register/unregister/sites``;
+  a hospital trusting only signed bundles runs nothing the coordinator sends;
+* reliability: a hospital's link is cut mid-round (the run goes on without it) and restored (it is
+  back in a later round); the ServerApp is killed and a resubmitted run resumes from the checkpoint
+  with no round repeated or lost; the SuperLink process itself is killed mid-run and
+  restarted (the hospitals reconnect, the resubmitted run resumes), and a hospital unregistered
+  meanwhile is refused from the next round on.
 
 Costly (every Flower message starts a ClientApp process that imports torch and MONAI), so the
-federation is shared by the module and the experiment is tiny. Skips without root/``ip netns``.
+federation is shared by the module and the experiment is tiny; every wait is bounded. Skips, with
+the reason, without root/``ip netns`` or without nginx.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -25,15 +41,18 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from medflower import __version__
-from medflower.deploy.lab import REPO, Lab, LabError, netns_unavailable_reason, wait_for
+from medflower.deploy.lab import REPO, Lab, LabError, Site, netns_unavailable_reason, proxy_unavailable_reason, wait_for
+from medflower.deploy.labnet import environ
+from medflower.deploy.proxy import CERT_REFUSED
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-_REASON = netns_unavailable_reason()
+_REASON = netns_unavailable_reason() or proxy_unavailable_reason()
 if _REASON is not None:
     pytest.skip(f"deployment lab unavailable: {_REASON}", allow_module_level=True)
 
 NUM_SITES = 3
+NAMES = ["hospital-1", "site-1", "site-2"]  # a simulated partition's replies name it site-<partition-id>
 RUN_TIMEOUT = 600
 SIM_PARTITION = "partition-id={} num-partitions=3"
 
@@ -58,8 +77,8 @@ def _file_site(root: Path) -> Path:
     return site
 
 
-def _experiment(root: Path, name: str, rounds: int) -> Path:
-    """Synthetic quick-start data, tiny; one site evaluates per round (each message is a process)."""
+def _experiment(root: Path, name: str, rounds: int, *, startup_timeout: int = 120) -> Path:
+    """Synthetic quick-start data, tiny; no site evaluates (each message is a process)."""
     path = root / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nseed: 0\n"
@@ -68,7 +87,7 @@ def _experiment(root: Path, name: str, rounds: int) -> Path:
         "model: {name: cnn}\n"
         f"train: {{rounds: {rounds}, batch_size: 32}}\n"
         "strategy: {fraction_evaluate: 0.0}\n"
-        "participation: {min_sites: 2, round_timeout: 240, startup_timeout: 120}\n"
+        f"participation: {{min_sites: 2, round_timeout: 240, startup_timeout: {startup_timeout}}}\n"
     )
     return path
 
@@ -76,12 +95,14 @@ def _experiment(root: Path, name: str, rounds: int) -> Path:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("deploy-lab")
-    with Lab(root, num_sites=NUM_SITES) as lab:
+    with Lab(root, num_sites=NUM_SITES, names=NAMES) as lab:
         lab.setup([_file_site(root), SIM_PARTITION.format(1), SIM_PARTITION.format(2)])
-        # an extra machine with a well-formed node key the administrator never registered; it is
-        # started now (it only needs to be refused) so that it overlaps with the first run
+        # an extra machine with a well-formed node key and a valid client certificate whose key the
+        # administrator never registered; started now (it only needs to be refused) so that it
+        # overlaps with the first run
         rogue = lab.add_site_namespace("rogue")
         lab.node_key(rogue)
+        lab.sign(rogue)
         lab.rogue, lab.rogue_site = lab.start_hospital(rogue, SIM_PARTITION.format(0)), rogue
         yield lab
 
@@ -121,18 +142,143 @@ def _checkpoint_round(out: Path) -> int:
         return 0
 
 
-def test_run_completes_over_tls_with_node_auth(lab: Lab) -> None:
+def _listeners(lab: Lab) -> list[tuple[str, str]]:
+    """(local address:port, program) of every listening TCP socket in the coordinator's namespace."""
+    res = lab.run(lab.coord_ns, ["ss", "-Hltnp"])
+    out = []
+    for line in res.stdout.splitlines():
+        fields = line.split()
+        prog = re.search(r'users:\(\("([^"]+)"', line)
+        out.append((fields[3], prog.group(1) if prog else "?"))
+    return out
+
+
+def test_only_the_proxy_listens_on_the_network(lab: Lab) -> None:
+    listeners = _listeners(lab)
+    exposed = [(a, p) for a, p in listeners if not a.startswith(("127.", "[::1]"))]
+    assert exposed and {p for _, p in exposed} == {"nginx"}, listeners
+    assert {a.rsplit(":", 1)[1] for a, _ in exposed} == {str(lab.port), str(lab.admin_port)}, listeners
+    assert (f"127.0.0.1:{lab.superlink_port}", "flower-superlin") in listeners, listeners  # ss cuts names at 15
+
+
+def test_run_completes_through_the_proxy(lab: Lab) -> None:
+    """Fleet works through the coordinator's proxy and the hospitals' sidecars; replies named by the directory."""
     out = lab.root / "run-complete"
     exp = _experiment(lab.root, "deploy-complete", rounds=1)
     run_id = lab.flwr_run({"experiment": str(exp), "output-dir": str(out)})
+    (serverapp, *_) = wait_for(lab.serverapp_pids, timeout=60, what="the ServerApp process", lab=lab)
+    # the ServerApp Flower started inherited start-coordinator.sh's MEDFLOWER_SITE_DIRECTORY
+    assert environ(serverapp).get("MEDFLOWER_SITE_DIRECTORY") == str(lab.directory)
     summary = _summary(out, lab, run_id)
     assert [r["round"] for r in summary["rounds"]] == [1]
     for r in summary["rounds"]:
-        assert sorted(r["sites_train"]) == ["hospital-1", "site-1", "site-2"], r
+        assert sorted(r["sites_train"]) == NAMES, r
         assert r["failures"] == [] and r["aggregated"], r
     assert summary["final_global_test"]["accuracy"] is not None
     wait_for(lambda: lab.run_status(run_id) == "finished:completed", timeout=60, what="run status", lab=lab)
     assert _checkpoint_round(out) == 1
+    # every hospital's Fleet traffic came through the proxy, each under its own client certificate
+    access = (lab.coord_state / "proxy" / "access.log").read_text()
+    for name in NAMES:
+        assert re.search(rf'"POST /v1/fleet/push-messages HTTP/1.1" 200 .* client="CN={name}"', access), name
+    serverapp_log = (lab.root / "logs" / "coordinator.log").read_text(errors="replace")
+    assert "no site directory" not in serverapp_log  # so it named the replies by the directory
+
+
+def _other_ca_and_expired_certs(lab: Lab, site: Site) -> tuple[Path, Path]:
+    """A certificate for ``site``'s key from another CA, and one from the federation CA that expired."""
+    from medflower.deploy.certs import sign_client_csr
+
+    other = lab.root / "other-ca"
+    lab.run(lab.coord_ns, ["medflower", "deploy", "certs", "--out", str(other), "--name", "elsewhere"])
+    lab.run(lab.coord_ns, ["medflower", "deploy", "certs", "--out", str(other), "--client-csr", str(site.csr)])
+    foreign = (other / "clients" / f"{site.name}.crt").rename(lab.root / "foreign.crt")
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=40)
+    expired = sign_client_csr(lab.certs, site.csr, days=30, not_before=long_ago).rename(lab.root / "expired.crt")
+    lab.sign(site, days=365)  # renewal (README step 9): the federation's valid one again, same CSR
+    return foreign, expired
+
+
+def test_a_hospital_without_a_valid_client_certificate_cannot_connect(lab: Lab) -> None:
+    site = lab.sites[1]  # a registered hospital's key and CSR: only the certificate decides here
+    probe = lambda cert=None, key=site.tls_key: lab.probe(  # noqa: E731
+        site.ns, lab.port, "/v1/fleet/pull-messages", cert=cert, key=key if cert else None
+    )
+    assert probe().startswith(f"400 {CERT_REFUSED} (NONE)")
+    foreign, expired = _other_ca_and_expired_certs(lab, site)
+    assert probe(foreign).startswith(f"400 {CERT_REFUSED} (FAILED:"), probe(foreign)
+    assert probe(expired).startswith(f"400 {CERT_REFUSED} (FAILED:certificate has expired)"), probe(expired)
+    server_cert = probe(lab.certs / "coordinator.crt", lab.certs / "coordinator.key")  # a server certificate
+    assert server_cert.startswith(f"400 {CERT_REFUSED} (FAILED:unsuitable certificate purpose)"), server_cert
+    assert probe(site.cert).split()[0] not in {"400", "403"}  # the valid one reaches Flower (which wants a signature)
+
+    # flower-supernode itself, dialling the coordinator directly with a registered key: refused, exits
+    direct = lab.add_site_namespace("no-cert")
+    direct.dir.mkdir(parents=True)
+    argv = ["flower-supernode", "--superlink", lab.address, "--root-certificates", str(lab.certs / "ca.crt")]
+    argv += ["--auth-supernode-private-key", str(site.key), "--node-config", SIM_PARTITION.format(1)]
+    proc = lab.spawn(direct.ns, argv, name="no-cert", home=direct.dir / "flwr-home")
+    proc.popen.wait(timeout=120)
+    log = proc.log.read_text(errors="replace")
+    assert proc.popen.returncode != 0 and "400 Bad Request" in log, log[-3000:]
+    assert "Failed to initialize the connection to the SuperLink" in log, log[-3000:]
+
+    # the hospital's own check names the problem
+    res = lab.run(
+        site.ns,
+        [
+            "medflower",
+            "node",
+            "check",
+            "--coordinator",
+            lab.address,
+            "--ca",
+            str(site.ca),
+            "--key",
+            str(site.key),
+            "--client-cert",
+            str(expired),
+            "--client-key",
+            str(site.tls_key),
+            "--node-config",
+            SIM_PARTITION.format(1),
+        ],
+        check=False,
+    )
+    assert res.returncode == 1 and "certificate has expired" in res.stdout, res.stdout
+
+
+def test_hospitals_cannot_list_submit_or_stop_runs(lab: Lab) -> None:
+    """From a hospital's namespace the Control API is refused on both ports; the admin network may use it."""
+    site = lab.sites[0]
+    for port in (lab.port, lab.admin_port):
+        home = site.dir / f"flwr-cli-{port}"
+        lab.add_connection(ns=site.ns, address=f"{lab.coord_ip}:{port}", home=home)
+        refused = {
+            "ls": lab.flwr("ls", "medflower", ns=site.ns, home=home, check=False),
+            "run": lab.flwr("run", str(REPO), "medflower", ns=site.ns, home=home, check=False),
+            "stop": lab.flwr("stop", "1", "medflower", ns=site.ns, home=home, check=False),
+            "register": lab.flwr(
+                "supernode", "register", str(site.pub), "medflower", ns=site.ns, home=home, check=False
+            ),
+        }
+        for what, res in refused.items():
+            assert not res.get("success"), (port, what, res)
+            text = json.dumps(res)
+            assert ("400" in text or "Bad Request" in text) if port == lab.port else "403" in text, (port, what, text)
+    # even with a valid client certificate, the hospital port serves nothing but the Fleet API
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/stop-run", "/v1/control/register-node"):
+        got = lab.probe(site.ns, lab.port, path, cert=site.cert, key=site.tls_key)
+        assert got.startswith("403 medflower coordinator: hospitals reach only"), (path, got)
+    for path in ("/v1/fleet/register-node", "/v1/runtime/pull-app-inputs", "/docs"):  # self-registration, Runtime
+        got = lab.probe(site.ns, lab.port, path, cert=site.cert, key=site.tls_key, method="POST")
+        assert got.startswith("403 "), (path, got)
+    # the administrator's workstation, on the admin network named in the coordinator's config
+    admin_home = lab.root / "admin-workstation"
+    lab.add_connection(ns=lab.admin_ns, address=f"{lab.coord_ip}:{lab.admin_port}", home=admin_home)
+    assert lab.flwr("ls", "medflower", ns=lab.admin_ns, home=admin_home)["success"]
+    nodes = lab.flwr("supernode", "ls", "medflower", ns=lab.admin_ns, home=admin_home)["nodes"]
+    assert {int(n["node-id"]) for n in nodes} >= {lab.node_id(n) for n in NAMES}
 
 
 def test_unregistered_node_is_refused(lab: Lab) -> None:
@@ -141,16 +287,37 @@ def test_unregistered_node_is_refused(lab: Lab) -> None:
     log = proc.log.read_text(errors="replace")
     assert proc.popen.returncode != 0, log[-3000:]
     assert "Failed to activate SuperNode" in log, log[-3000:]
-    assert len(_nodes(lab)) == NUM_SITES  # only the registered hospitals exist for the coordinator
+    registered = {lab.node_id(n) for n in NAMES}
+    assert {int(n["node-id"]) for n in lab.nodes()} == registered  # only the registered hospitals exist
     # what the administrator does to admit, then remove, a site
-    res = lab.run(
-        lab.coord_ns,
-        ["flwr", "supernode", "register", str(lab.rogue_site.pub), "medflower", "--name", "rogue", "--format", "json"],
-        home=lab.admin_home,
+    node_id = lab.register(lab.rogue_site, declared_examples=80)
+    sites = lab.run(
+        lab.coord_ns, ["medflower", "deploy", "sites", "--directory", str(lab.directory)], home=lab.admin_home
     )
-    node_id = json.loads(res.stdout[res.stdout.index("{") :])["node-id"]
-    lab.run(lab.coord_ns, ["flwr", "supernode", "unregister", str(node_id), "medflower"], home=lab.admin_home)
-    assert str(node_id) not in {str(n.get("node-id")) for n in _nodes(lab) if n.get("status") != "unregistered"}
+    rows = {line.split()[0]: line.split() for line in sites.stdout.splitlines()[1:]}
+    assert sorted(rows) == sorted([*NAMES, "rogue"]), sites.stdout
+    assert rows["rogue"][1:] == [str(node_id), rows["rogue"][2], "80", "registered"], sites.stdout
+    assert all(rows[n][-1] == "online" for n in NAMES), sites.stdout
+    dup = lab.run(
+        lab.coord_ns,
+        [
+            "medflower",
+            "deploy",
+            "register",
+            "--name",
+            "rogue-2",
+            "--key",
+            str(lab.rogue_site.pub),
+            "--directory",
+            str(lab.directory),
+        ],
+        home=lab.admin_home,
+        check=False,
+    )
+    assert dup.returncode == 2 and "already registered, for site 'rogue'" in dup.stderr, dup.stderr
+    lab.unregister(lab.rogue_site)
+    assert lab.node_status(node_id) in {"unregistered", ""}
+    assert "rogue" not in json.dumps(json.loads(lab.directory.read_text()))
 
 
 def _trusted_entities(path: Path) -> Path:
@@ -172,49 +339,33 @@ def test_a_hospital_trusting_only_signed_apps_runs_nothing_the_coordinator_sends
     goes on with the other hospitals.
     """
     site = lab.add_site_namespace("hospital-4")
-    lab.node_key(site)
-    res = lab.run(
-        lab.coord_ns,
-        ["flwr", "supernode", "register", str(site.pub), "medflower", "--name", site.name, "--format", "json"],
-        home=lab.admin_home,
-    )
-    node_id = int(json.loads(res.stdout[res.stdout.index("{") :])["node-id"])
     site_yaml = lab.root / "hospital-4-site.yaml"  # hospital-1's export folder, under its own name
     site_yaml.write_text("name: hospital-4\ntask: classification\ndata:\n  kind: folders\n  path: hospital-1-export\n")
+    lab.onboard(site, site_yaml, check_node=False, start=False)
+    node_id = lab.node_id(site.name)
     proc = lab.start_hospital(site, site_yaml, trusted_entities=_trusted_entities(site.dir / "trusted-entities.yaml"))
     try:
-        wait_for(
-            lambda: any(int(n["node-id"]) == node_id and n.get("status") == "online" for n in _nodes(lab)),
-            timeout=120,
-            interval=2.0,
-            what="hospital-4 to come online",
-            lab=lab,
-        )
+        wait_for(lambda: lab.node_status(node_id) == "online", timeout=120, interval=2.0, what="hospital-4", lab=lab)
         out = lab.root / "run-trusted"
         run_id = lab.flwr_run({"experiment": str(_experiment(lab.root, "deploy-trusted", 1)), "output-dir": str(out)})
         (rnd,) = _summary(out, lab, run_id)["rounds"]
-        assert sorted(rnd["sites_train"]) == ["hospital-1", "site-1", "site-2"], rnd
+        assert sorted(rnd["sites_train"]) == NAMES, rnd
         refused = [f for f in rnd["failures"] if int(f["node_id"]) == node_id]
         assert refused and "could not be verified" in refused[0]["reason"], rnd["failures"]
         assert "The FAB could not be verified" in proc.log.read_text(errors="replace")
-        apps = site.dir / "flwr-home" / "apps"  # where a ClientApp process unpacks the bundle it runs
+        apps = site.state / "flwr-home" / "apps"  # where a ClientApp process unpacks the bundle it runs
         assert not apps.exists() or not any(apps.iterdir()), list(apps.iterdir())
         # a hospital that accepts it runs the bundle of the administrator's checkout: the same bytes
         # as `flwr build` of those files (deploy/README.md: how to see which bundle ran)
         fab_hash = hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()[:8]
-        ran = [p.name for p in (lab.sites[0].dir / "flwr-home" / "apps").iterdir()]
+        ran = [p.name for p in (lab.sites[0].state / "flwr-home" / "apps").iterdir()]
         assert f"medflower.medflower.{__version__}.{fab_hash}" in ran, (ran, fab_hash)
         wait_for(lambda: lab.run_status(run_id) == "finished:completed", timeout=60, what="run status", lab=lab)
-    finally:  # the next test expects the three hospitals only
+    finally:  # the next tests expect the three hospitals only
         if proc.alive():
             os.killpg(proc.popen.pid, signal.SIGTERM)
             proc.popen.wait(timeout=30)
-        lab.run(lab.coord_ns, ["flwr", "supernode", "unregister", str(node_id), "medflower"], home=lab.admin_home)
-
-
-def _nodes(lab: Lab) -> list[dict]:
-    res = lab.run(lab.coord_ns, ["flwr", "supernode", "ls", "medflower", "--format", "json"], home=lab.admin_home)
-    return json.loads(res.stdout[res.stdout.index("{") :])["nodes"]
+        lab.unregister(site)
 
 
 def _received_train(site_log: Path, run_id: int) -> int:
@@ -222,57 +373,101 @@ def _received_train(site_log: Path, run_id: int) -> int:
     return len(re.findall(rf"\[RUN {run_id}\][^\n]*\n[^\n]*Receiving: train message", text))
 
 
-def test_serverapp_restart_resumes_and_a_cut_site_is_skipped(lab: Lab) -> None:
-    """Kill the ServerApp after round 1, resubmit, cut hospital-3's link during round 2."""
+def test_a_cut_site_is_skipped_then_back_and_a_killed_serverapp_resumes(lab: Lab) -> None:
+    """Cut site-2's link in round 2; kill the ServerApp in round 3 and restore the link; resubmit.
+
+    The order makes both outcomes deterministic: the cut round goes on without site-2 (its absence
+    recorded), and the resumed run starts only when site-2 is back online, so round 3 has it again.
+    """
     out = lab.root / "run-resume"
-    exp = _experiment(lab.root, "deploy-resume", rounds=2)
+    exp = _experiment(lab.root, "deploy-resume", rounds=3)
     run_config = {"experiment": str(exp), "output-dir": str(out)}
     first = lab.flwr_run(run_config)
+    cut_site = lab.sites[2]
+    assert cut_site.proc is not None
     wait_for(
-        lambda: _checkpoint_round(out) >= 1,
+        lambda: _received_train(cut_site.proc.log, first) >= 2,
         timeout=RUN_TIMEOUT,
         interval=0.2,
-        what="the checkpoint of round 1",
+        what="site-2 to receive its round-2 train instruction",
         lab=lab,
     )
+    lab.cut_link(cut_site)  # mid-round: the site got its instructions, its reply cannot come back
+    wait_for(lambda: _checkpoint_round(out) >= 2, timeout=RUN_TIMEOUT, interval=0.2, what="the cut round", lab=lab)
     pids = wait_for(lab.serverapp_pids, timeout=30, what="the ServerApp process", lab=lab)
     for pid in pids:
-        os.kill(pid, signal.SIGKILL)  # the coordinator's ServerApp dies mid-run
+        os.kill(pid, signal.SIGKILL)  # the coordinator's ServerApp dies mid-run (in round 3)
     wait_for(lambda: not lab.serverapp_pids(), timeout=30, what="the ServerApp to die", lab=lab)
-    before = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    lab.restore_link(cut_site)
     from medflower.config import load_experiment
     from medflower.server.checkpoint import load_checkpoint
 
     ckpt_before = load_checkpoint(out / "checkpoint", load_experiment(exp))
-    assert ckpt_before is not None and ckpt_before.round == before["round"] >= 1
+    assert ckpt_before is not None and ckpt_before.round == 2
     assert not (out / "summary.json").exists()
+    cut_id = lab.node_id(cut_site.name)
+    wait_for(lambda: lab.node_status(cut_id) == "online", timeout=180, interval=2.0, what="site-2 back", lab=lab)
     lab.stop_run(first)  # README: stop the broken run, then resubmit the same command
 
     second = lab.flwr_run(run_config)
-    site3 = lab.sites[2]
-    wait_for(
-        lambda: _received_train(site3.proc.log, second) >= 1,
-        timeout=RUN_TIMEOUT,
-        interval=0.2,
-        what="hospital-3 to receive its train instruction in the resumed run",
-        lab=lab,
-    )
-    lab.cut_link(site3)  # mid-round: the site got its instructions, its reply cannot come back
-
     summary = _summary(out, lab, second)
     rounds = [r["round"] for r in summary["rounds"]]
-    assert rounds == [1, 2], rounds  # no round lost, none repeated
-    k = ckpt_before.round
+    assert rounds == [1, 2, 3], rounds  # no round lost, none repeated
     # rounds finished before the kill are reported exactly as they were recorded then (not re-run)
-    for old, new in zip(ckpt_before.history.rounds, summary["rounds"][:k], strict=True):
+    for old, new in zip(ckpt_before.history.rounds, summary["rounds"][:2], strict=True):
         assert new["seconds"] == old.seconds and new["sites_train"].keys() == old.sites_train.keys()
     digest = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    assert [s["start_round"] for s in digest["starts"]] == [1, k + 1]
-    # the cut round: the two other sites' updates were aggregated, hospital-3's absence is recorded
-    cut = summary["rounds"][-1]
+    assert [s["start_round"] for s in digest["starts"]] == [1, 3]
+    # the cut round: the two other sites' updates were aggregated, site-2's absence is recorded
+    cut = summary["rounds"][1]
     assert sorted(cut["sites_train"]) == ["hospital-1", "site-1"], cut
     assert cut["aggregated"], cut
     assert [f["site"] for f in cut["failures"]] == ["site-2"], cut["failures"]
+    assert sorted(summary["rounds"][2]["sites_train"]) == NAMES, summary["rounds"][2]  # the link is back: so is it
+    wait_for(lambda: lab.run_status(second) == "finished:completed", timeout=60, what="run status", lab=lab)
+
+
+def test_superlink_restart_resumes_and_an_unregistered_hospital_is_refused(lab: Lab) -> None:
+    """Kill the SuperLink process mid-run and restart it; unregister site-2 meanwhile; resubmit."""
+    out = lab.root / "run-superlink"
+    exp = _experiment(lab.root, "deploy-superlink", rounds=3, startup_timeout=10)
+    run_config = {"experiment": str(exp), "output-dir": str(out)}
+    first = lab.flwr_run(run_config)
+    wait_for(lambda: _checkpoint_round(out) >= 1, timeout=RUN_TIMEOUT, interval=0.2, what="round 1", lab=lab)
+    lab.kill_superlink()  # the launch script stops nginx too and exits, for the service manager to restart it
+    assert lab.coordinator is not None and lab.coordinator.popen.returncode != 0
+    assert not lab.serverapp_pids() and not lab.superlink_pids()
+    done = _checkpoint_round(out)
+    assert 1 <= done < 3 and not (out / "summary.json").exists()
+
+    lab.start_coordinator()  # the same database: registrations and runs survive
+    ids = {lab.node_id(n): n for n in NAMES}
+    wait_for(
+        lambda: all(lab.node_status(n) == "online" for n in ids),
+        timeout=120,
+        interval=2.0,
+        what="every hospital to reconnect through the restarted proxy",
+        lab=lab,
+    )
+    gone = lab.sites[2]
+    gone_id = lab.node_id(gone.name)
+    lab.unregister(gone)  # revoke site-2's key while the run is paused after round `done`
+    assert gone.proc is not None
+    gone.proc.popen.wait(timeout=120)  # Flower refuses the node's next request; its SuperNode stops
+    assert lab.node_status(gone_id) == "unregistered"
+    access = (lab.coord_state / "proxy" / "access.log").read_text()
+    assert re.search(r'"POST /v1/fleet/[a-z-]+ HTTP/1.1" 401 .* client="CN=site-2"', access)  # by Flower, not the proxy
+
+    lab.stop_run(first)
+    second = lab.flwr_run(run_config)
+    summary = _summary(out, lab, second)
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    digest = json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    assert [s["start_round"] for s in digest["starts"]] == [1, done + 1]
+    assert sorted(summary["rounds"][0]["sites_train"]) == NAMES
+    for r in summary["rounds"][done:]:  # from the next round on: without site-2, with the two others
+        assert sorted(r["sites_train"]) == ["hospital-1", "site-1"], r
+        assert r["aggregated"], r
     wait_for(lambda: lab.run_status(second) == "finished:completed", timeout=60, what="run status", lab=lab)
 
 
