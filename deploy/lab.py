@@ -54,6 +54,16 @@ CONNECTION = "medflower"
 COORDINATOR_NAME = "coordinator"  # the DNS name in the coordinator's certificate (nginx checks names only)
 
 
+class SiteFile:
+    """A path in a site's folder, named after the site (a read-only attribute of :class:`Site`)."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+
+    def __get__(self, site: Site, owner: type | None = None) -> Path:
+        return site.dir / self.pattern.format(name=site.name)
+
+
 @dataclass
 class Site:
     """A hospital's machine: its namespace, address and files (as deploy/README.md names them)."""
@@ -64,33 +74,14 @@ class Site:
     dir: Path
     proc: Proc | None = None
 
-    @property
-    def key(self) -> Path:
-        return self.dir / f"{self.name}.key"
-
-    @property
-    def pub(self) -> Path:
-        return self.dir / f"{self.name}.pub"
-
-    @property
-    def tls_key(self) -> Path:
-        return self.dir / f"{self.name}.tls.key"
-
-    @property
-    def csr(self) -> Path:
-        return self.dir / f"{self.name}.csr"
-
-    @property
-    def cert(self) -> Path:
-        return self.dir / f"{self.name}.crt"
-
-    @property
-    def ca(self) -> Path:
-        return self.dir / "ca.crt"
-
-    @property
-    def state(self) -> Path:
-        return self.dir / "state"
+    # the site's files, named as deploy/README.md names them
+    key = SiteFile("{name}.key")
+    pub = SiteFile("{name}.pub")
+    tls_key = SiteFile("{name}.tls.key")
+    csr = SiteFile("{name}.csr")
+    cert = SiteFile("{name}.crt")
+    ca = SiteFile("ca.crt")
+    state = SiteFile("state")
 
 
 @dataclass

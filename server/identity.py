@@ -27,7 +27,7 @@ from pathlib import Path
 from flwr.app import Message
 
 from medflower import keys
-from medflower.server.screens import RoundView, Verdict, reject
+from medflower.server.screens import RoundView, Verdict, reject, site_field
 
 DIRECTORY_FORMAT = 1
 
@@ -70,10 +70,7 @@ def read_directory(path: str | Path) -> dict[int, RegisteredSite]:
 
 
 def claimed_name(msg: Message) -> str | None:
-    if keys.SITE not in msg.content.config_records:
-        return None
-    name = msg.content.config_records[keys.SITE].get(keys.SITE_NAME)
-    return None if name is None else str(name)
+    return site_field(msg, keys.SITE_NAME)
 
 
 class Identity:

@@ -34,7 +34,7 @@ from flwr.serverapp.exception import AggregationError, InconsistentMessageReplie
 
 from medflower import keys
 from medflower.server.build import RoundParts
-from medflower.server.screens import RoundView, Screened, names, run_screens, spec_of
+from medflower.server.screens import RoundView, Screened, names, run_screens, site_field, spec_of
 from medflower.strategies.privacy import sample_round_metrics
 from medflower.strategies.registry import Spec
 from medflower.strategies.state import load_strategy_state, strategy_state_dict
@@ -105,12 +105,8 @@ def weigh(replies: list[Message], parts: RoundParts) -> None:
 
 
 def reported_site_name(msg: Message) -> str:
-    """The site name a (non-error) reply carries, else its node id."""
-    if not msg.has_error() and keys.SITE in msg.content.config_records:
-        name = msg.content.config_records[keys.SITE].get(keys.SITE_NAME)
-        if name is not None:
-            return str(name)
-    return f"node-{msg.metadata.src_node_id}"
+    """The site name a (non-error) reply carries, else its node id (simulation: sites are named so)."""
+    return site_field(msg, keys.SITE_NAME) or f"node-{msg.metadata.src_node_id}"
 
 
 def _fmt(d: dict[str, float], wanted: tuple[str, ...]) -> str:

@@ -117,12 +117,21 @@ def check_metrics(msg: Message, weight_key: str | None, *, allow_nan: bool = Fal
     return None
 
 
+def site_field(msg: Message, key: str) -> str | None:
+    """A field of the ``keys.SITE`` record a site writes into its reply (its name, a refusal), if any.
+
+    The one place the coordinator reads what a site says about itself; what it says is a claim
+    (:mod:`medflower.server.identity` checks the name against the registered one).
+    """
+    if msg.has_error() or keys.SITE not in msg.content.config_records:
+        return None
+    value = msg.content.config_records[keys.SITE].get(key)
+    return None if value is None else str(value)
+
+
 def stated_refusal(msg: Message) -> str | None:
     """The refusal a site states in its reply (``keys.REFUSAL``: its policy's rule, and why), if any."""
-    if keys.SITE not in msg.content.config_records:
-        return None
-    value = msg.content.config_records[keys.SITE].get(keys.REFUSAL)
-    return None if value is None else str(value)
+    return site_field(msg, keys.REFUSAL)
 
 
 class SiteRefusals:
