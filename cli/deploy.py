@@ -45,7 +45,8 @@ def _node_key(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from medflower.deploy.sites import directory_path, register_site  # here: Flower's CLI runs as a subprocess
+    # here, not at the top: deploy.sites loads Flower and numpy (~3 s), which `medflower --help` must not pay
+    from medflower.deploy.sites import directory_path, register_site
 
     path = directory_path(args.directory)
     site = register_site(
@@ -60,7 +61,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _unregister(args: argparse.Namespace) -> int:
-    from medflower.deploy.sites import directory_path, unregister_site
+    from medflower.deploy.sites import directory_path, unregister_site  # lazy: see _register
 
     path = directory_path(args.directory)
     site = unregister_site(directory=path, name=args.name, connection=args.connection)
@@ -69,7 +70,7 @@ def _unregister(args: argparse.Namespace) -> int:
 
 
 def _sites(args: argparse.Namespace) -> int:
-    from medflower.deploy.sites import directory_path, format_sites, site_statuses
+    from medflower.deploy.sites import directory_path, format_sites, site_statuses  # lazy: see _register
 
     path = directory_path(args.directory)
     rows = site_statuses(path, connection=args.connection, ask_flower=not args.offline)
@@ -78,7 +79,7 @@ def _sites(args: argparse.Namespace) -> int:
 
 
 def _proxy_config(args: argparse.Namespace) -> int:
-    from medflower.deploy import proxy
+    from medflower.deploy import proxy  # lazy: see _register
 
     if args.role == "coordinator":
         if not args.certs or not args.superlink:

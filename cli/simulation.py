@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medflower.config import load_experiment, quickstart_experiment
 from medflower.runenv import default_output_dir
 from medflower.simulation.report import print_summary
 
@@ -15,7 +14,10 @@ def _out_dir(args: argparse.Namespace, name: str, *what: str) -> Path:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from medflower.simulation.runner import simulate  # here, not at the top: Flower and torch (--help speed)
+    # here, not at the top: the config validates strategies against the method registry, which loads
+    # Flower and torch; so do the runner, preview and compare (--help speed)
+    from medflower.config import load_experiment, quickstart_experiment
+    from medflower.simulation.runner import simulate
 
     exp = load_experiment(args.experiment) if args.experiment else quickstart_experiment()
     out = _out_dir(args, exp.name)
@@ -31,7 +33,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _partition(args: argparse.Namespace) -> int:
-    from medflower.simulation.preview import preview  # here, not at the top: torch (--help speed)
+    from medflower.config import load_experiment  # here: see _simulate
+    from medflower.simulation.preview import preview
 
     exp = load_experiment(args.experiment)
     preview(
@@ -41,7 +44,8 @@ def _partition(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from medflower.simulation.compare import run_compare  # here, not at the top: torch (--help speed)
+    from medflower.config import load_experiment  # here: see _simulate
+    from medflower.simulation.compare import run_compare
 
     exp = load_experiment(args.experiment)
     run_compare(
