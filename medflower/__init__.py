@@ -23,9 +23,6 @@ from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
-LAYERS = ("strategies", "client", "server", "simulation", "deploy", "cli")  # bottom to top
-
-
 def _project_root() -> _Path | None:
     root = _Path(__file__).resolve().parent.parent
     try:

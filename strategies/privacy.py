@@ -203,12 +203,6 @@ class ClientLevelDP:
         out[keys.DP_CLIPPING_NORM] = float(getattr(wrapper, "clipping_norm", float("nan")))
         return out
 
-    def summary(self) -> str:
-        return (
-            f"client-level DP: noise multiplier {self.noise_multiplier:.4f}, budget epsilon "
-            f"{self.accountant.config.max_epsilon} at delta {self.accountant.config.target_delta:g}"
-        )
-
     # survives a coordinator restart (server.checkpoint)
     def state_dict(self) -> dict[str, Any]:
         return {"accountant": json.dumps(self.accountant.state_dict(), sort_keys=True)}

@@ -81,8 +81,13 @@ def tensors_to_arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.array(t.detach().cpu().numpy(), order="C")) for k, t in tensors.items()})
 
 
-def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+def arrays_to_tensors(record: ArrayRecord, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Tensors on ``device`` (the model's, where they meet its parameters; default CPU)."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)).to(device) for k, a in record.items()}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @dataclass

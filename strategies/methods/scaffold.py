@@ -49,6 +49,7 @@ from medflower.strategies.registry import (
     SiteUpdate,
     Spec,
     arrays_to_tensors,
+    model_device,
     tensors_to_arrays,
 )
 from medflower.strategies.state import get_arrays, put_arrays
@@ -166,8 +167,9 @@ class ScaffoldSite(SiteHalf):
         self.c: dict[str, torch.Tensor] | None = None
         self.ci: dict[str, torch.Tensor] = {}
         if SCAFFOLD_C in message.content.array_records:  # train messages only
-            self.c = arrays_to_tensors(records.arrays(message, SCAFFOLD_C))
-            saved = arrays_to_tensors(records.record(state, STATE_CI, ArrayRecord)) if STATE_CI in state else {}
+            device = model_device(model)  # c and c_i meet the model's gradients
+            self.c = arrays_to_tensors(records.arrays(message, SCAFFOLD_C), device)
+            saved = arrays_to_tensors(records.record(state, STATE_CI, ArrayRecord), device) if STATE_CI in state else {}
             self.ci = {k: saved.get(k, torch.zeros_like(c)) for k, c in self.c.items()}
             self.reference = frozen_parameters(model)
 
