@@ -23,6 +23,7 @@ from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
+
 def _project_root() -> _Path | None:
     root = _Path(__file__).resolve().parent.parent
     try:
