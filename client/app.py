@@ -32,6 +32,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
+from torch import nn
 
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys, records
@@ -44,6 +45,7 @@ from medflower.client.strategy_hooks import SiteStrategy
 from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.data import SiteData
+from medflower.device import Amp, inference_amp, pin_memory, resolve_amp
 from medflower.modelspec import build_experiment_model
 from medflower.tasks import evaluate, inference_roi
 
@@ -61,6 +63,17 @@ UpdateTransform = Callable[[ArrayRecord, ArrayRecord, ExperimentConfig, str], Ar
 LedgerLocator = Callable[[Context, ExperimentConfig, str], LedgerPlace]
 
 
+def _global_model(
+    msg: Message, context: Context, exp: ExperimentConfig, amp: Amp
+) -> tuple[nn.Module, ArrayRecord, SiteStrategy]:
+    """The message's global model on the site's device, its arrays, and the method's site half."""
+    model = build_experiment_model(exp)
+    global_arrays = records.arrays(msg, keys.ARRAYS)
+    model.load_state_dict(global_arrays.to_torch_state_dict())
+    model.to(amp.device)  # before the site half: SCAFFOLD's control variates follow the model
+    return model, global_arrays, SiteStrategy.for_message(msg, context, exp, model, amp)
+
+
 def build_client_app(
     *,
     load_site: SiteLoader,
@@ -76,16 +89,14 @@ def build_client_app(
         exp = experiment_of(msg)
         torch.set_num_threads(exp.train.num_threads)
         site = load_site(context, exp)
-        model = build_experiment_model(exp)
-        global_arrays = records.arrays(msg, keys.ARRAYS)
-        model.load_state_dict(global_arrays.to_torch_state_dict())
-        local = SiteStrategy.for_message(msg, context, exp, model)  # the method's site half (FedProx, SCAFFOLD, ...)
+        amp = resolve_amp(exp.train.device, exp.train.precision, where=f"site {site.name!r}")  # this node's hardware
+        model, global_arrays, local = _global_model(msg, context, exp, amp)  # local: FedProx, SCAFFOLD, ...
         server_round = records.get_int(records.config(msg, keys.CONFIG), keys.SERVER_ROUND, 0)
         seed = (
             exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97
         )  # not hash(): salted per process
         torch.manual_seed(seed)
-        loader = make_loader(site.train, exp.train.batch_size, seed)
+        loader = make_loader(site.train, exp.train.batch_size, seed, pin_memory=pin_memory(amp.device))
         optimizer = make_optimizer(model, exp.train)
         place = locate_ledger(context, exp, site.name) if exp.privacy.mode == "sample" else None
         dp = RoundPrivacy.start(
@@ -102,6 +113,7 @@ def build_client_app(
             task=exp.task,
             hooks=local.hooks,
             augment=make_augment(exp.train.augment, seed=seed),
+            amp=amp,
         )
         metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss} | dp.finish(stats)
         arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)
@@ -119,11 +131,16 @@ def build_client_app(
         site = load_site(context, exp)
         split_name = str(msg.content[keys.CONFIG].get(keys.EVAL_SPLIT, "val"))
         split = site.split(split_name)
-        model = build_experiment_model(exp)
-        global_arrays = records.arrays(msg, keys.ARRAYS)
-        model.load_state_dict(global_arrays.to_torch_state_dict())
-        local = SiteStrategy.for_message(msg, context, exp, model)  # FedBN: the site's own norm layers
-        res = evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp))
+        amp = resolve_amp(exp.train.device, exp.train.precision, where=f"site {site.name!r}")
+        model, _, local = _global_model(msg, context, exp, amp)  # local: FedBN's own norm layers, Ditto's model
+        res = evaluate(
+            model,
+            split,
+            task=exp.task,
+            batch_size=exp.train.eval_batch_size,
+            roi_size=inference_roi(exp),
+            amp=inference_amp(amp.device, amp.precision),
+        )
         metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(split)}
         metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
         metrics |= local.personal_metrics(split, split_name)  # Ditto: personal-<split>-<metric>

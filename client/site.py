@@ -302,12 +302,27 @@ def check_site(site: SiteConfig, *, seed: int = 0) -> CheckReport:
     return rep
 
 
+def _check_device(rep: CheckReport, exp: ExperimentConfig, site_name: str) -> None:
+    """Can this machine train the experiment as ``train.device`` / ``train.precision`` ask? (the site's
+    own hardware: the check a coordinator cannot make for it, see medflower/device.py)."""
+    from medflower.device import describe, resolve_amp  # here: torch, which the data checks do not need
+
+    try:
+        amp = resolve_amp(exp.train.device, exp.train.precision, where=f"site {site_name!r}")
+    except ConfigError as err:
+        rep.errors.append(str(err))
+        return
+    rep.lines.append(f"device: {describe(amp.device)} (train.device {exp.train.device!r}), precision {amp.precision}")
+
+
 def run_check(site_yaml: str | Path, experiment: str | Path | None = None, *, out: Any = None) -> int:
     """``medflower site check``: print the report; 0 if the data are usable, 1 on errors."""
     out = out or sys.stdout
     exp = load_experiment(experiment) if experiment else None
     site = load_site_config(site_yaml, exp)
     rep = check_site(site, seed=exp.seed if exp is not None else 0)
+    if exp is not None:
+        _check_device(rep, exp, site.name)
     for line in rep.lines:
         print(line, file=out)
     for w in rep.warnings:

@@ -13,11 +13,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
 from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
+from medflower.device import Amp, host_state, inference_amp, pin_memory
 from medflower.hooks import LocalHooks, TrainStats
 from medflower.strategies.registry import SiteHalf, get_method
 from medflower.tasks import evaluate, inference_roi
@@ -32,6 +34,7 @@ class SiteRuntime:
     exp: ExperimentConfig
     site: Any = None  # the site's data (SiteData); set once the ClientApp has loaded it
     seed: int = 0
+    amp: Amp = dataclasses.field(default_factory=lambda: Amp(torch.device("cpu")))  # device and precision
 
     @property
     def lr(self) -> float:
@@ -44,9 +47,14 @@ class SiteRuntime:
     def train(self, model: nn.Module, *, hooks: LocalHooks, epochs: int, lr: float) -> TrainStats:
         if self.site is None:
             raise RuntimeError("the site's data is not bound to the runtime (SiteStrategy.after_train binds it)")
-        loader = make_loader(self.site.train, self.exp.train.batch_size, self.seed + PERSONAL_SEED_OFFSET)
+        loader = make_loader(
+            self.site.train,
+            self.exp.train.batch_size,
+            self.seed + PERSONAL_SEED_OFFSET,
+            pin_memory=pin_memory(self.amp.device),
+        )
         optimizer = make_optimizer(model, dataclasses.replace(self.exp.train, lr=lr))
-        return train_epochs(model, loader, optimizer, epochs=epochs, task=self.exp.task, hooks=hooks)
+        return train_epochs(model, loader, optimizer, epochs=epochs, task=self.exp.task, hooks=hooks, amp=self.amp)
 
     def evaluate(self, model: nn.Module, split: Any) -> dict[str, float]:
         return evaluate(
@@ -55,6 +63,7 @@ class SiteRuntime:
             task=self.exp.task,
             batch_size=self.exp.train.eval_batch_size,
             roi_size=inference_roi(self.exp),
+            amp=inference_amp(self.amp.device, self.amp.precision),
         )
 
 
@@ -67,19 +76,25 @@ class SiteStrategy:
         self.hooks = half.hooks()
 
     @classmethod
-    def for_message(cls, msg: Message, context: Context, exp: ExperimentConfig, model: nn.Module) -> SiteStrategy:
-        """Call right after ``model.load_state_dict(global)``: the half may restore the site's own layers."""
-        runtime = SiteRuntime(exp=exp)
+    def for_message(
+        cls, msg: Message, context: Context, exp: ExperimentConfig, model: nn.Module, amp: Amp | None = None
+    ) -> SiteStrategy:
+        """Call right after ``model.load_state_dict(global)`` and ``model.to(amp.device)``: the half may
+        restore the site's own layers and keeps its tensors where the model is."""
+        runtime = SiteRuntime(exp=exp, amp=amp or Amp(torch.device("cpu")))
         half = get_method(exp.strategy.name).site(message=msg, state=context.state, model=model, runtime=runtime)
         return cls(half, runtime)
 
     def after_train(
         self, model: nn.Module, stats: TrainStats, *, site: Any, seed: int
     ) -> tuple[ArrayRecord, dict[str, ArrayRecord], dict[str, float]]:
-        """(model arrays to send, extra ArrayRecords for the reply, extra metrics)."""
+        """(model arrays to send, extra ArrayRecords for the reply, extra metrics).
+
+        The model arrays are float32 CPU arrays whatever the device and precision (:func:`host_state`).
+        """
         self.runtime.site, self.runtime.seed = site, seed
         update = self.half.after_train(model, stats)
-        return ArrayRecord(update.state), update.records, update.metrics
+        return ArrayRecord(host_state(update.state)), update.records, update.metrics
 
     def personal_metrics(self, split: Any, split_name: str) -> dict[str, float]:
         """Metrics the method adds to an evaluation reply (Ditto's personal model)."""

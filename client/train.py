@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from medflower.config import TrainConfig
 from medflower.data import ArraySplit
+from medflower.device import Amp, to_device
 from medflower.hooks import LocalHooks, TrainStats
 from medflower.tasks import logits_of, make_loss
 
@@ -29,9 +30,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def make_loader(split: ArraySplit, batch_size: int, seed: int, *, shuffle: bool = True) -> DataLoader:
+def make_loader(
+    split: ArraySplit, batch_size: int, seed: int, *, shuffle: bool = True, pin_memory: bool = False
+) -> DataLoader:
+    """Batches of ``split``; ``pin_memory`` (a CUDA device) lets them copy to the GPU asynchronously."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(split.to_torch(), batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+    return DataLoader(
+        split.to_torch(),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=gen,
+        drop_last=False,
+        pin_memory=pin_memory,
+    )
 
 
 def train_epochs(
@@ -43,33 +54,51 @@ def train_epochs(
     task: str,
     hooks: LocalHooks | None = None,
     augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    amp: Amp | None = None,
 ) -> TrainStats:
     """Run ``epochs`` passes of ``loader``; returns sample counts and the last epoch's mean loss.
 
-    ``augment(x, y) -> (x, y)`` transforms each training batch (see :mod:`medflower.client.augment`).
+    ``augment(x, y) -> (x, y)`` transforms each training batch on the CPU, where its seeded
+    generator lives (see :mod:`medflower.client.augment`). ``amp`` says where the model is and in
+    what precision it runs (:mod:`medflower.device`; default: float32 on the CPU); the batches
+    follow the model. With fp16 the grad scaler unscales the gradients before ``after_backward``,
+    so a method's gradient correction (SCAFFOLD) meets true gradients.
     """
     hooks = hooks or LocalHooks()
     loss_fn = make_loss(task)
+    amp = amp or Amp(torch.device("cpu"))
+    scaler = amp.scaler()
     model.train()
     steps, last_n, last_loss = 0, 0, math.nan
     for _ in range(epochs):
-        total, n = 0.0, 0
+        # summed on the device: float() per step would wait for the GPU at every batch
+        total, n = torch.zeros((), dtype=torch.float64, device=amp.device), 0
         for x, y in loader:
             if len(x) == 0:  # Poisson sampling (DP) may draw an empty batch
                 continue
             if augment is not None:
                 x, y = augment(x, y)
+            x, y = to_device(x, amp.device), to_device(y, amp.device)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(logits_of(model(x)), y)
-            objective = loss + hooks.extra_loss(model) if hooks.extra_loss else loss
-            objective.backward()
+            with amp.autocast():
+                loss = loss_fn(logits_of(model(x)), y)
+                objective = loss + hooks.extra_loss(model) if hooks.extra_loss else loss
+            if scaler is None:
+                objective.backward()
+            else:
+                scaler.scale(objective).backward()
+                scaler.unscale_(optimizer)
             if hooks.after_backward:
                 hooks.after_backward(model)
-            optimizer.step()
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)  # skips the step when fp16 overflowed
+                scaler.update()
             steps += 1
-            total += float(loss.detach()) * len(x)
+            total += loss.detach().double() * len(x)
             n += len(x)
-        last_n, last_loss = n, (total / n if n else math.nan)
+        last_n, last_loss = n, (float(total) / n if n else math.nan)
     if not np.isfinite(last_loss):
         raise FloatingPointError(f"local training diverged (loss={last_loss}); lower train.lr")
     return TrainStats(num_examples=last_n, num_steps=steps, loss=last_loss)

@@ -18,7 +18,9 @@ from torch import nn
 
 from medflower.config import ExperimentConfig
 from medflower.data.base import ArraySplit
+from medflower.device import Amp, pin_memory, to_device
 from medflower.metrics import classification_metrics, dice_score, hd95_score
+from medflower.strategies.registry import model_device
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -46,12 +48,16 @@ def make_loss(task: str) -> nn.Module:
     raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
 
 
-def _batches(split: ArraySplit, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(split: ArraySplit, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """The split's images in batches, on ``device`` (through pinned memory to a GPU)."""
     for i in range(0, len(split), batch_size):
-        yield (
-            torch.from_numpy(np.ascontiguousarray(split.images[i : i + batch_size])),
-            torch.from_numpy(np.ascontiguousarray(split.targets[i : i + batch_size])),
-        )
+        x = torch.from_numpy(np.ascontiguousarray(split.images[i : i + batch_size]))
+        yield to_device(x.pin_memory() if pin_memory(device) else x, device)
+
+
+def _autocast_logits(model: nn.Module, x: torch.Tensor, amp: Amp) -> torch.Tensor:
+    with amp.autocast():
+        return logits_of(model(x)).float()
 
 
 @torch.no_grad()
@@ -62,21 +68,26 @@ def predict(
     batch_size: int = 256,
     task: str = "classification",
     roi_size: tuple[int, ...] | None = None,
+    amp: Amp | None = None,
 ) -> torch.Tensor:
-    """Logits for a whole split. With ``roi_size`` (segmentation trained on patches), MONAI's
-    ``sliding_window_inference`` covers each whole image with overlapping windows of that size."""
+    """Float32 CPU logits for a whole split, computed where ``model`` is, in ``amp``'s precision.
+
+    With ``roi_size`` (segmentation trained on patches), MONAI's ``sliding_window_inference``
+    covers each whole image with overlapping windows of that size."""
     model.eval()
+    amp = amp or Amp(model_device(model))
     outs = []
-    for x, _ in _batches(split, batch_size):
+    for x in _batches(split, batch_size, amp.device):
         if roi_size is not None and task == "segmentation":
             out = logits_of(  # a tensor predictor gives a tensor; logits_of checks it for the type checker too
                 sliding_window_inference(
-                    x, roi_size, sw_batch_size=4, overlap=0.25, predictor=lambda t: logits_of(model(t))
+                    x, roi_size, sw_batch_size=4, overlap=0.25, predictor=lambda t: _autocast_logits(model, t, amp)
                 )
             )
         else:
-            out = logits_of(model(x))
-        outs.append(out.float())
+            with amp.autocast():
+                out = logits_of(model(x))
+        outs.append(out.float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 
@@ -88,8 +99,12 @@ def evaluate(
     batch_size: int = 256,
     roi_size: tuple[int, ...] | None = None,
     hd95: bool = True,
+    amp: Amp | None = None,
 ) -> dict[str, float]:
     """Loss and task metrics of ``model`` on ``split`` (NaN metrics for an empty split).
+
+    The model runs where it is, in ``amp``'s precision (default float32); the metrics are computed
+    on the CPU from float32 logits.
 
     Segmentation reports ``dice`` and, with ``hd95``, ``hd95`` (voxels; see :func:`hd95_score`):
     means over the split's images.
@@ -99,7 +114,7 @@ def evaluate(
         return {"loss": math.nan} | (
             seg if task == "segmentation" else {"accuracy": math.nan, "balanced-accuracy": math.nan, "auc": math.nan}
         )
-    logits = predict(model, split, batch_size=batch_size, task=task, roi_size=roi_size)
+    logits = predict(model, split, batch_size=batch_size, task=task, roi_size=roi_size, amp=amp)
     targets = torch.from_numpy(np.ascontiguousarray(split.targets))
     loss = float(make_loss(task)(logits, targets).item())
     if task == "classification":

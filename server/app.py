@@ -24,6 +24,7 @@ import medflower._preload  # noqa: F401  (before any MONAI import: see its docst
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
 from medflower.data import load_dataset
+from medflower.device import inference_amp, resolve_device
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import default_output_dir
 from medflower.server.build import build_round
@@ -63,11 +64,17 @@ def make_global_evaluate(exp: ExperimentConfig):
     test = load_dataset(exp).test
     if len(test) == 0:
         return None
-    model = build_experiment_model(exp)
+    # train.device where this machine has it; a coordinator without the hospitals' GPU evaluates on
+    # its CPU (with a warning) rather than stopping the federation (medflower/device.py)
+    device = resolve_device(exp.train.device, where="coordinator (global evaluation)", fallback=True)
+    amp = inference_amp(device, exp.train.precision)
+    model = build_experiment_model(exp).to(device)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, test, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp))
+        return evaluate(
+            model, test, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp), amp=amp
+        )
 
     return evaluate_fn
 

@@ -33,12 +33,14 @@ import torch
 from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit, load_dataset
+from medflower.device import Amp, inference_amp, pin_memory, resolve_amp
 from medflower.modelspec import build_experiment_model
 from medflower.server.app import FINAL_MODEL_FILE
 from medflower.simulation.measure import measure_shift
 from medflower.simulation.preview import md_table, site_tables, write_json
 from medflower.simulation.runner import simulate
 from medflower.simulation.sites import SiteData, build_sites
+from medflower.strategies.registry import model_device
 from medflower.tasks import evaluate, inference_roi
 
 POOLED_TEST = "pooled-test"
@@ -53,13 +55,17 @@ def main_metrics(task: str) -> tuple[str, ...]:
     return ("accuracy", "auc", "balanced-accuracy") if task == "classification" else ("dice",)
 
 
-def train_baseline(exp: ExperimentConfig, split: ArraySplit, *, epochs: int, seed: int) -> torch.nn.Module:
-    """A model trained centrally on ``split`` with the experiment's recipe (same init as the federation)."""
+def train_baseline(
+    exp: ExperimentConfig, split: ArraySplit, *, epochs: int, seed: int, amp: Amp | None = None
+) -> torch.nn.Module:
+    """A model trained centrally on ``split`` with the experiment's recipe (same init as the federation),
+    on ``amp``'s device and in its precision (default: float32 on the CPU)."""
+    amp = amp or Amp(torch.device("cpu"))
     torch.manual_seed(exp.seed)  # the server seeds the federation's initial model the same way
-    model = build_experiment_model(exp)
+    model = build_experiment_model(exp).to(amp.device)
     torch.manual_seed(seed)
-    loader = make_loader(split, exp.train.batch_size, seed)
-    train_epochs(model, loader, make_optimizer(model, exp.train), epochs=epochs, task=exp.task)
+    loader = make_loader(split, exp.train.batch_size, seed, pin_memory=pin_memory(amp.device))
+    train_epochs(model, loader, make_optimizer(model, exp.train), epochs=epochs, task=exp.task, amp=amp)
     return model
 
 
@@ -67,21 +73,24 @@ def evaluate_everywhere(
     model: torch.nn.Module, exp: ExperimentConfig, tests: dict[str, ArraySplit]
 ) -> dict[str, dict[str, float]]:
     roi = inference_roi(exp)  # 3D models trained on patches infer by sliding window, as the sites do
+    amp = inference_amp(model_device(model), exp.train.precision)  # where the model is
     return {
-        name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=roi)
+        name: evaluate(model, split, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=roi, amp=amp)
         for name, split in tests.items()
     }
 
 
-def federated_model(exp: ExperimentConfig, out_dir: Path, *, verbose: bool) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Run the experiment through Flower's simulation runtime; load its final global model."""
+def federated_model(
+    exp: ExperimentConfig, out_dir: Path, *, verbose: bool, device: torch.device | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Run the experiment through Flower's simulation runtime; load its final global model (on ``device``)."""
     summary = simulate(exp, out_dir, verbose=verbose)
     path = out_dir / FINAL_MODEL_FILE
     if not path.is_file():
         raise RuntimeError(f"the federated run wrote no {path}; see its log above")
     model = build_experiment_model(exp)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return model, summary
+    return model.to(device or torch.device("cpu")), summary
 
 
 def _nanmean(values: Sequence[float | None]) -> float:
@@ -226,6 +235,7 @@ def run_compare(
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     torch.set_num_threads(max(1, exp.train.num_threads))
+    amp = resolve_amp(exp.train.device, exp.train.precision)  # before any work: this machine runs every model
     ds = load_dataset(exp)
     sites: list[SiteData] = build_sites(exp)
     names = [s.name for s in sites]
@@ -242,13 +252,14 @@ def run_compare(
         num_classes=ds.num_classes if ds.task == "classification" else None,
         seed=exp.seed,
         identifiability=identifiability,
+        device=amp.device,
     )
     print(site_tables(measured), flush=True)
 
     matrix: dict[str, dict[str, dict[str, float]]] = {}
     seconds: dict[str, float] = {}
     t0 = time.time()
-    pooled = train_baseline(exp, concat([s.train for s in sites]), epochs=epochs, seed=exp.seed * 100003 + 7)
+    pooled = train_baseline(exp, concat([s.train for s in sites]), epochs=epochs, seed=exp.seed * 100003 + 7, amp=amp)
     matrix["pooled"] = evaluate_everywhere(pooled, exp, tests)
     seconds["pooled"] = time.time() - t0
     print(f"\npooled: trained on {sum(len(s.train) for s in sites)} images in {seconds['pooled']:.1f}s", flush=True)
@@ -257,14 +268,14 @@ def run_compare(
         if len(s.train) == 0:
             print(f"local:{s.name}: no training images; skipped")
             continue
-        model = train_baseline(exp, s.train, epochs=epochs, seed=exp.seed * 100003 + 11 + i)
+        model = train_baseline(exp, s.train, epochs=epochs, seed=exp.seed * 100003 + 11 + i, amp=amp)
         matrix[f"local:{s.name}"] = evaluate_everywhere(model, exp, tests)
         seconds[f"local:{s.name}"] = time.time() - t0
         print(f"local:{s.name}: trained on {len(s.train)} images in {seconds[f'local:{s.name}']:.1f}s", flush=True)
     if federated:
         t0 = time.time()
         print("federated: simulating with Flower ...", flush=True)
-        fed, _fed_summary = federated_model(exp, out_dir / "federated", verbose=verbose)
+        fed, _fed_summary = federated_model(exp, out_dir / "federated", verbose=verbose, device=amp.device)
         matrix["federated"] = evaluate_everywhere(fed, exp, tests)
         seconds["federated"] = time.time() - t0
         print(

@@ -84,13 +84,17 @@ def site_identifiability(
     batch_size: int = 64,
     lr: float = 3e-3,
     max_per_site: int = 600,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Train a small CNN to predict the site of an image; score it on held-out images.
 
     Training images: each site's train split (at most ``max_per_site``, seeded subsample); held-out:
     each site's test split (val too if a site has no test images). Returns balanced accuracy (the
     score: chance is 1/N), accuracy, the chance level, sizes and the confusion matrix (rows: true site).
+    The classifier trains on ``device`` (default: the CPU), in float32: it is small, and its score
+    should not depend on the precision an experiment trains in.
     """
+    device = device or torch.device("cpu")
     n_sites = len(sites)
     if n_sites < 2:
         return {"balanced_accuracy": math.nan, "chance": 1.0, "note": "needs at least two sites"}
@@ -111,16 +115,18 @@ def site_identifiability(
     if len(x_te) == 0 or len(np.unique(y_tr)) < 2:
         return {"balanced_accuracy": math.nan, "chance": 1.0 / n_sites, "note": "too few images"}
     torch.manual_seed(seed)
-    model = SmallCNN(spatial_dims=x_tr.ndim - 2, in_channels=x_tr.shape[1], out_channels=n_sites, width=width)
+    model = SmallCNN(spatial_dims=x_tr.ndim - 2, in_channels=x_tr.shape[1], out_channels=n_sites, width=width).to(
+        device
+    )
     counts = np.bincount(y_tr, minlength=n_sites).astype(np.float32)
     weights = torch.from_numpy(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / n_sites, 0.0)).float()
-    loss_fn = nn.CrossEntropyLoss(weight=weights)
+    loss_fn = nn.CrossEntropyLoss(weight=weights.to(device))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr)
+    xt, yt = torch.from_numpy(x_tr).to(device), torch.from_numpy(y_tr).to(device)  # small: resident on the device
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
+        order = torch.randperm(len(xt), generator=gen).to(device)
         for i in range(0, len(order), batch_size):
             b = order[i : i + batch_size]
             opt.zero_grad(set_to_none=True)
@@ -128,7 +134,9 @@ def site_identifiability(
             opt.step()
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(torch.from_numpy(x_te[i : i + 256])) for i in range(0, len(x_te), 256)])
+        logits = torch.cat(
+            [model(torch.from_numpy(x_te[i : i + 256]).to(device)).cpu() for i in range(0, len(x_te), 256)]
+        )
     m = classification_metrics(logits, torch.from_numpy(y_te))
     pred = logits.argmax(1).numpy()
     confusion = np.zeros((n_sites, n_sites), dtype=int)
@@ -147,9 +155,14 @@ def site_identifiability(
 
 
 def measure_shift(
-    sites: Sequence[SiteData], *, num_classes: int | None, seed: int = 0, identifiability: bool = True
+    sites: Sequence[SiteData],
+    *,
+    num_classes: int | None,
+    seed: int = 0,
+    identifiability: bool = True,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Everything above in one JSON-ready dict."""
+    """Everything above in one JSON-ready dict (the identifiability classifier trains on ``device``)."""
     out: dict[str, Any] = {
         "sizes": site_sizes(sites),
         "intensity": intensity_stats(sites),
@@ -158,5 +171,5 @@ def measure_shift(
     if num_classes is not None:
         out["labels"] = label_histograms(sites, num_classes)
     if identifiability:
-        out["identifiability"] = site_identifiability(sites, seed=seed)
+        out["identifiability"] = site_identifiability(sites, seed=seed, device=device)
     return out

@@ -25,6 +25,7 @@ import torch
 
 from medflower.config import ExperimentConfig
 from medflower.data import load_dataset
+from medflower.device import resolve_device
 from medflower.fileio import atomic_write_text
 from medflower.simulation.measure import intensity_histograms, measure_shift
 from medflower.simulation.shift import site_scanners, value_range
@@ -256,6 +257,8 @@ def preview(
 ) -> dict[str, Any]:
     """Build, measure, print and plot the experiment's sites; returns what ``partition.json`` holds."""
     torch.set_num_threads(max(1, exp.train.num_threads))  # as `compare` does: same identifiability numbers
+    # before any work: the identifiability classifier runs on train.device (medflower/device.py)
+    device = resolve_device(exp.train.device) if identifiability else None
     out_dir = Path(out_dir)
     ds = load_dataset(exp)
     sites = build_sites(exp)
@@ -264,6 +267,7 @@ def preview(
         num_classes=ds.num_classes if ds.task == "classification" else None,
         seed=exp.seed,
         identifiability=identifiability,
+        device=device,
     )
     total = {n: len(ds.split(n)) for n in SPLITS}
     placed = {n: sum(len(s.split(n)) for s in sites) for n in SPLITS}

@@ -18,12 +18,14 @@ from medflower.modelspec import build_experiment_model
 from medflower.runenv import quiet_flower_env
 from medflower.server.app import build_server_app
 from medflower.simulation.clientapp import app as client_app
+from medflower.simulation.resources import check_simulation_hardware
 from medflower.simulation.sites import build_sites
 
 # Ray's own settings for the simulation engine (the telemetry ones are medflower.runenv.FLOWER_ENV)
 RAY_ENV = {
     "RAY_DEDUP_LOGS": "0",  # every site's log lines, not "repeated 3x"
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray leaves CUDA_VISIBLE_DEVICES alone with num_gpus 0
+    # Ray leaves CUDA_VISIBLE_DEVICES alone for sites that reserve no GPU (gpus_per_site 0): they see every GPU
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -35,8 +37,9 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     # here, not at the top: it starts Ray's machinery, which only a simulation that really runs needs
     from flwr.simulation import run_simulation
 
-    # Fail fast, before Ray starts, on bad data or an impossible partition (and warm the caches
-    # the in-process ServerApp reuses).
+    # Fail fast, before Ray starts, on hardware this machine lacks (train.device, simulation.*_per_site),
+    # on bad data or an impossible partition (and warm the caches the in-process ServerApp reuses).
+    resources = check_simulation_hardware(exp)
     build_sites(exp)
     build_experiment_model(exp)
     out_dir = Path(out_dir)
@@ -45,7 +48,7 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
         summary_path.unlink()  # never report a previous run's results as this one's
     cpus = os.cpu_count() or 1
     backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": resources,
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
     }
     t0 = time.time()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from medflower.device import check_device_name
 from medflower.schema import rng_field
 
 
@@ -22,3 +23,12 @@ class TrainConfig:
     eval_batch_size: int = rng_field(256, min=1)
     # threads each site's torch uses (simulation runs sites side by side on few cores)
     num_threads: int = rng_field(1, min=1, max=256)
+    # where models train and evaluate: auto (CUDA when available, else CPU), cpu, cuda or cuda:N;
+    # checked against the hardware where a model runs (medflower/device.py), not here
+    device: str = "auto"
+    # autocast precision: fp32, bf16 (native on recent GPUs and CPUs) or fp16 (CUDA only, with a grad
+    # scaler); weights stay and are sent as float32 whatever the precision
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
