@@ -55,6 +55,7 @@ from medflower.client.train import LocalHooks, TrainStats
 from medflower.config import ExperimentConfig
 from medflower.fileio import atomic_write_text
 from medflower.schema import ConfigError
+from medflower.strategies.registry import model_device
 
 LEDGER_STATE_KEY = "dp-ledger"  # context.state ConfigRecord holding the ledger as JSON
 LEDGER_FORMAT = 1
@@ -389,8 +390,10 @@ def site_plan(
     return SitePlan(eps, delta, sigma, q, steps_per_epoch, steps_round, planned)
 
 
-def _secret_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(secrets.randbits(63))
+def _secret_generator(device: torch.device | None = None) -> torch.Generator:
+    """An OS-seeded generator on ``device``: Opacus draws the noise where the gradients are, with this
+    generator, and a CPU generator cannot draw on a GPU (Opacus leaves that transfer to the caller)."""
+    return torch.Generator(device=device or torch.device("cpu")).manual_seed(secrets.randbits(63))
 
 
 class RoundPrivacy:
@@ -521,7 +524,7 @@ class RoundPrivacy:
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=self.exp.privacy.max_grad_norm,
                 poisson_sampling=False,
-                noise_generator=_secret_generator(),
+                noise_generator=_secret_generator(model_device(model)),  # on the model's device
             )
         if self.exp.privacy.poisson_sampling:
             gsm.forbid_grad_accumulation()

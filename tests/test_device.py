@@ -313,3 +313,32 @@ def test_site_check_reports_the_device_and_names_the_site(monkeypatch: pytest.Mo
         out = io.StringIO()
         assert run_check(site_yaml, exp_yaml, out=out) == expect_rc
         assert expect in out.getvalue()
+
+
+def test_dp_noise_is_drawn_on_the_models_device(monkeypatch: pytest.MonkeyPatch, flower_identity) -> None:
+    """Opacus draws noise with the generator it is given, on the gradients' device: the two must match."""
+    from opacus import PrivacyEngine
+
+    from medflower.client.privacy import RoundPrivacy
+
+    seen: list[torch.device] = []
+    real = PrivacyEngine.make_private
+
+    def spy(self: Any, **kw: Any) -> Any:
+        seen.append(kw["noise_generator"].device)
+        return real(self, **kw)
+
+    monkeypatch.setattr(PrivacyEngine, "make_private", spy)
+    exp = ExperimentConfig.from_dict(
+        {
+            "data": {"kind": "synthetic", "synthetic_samples": 60, "synthetic_size": 16},
+            "privacy": {"mode": "sample", "target_epsilon": 8.0, "target_delta": 1e-3},
+            "train": {"rounds": 1, "batch_size": 8},
+        }
+    )
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    dp = RoundPrivacy.start(exp, ctx, site="s", num_train=48, server_round=1)
+    model = SmallCNN(spatial_dims=2, in_channels=1, out_channels=2, width=8)
+    loader = make_loader(_synthetic_split(48), 8, 0)
+    dp.wrap(model, make_optimizer(model, exp.train), loader)
+    assert seen == [CPU]  # the model's device (a GPU's, on a GPU: a CPU generator cannot draw there)
