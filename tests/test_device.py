@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from sitekit import write_site
+from sitekit import experiment, message, node, write_site
 from torch import nn
 
 from medflower import keys
@@ -342,3 +342,17 @@ def test_dp_noise_is_drawn_on_the_models_device(monkeypatch: pytest.MonkeyPatch,
     loader = make_loader(_synthetic_split(48), 8, 0)
     dp.wrap(model, make_optimizer(model, exp.train), loader)
     assert seen == [CPU]  # the model's device (a GPU's, on a GPU: a CPU generator cannot draw there)
+
+
+def test_a_hospital_without_the_gpu_names_itself_in_its_own_log(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture, flower_identity
+) -> None:
+    from medflower.client.app import app as hospital_app
+
+    fake_gpus(monkeypatch, 0)
+    site_yaml = write_site(tmp_path / "h", "st-mary", n=12)
+    reply = hospital_app(message(experiment(train={"device": "cuda"})), node(site_yaml))
+    assert reply.has_error() and reply.error.reason.startswith("config-error: ")  # the coordinator: a code
+    ref = reply.error.reason.rsplit("(ref ", 1)[1].rstrip(")")
+    site_log = [r.getMessage() for r in caplog.records if r.name == "medflower.site"]
+    assert any(ref in m and "site 'st-mary': train.device: 'cuda', but CUDA is not available" in m for m in site_log)
