@@ -52,6 +52,15 @@ def exp_with(**train: Any) -> ExperimentConfig:
     )
 
 
+def simulated_site_train(exp: ExperimentConfig, pid: int) -> tuple[Message, Context]:
+    """A train message with the initial model, and simulated site ``pid``'s context."""
+    cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1})
+    arrays = ArrayRecord(build_experiment_model(exp).state_dict())
+    msg = Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg}), dst_node_id=1, message_type="train")
+    node_config = {keys.NODE_PARTITION_ID: pid, keys.NODE_NUM_PARTITIONS: exp.partition.num_sites}
+    return msg, Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+
 # ---- device names and resolution -------------------------------------------------------------------
 
 
@@ -169,21 +178,7 @@ def test_bf16_training_runs_in_bf16_on_the_cpu_and_keeps_float32_weights() -> No
 
 def test_a_bf16_site_sends_float32_cpu_arrays(flower_identity) -> None:
     exp = exp_with(precision="bf16")
-    model = build_experiment_model(exp)
-    cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1})
-    msg = Message(
-        content=RecordDict({keys.ARRAYS: ArrayRecord(model.state_dict()), keys.CONFIG: cfg}),
-        dst_node_id=1,
-        message_type="train",
-    )
-    ctx = Context(
-        run_id=1,
-        node_id=1,
-        node_config={keys.NODE_PARTITION_ID: 0, keys.NODE_NUM_PARTITIONS: exp.partition.num_sites},
-        state=RecordDict(),
-        run_config={},
-    )
-    reply = simulation_app(msg, ctx)
+    reply = simulation_app(*simulated_site_train(exp, 0))
     assert not reply.has_error(), reply.error if reply.has_error() else ""
     sent = reply.content[keys.ARRAYS]
     assert {a.dtype for a in sent.values()} == {"float32"}
@@ -282,21 +277,8 @@ def test_simulate_with_cuda_on_a_cpu_machine_fails_before_the_engine_starts(
 def test_a_simulated_site_without_the_gpu_names_itself(monkeypatch: pytest.MonkeyPatch, flower_identity) -> None:
     fake_gpus(monkeypatch, 0)
     exp = exp_with(device="cuda")
-    cfg = ConfigRecord({keys.EXPERIMENT: exp.to_json(), keys.SERVER_ROUND: 1})
-    msg = Message(
-        content=RecordDict({keys.ARRAYS: ArrayRecord(build_experiment_model(exp).state_dict()), keys.CONFIG: cfg}),
-        dst_node_id=1,
-        message_type="train",
-    )
-    ctx = Context(
-        run_id=1,
-        node_id=1,
-        node_config={keys.NODE_PARTITION_ID: 1, keys.NODE_NUM_PARTITIONS: exp.partition.num_sites},
-        state=RecordDict(),
-        run_config={},
-    )
     with pytest.raises(Exception, match=r"site 'site-1': train\.device: 'cuda', but CUDA is not available"):
-        simulation_app(msg, ctx)
+        simulation_app(*simulated_site_train(exp, 1))
 
 
 def test_site_check_reports_the_device_and_names_the_site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
