@@ -18,7 +18,7 @@ from medflower.modelspec import build_experiment_model
 from medflower.runenv import quiet_flower_env
 from medflower.server.app import build_server_app
 from medflower.simulation.clientapp import app as client_app
-from medflower.simulation.resources import check_simulation_hardware
+from medflower.simulation.resources import check_simulation_hardware, gpu_count
 from medflower.simulation.sites import build_sites
 
 # Ray's own settings for the simulation engine (the telemetry ones are medflower.runenv.FLOWER_ENV)
@@ -49,7 +49,13 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     cpus = os.cpu_count() or 1
     backend_config: dict[str, Any] = {
         "client_resources": resources,
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": gpu_count(),  # the GPUs torch sees: the count simulation.gpus_per_site was checked against
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": verbose,
+        },
     }
     t0 = time.time()
     run_simulation(

@@ -28,7 +28,6 @@ from medflower.device import Amp, host_state, inference_amp, resolve_amp, resolv
 from medflower.models import SmallCNN
 from medflower.modelspec import build_experiment_model
 from medflower.schema import ConfigError
-from medflower.simulation import resources
 from medflower.simulation.clientapp import app as simulation_app
 from medflower.simulation.resources import client_resources
 
@@ -250,12 +249,12 @@ def test_simulate_hands_the_resources_to_flower(monkeypatch: pytest.MonkeyPatch,
         seen.update(kwargs["backend_config"])
 
     monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
-    monkeypatch.setattr(resources, "gpu_count", lambda: 1)  # the check sees one GPU
     fake_gpus(monkeypatch, 1)
     exp = replace(exp_with(), simulation=replace(exp_with().simulation, cpus_per_site=1, gpus_per_site=0.25))
     with pytest.raises(RuntimeError, match="without writing"):  # the fake engine writes no summary
         runner.simulate(exp, tmp_path)
     assert seen["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
+    assert seen["init_args"]["num_gpus"] == 1  # Ray is told the GPUs torch sees
 
 
 def test_simulate_with_cuda_on_a_cpu_machine_fails_before_the_engine_starts(
