@@ -35,6 +35,7 @@ from medflower.client.errors import AUDIT_ERROR, MESSAGE_ERROR, SITE_LOGGER, Aud
 from medflower.client.policy import NodeFacts, Request, refusal_for
 from medflower.client.privacy import ledger_epsilon, node_float
 from medflower.client.replies import experiment_of, refusal_reply
+from medflower.client.secagg import is_protocol_only
 from medflower.client.site import SiteConfig, load_site_config, load_site_data
 from medflower.client.state import (
     LedgerPlace,
@@ -247,7 +248,7 @@ class _Handling:
             SITE_LOGGER.warning("%s refused: %s", self.where, refusal.text)
             return self.sent(refusal_reply(self.msg, node.site.name, refusal.text), refusal=refusal.text)
         try:
-            if request.kind == "train":
+            if request.kind == "train" and not is_protocol_only(self.msg):  # SecAgg+ key stages train nothing
                 count_round(self.context, node.state_dir, request.run_id)  # before training: a crash still counts
             reply = call_next(self.msg, self.context)
         except Exception as err:

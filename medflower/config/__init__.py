@@ -21,6 +21,7 @@ from medflower.config.model import ModelConfig
 from medflower.config.participation import ParticipationConfig
 from medflower.config.partition import PartitionConfig
 from medflower.config.privacy import PrivacyConfig
+from medflower.config.secagg import SecureAggregationConfig, secagg_refusal
 from medflower.config.shift import ShiftConfig
 from medflower.config.strategy import StrategyConfig
 from medflower.config.train import TrainConfig
@@ -36,6 +37,7 @@ __all__ = [
     "ParticipationConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "SecureAggregationConfig",
     "ShiftConfig",
     "StrategyConfig",
     "TrainConfig",
@@ -58,6 +60,7 @@ class ExperimentConfig:
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # SIMULATION-ONLY poisoning (research)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)  # SecAgg+
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
     base_dir: str = field(default="", compare=False)
 
@@ -68,6 +71,30 @@ class ExperimentConfig:
             raise ConfigError(
                 f"privacy.mode {self.privacy.mode!r} cannot be combined with strategy.name "
                 f"{self.strategy.name!r}: {refusal}"
+            )
+        self.check_secure_aggregation()
+
+    def check_secure_aggregation(self) -> None:
+        """``secure_aggregation`` against the federation's size and the other sections (errors name both keys)."""
+        sa = self.secure_aggregation
+        sa.check_sites(self.partition.num_sites)
+        why = secagg_refusal(
+            sa,
+            method_refusal=get_method(self.strategy.name).secure_aggregation,
+            strategy_name=self.strategy.name,
+            max_update_norm=self.strategy.max_update_norm,
+            weighting=self.strategy.weighting,
+            privacy_mode=self.privacy.mode,
+            clipping_side=self.privacy.clipping_side,
+        )
+        if why is not None:
+            raise ConfigError(why)
+        sampled = max(int(self.partition.num_sites * self.strategy.fraction_train), 1)
+        if sa.enabled and sa.reconstruction_threshold > sampled:
+            raise ConfigError(
+                f"secure_aggregation.reconstruction_threshold: {sa.reconstruction_threshold} is larger than the "
+                f"{sampled} site(s) a round samples (partition.num_sites {self.partition.num_sites} x "
+                f"strategy.fraction_train {self.strategy.fraction_train}); no round could be unmasked"
             )
 
     @classmethod
