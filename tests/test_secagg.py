@@ -1,0 +1,297 @@
+"""SecAgg+ in whole (tiny, synthetic) federations: the wire, the arithmetic, the dropouts, the methods.
+
+The runs use the in-process grid (the real ServerApp loop and ClientApp, no Ray). A recording grid
+keeps a copy of every message the coordinator receives; a capturing ClientApp keeps each site's
+plaintext update *at the site* (before the SecAgg+ mod masks it). Faults are injected per protocol
+stage: a site falls silent, or its reply is corrupted on the way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from medflower import keys
+from medflower.client.app import build_client_app
+from medflower.config import ExperimentConfig, SecureAggregationConfig, quickstart_experiment
+from medflower.config.strategy import StrategyConfig
+from medflower.server.app import FINAL_MODEL_FILE
+from medflower.simulation.inprocess import InProcessGrid, simulate_inprocess
+from medflower.simulation.sites import load_partition
+
+SECAGG = SecureAggregationConfig(mode="secagg+")
+
+
+def tiny(*, rounds: int = 1, sites: int = 3, name: str = "fedavg", secagg: bool = True, **sa: Any) -> ExperimentConfig:
+    """Synthetic images, a small CNN, plain SGD (a tame map from update to model, for comparisons)."""
+    exp = quickstart_experiment()
+    return replace(
+        exp,
+        data=replace(exp.data, synthetic_samples=40 * sites),
+        partition=replace(exp.partition, num_sites=sites, kind="iid"),
+        train=replace(exp.train, rounds=rounds, optimizer="sgd", lr=0.05, batch_size=16),
+        strategy=StrategyConfig(name=name),
+        participation=replace(exp.participation, min_sites=2),  # a round may lose a site (default: none)
+        secure_aggregation=replace(SECAGG, **sa) if secagg else SecureAggregationConfig(),
+    )
+
+
+class Capture:
+    """A ClientApp transform that records, at the site, the plaintext arrays it is about to send."""
+
+    def __init__(self) -> None:
+        self.updates: dict[str, dict[str, np.ndarray]] = {}  # site -> key -> y - x_global
+        self.models: dict[str, dict[str, np.ndarray]] = {}
+
+    def __call__(self, arrays: ArrayRecord, global_arrays: ArrayRecord, exp: Any, site: str) -> ArrayRecord:
+        self.models[site] = {k: np.array(a.numpy(), dtype=np.float64) for k, a in arrays.items()}
+        self.updates[site] = {k: v - global_arrays[k].numpy().astype(np.float64) for k, v in self.models[site].items()}
+        return arrays
+
+
+def stage_of(msg: Message) -> str | None:
+    cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return None if cfg is None else str(cfg.get(Key.STAGE))
+
+
+class FaultGrid(InProcessGrid):
+    """Records every reply (a deep copy, before the coordinator touches it); drops or corrupts on cue.
+
+    ``silent``: (node id, stage) pairs whose message gets no reply; ``corrupt``: (node id, stage) ->
+    a function that mangles the reply.
+    """
+
+    def __init__(self, client_app: Any, *, num_sites: int) -> None:
+        super().__init__(client_app, num_sites=num_sites)
+        self.silent: set[tuple[int, str]] = set()
+        self.corrupt: dict[tuple[int, str], Callable[[Message], None]] = {}
+        self.received: list[tuple[str | None, Message]] = []
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        msgs = list(messages)
+        stages = {id(m): stage_of(m) for m in msgs}  # the site's mod pops the stage from the record
+        kept = [m for m in msgs if (int(m.metadata.dst_node_id), stages[id(m)]) not in self.silent]
+        replies = list(super().send_and_receive(kept, timeout=timeout))
+        by_id = {m.metadata.message_id: stages[id(m)] for m in kept}
+        for reply in replies:
+            stage = by_id.get(reply.metadata.reply_to_message_id)
+            mangle = self.corrupt.get((int(reply.metadata.src_node_id), str(stage)))
+            if mangle is not None and not reply.has_error():
+                mangle(reply)
+            self.received.append((stage, copy.deepcopy(reply)))
+        return replies
+
+
+def run(exp: ExperimentConfig, tmp_path: Path, **faults: Any) -> tuple[dict[str, Any], FaultGrid, Capture]:
+    capture = Capture()
+    grid = FaultGrid(
+        build_client_app(load_site=load_partition, transform_update=capture), num_sites=exp.partition.num_sites
+    )
+    grid.silent = faults.get("silent", set())
+    grid.corrupt = faults.get("corrupt", {})
+    summary = simulate_inprocess(exp, tmp_path, grid=grid)
+    return summary, grid, capture
+
+
+def final_model(tmp_path: Path) -> dict[str, np.ndarray]:
+    state = torch.load(tmp_path / FINAL_MODEL_FILE)
+    return {k: v.numpy().astype(np.float64) for k, v in state.items()}
+
+
+def weighted_mean(updates: dict[str, dict[str, np.ndarray]], weights: dict[str, float]) -> dict[str, np.ndarray]:
+    total = sum(weights[s] for s in updates)
+    return {k: sum(weights[s] * updates[s][k] for s in updates) / total for k in next(iter(updates.values()))}
+
+
+def initial_model(exp: ExperimentConfig) -> dict[str, np.ndarray]:
+    from medflower.modelspec import build_experiment_model
+
+    torch.manual_seed(exp.seed)
+    return {k: v.numpy().astype(np.float64) for k, v in build_experiment_model(exp).state_dict().items()}
+
+
+def check_mean(summary: dict[str, Any], capture: Capture, tmp_path: Path, exp: ExperimentConfig, sites: set[str]):
+    """(b): the new global model is the plaintext weighted mean of ``sites``' updates, within the bound."""
+    rec = summary["rounds"][0]
+    assert rec["aggregated"], rec
+    weights = {s: min(rec["sites_train"][s][keys.NUM_EXAMPLES], exp.secure_aggregation.max_weight) for s in sites}
+    mean = weighted_mean({s: capture.updates[s] for s in sites}, weights)
+    start = {k: capture.models[next(iter(sites))][k] - capture.updates[next(iter(sites))][k] for k in mean}
+    got = final_model(tmp_path)
+    bound = rec["secure_aggregation"]["quantization_error_bound"]
+    for k, v in mean.items():
+        expected = start[k] + v
+        tol = bound + 1e-6 * (1 + np.abs(expected))  # plus float32 rounding of the stored model
+        assert np.all(np.abs(got[k] - expected) <= tol), (k, float(np.max(np.abs(got[k] - expected))), bound)
+
+
+# ---------------------------------------------------------------------------------------- the wire
+
+
+def test_wire_carries_no_individual_update_and_the_sum_is_the_weighted_mean(tmp_path, flower_identity):
+    exp = tiny()
+    summary, grid, capture = run(exp, tmp_path)
+    rec = summary["rounds"][0]
+    info = rec["secure_aggregation"]
+    assert info["collect_masked_vectors"] == 3 and not rec["failures"] and "not_aggregated" not in info
+    # (a) every array the coordinator received, at every stage
+    received = [
+        a.numpy()
+        for _, m in grid.received
+        if not m.has_error()
+        for r in m.content.array_records.values()
+        for a in r.values()
+    ]
+    assert received, "the masked stage sent arrays"
+    for stage, m in grid.received:
+        if m.has_error():
+            continue
+        assert set(m.content.array_records) <= {keys.SECAGG_MASKED}, (stage, list(m.content.array_records))
+    plaintext = [
+        v for site in capture.updates for v in (*capture.updates[site].values(), *capture.models[site].values())
+    ]
+    assert plaintext
+    for a in received:
+        x = a.astype(np.float64).ravel()
+        for p in plaintext:
+            y = p.ravel()
+            if x.size != y.size:
+                continue
+            assert not np.allclose(x, y), "a received array equals a plaintext update"
+            if x.size >= 64 and x.std() > 0 and y.std() > 0:
+                r = float(np.corrcoef(x, y)[0, 1])
+                assert abs(r) < 6 / np.sqrt(x.size), f"received array correlates with a plaintext update (r={r:.3f})"
+    # (b) the unmasked aggregate is the plaintext weighted mean, within the quantization error
+    check_mean(summary, capture, tmp_path, exp, set(capture.updates))
+
+
+def test_five_rounds_match_the_same_run_without_secagg(tmp_path, flower_identity):
+    """(c): identical seeds; the two runs differ only by SecAgg+'s quantization (and float order)."""
+    rounds = 5
+    with_sa, _, capture = run(tiny(rounds=rounds), tmp_path / "secagg")
+    plain, _, _ = run(tiny(rounds=rounds, secagg=False), tmp_path / "plain")
+    a, b = final_model(tmp_path / "secagg"), final_model(tmp_path / "plain")
+    bound = sum(r["secure_aggregation"]["quantization_error_bound"] for r in with_sa["rounds"])
+    scale = max(float(np.max(np.abs(v))) for v in b.values())
+    worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in b)
+    # each round's error is at most its bound; training maps a model difference to a comparable update difference
+    assert worst <= 10 * bound + 1e-6 * scale, (worst, bound)
+    assert [r["aggregated"] for r in with_sa["rounds"]] == [True] * rounds
+
+
+# ---------------------------------------------------------------------------------------- dropouts
+
+FIRST = 1001  # the in-process grid's first node id (site-0)
+
+
+@pytest.mark.parametrize("stage", [Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK])
+def test_one_site_drops_at_each_stage_and_the_round_recovers(stage, tmp_path, flower_identity):
+    exp = tiny()
+    summary, _, capture = run(exp, tmp_path, silent={(FIRST, stage)})
+    rec = summary["rounds"][0]
+    assert rec["aggregated"], rec["secure_aggregation"]
+    failed = [f for f in rec["failures"] if f["node_id"] == FIRST]
+    assert failed and failed[0]["stage"] == stage and "no reply" in failed[0]["reason"]
+    # a site that trained and then dropped (its update masked into nothing) is left out of the mean;
+    # one that dropped at unmask had its vector summed: its seed is rebuilt from the others' shares
+    contributed = set(capture.updates) if stage == Stage.UNMASK else set(capture.updates) - {failed[0]["site"]}
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        assert rec["secure_aggregation"]["recovered_dropouts"] == [failed[0]["site"]]
+        capture.updates.pop(failed[0]["site"], None)  # it never sent: silence hides what it computed
+    check_mean(summary, capture, tmp_path, exp, contributed & set(capture.updates))
+
+
+def test_below_the_threshold_the_round_is_not_aggregated_and_says_why(tmp_path, flower_identity):
+    exp = tiny()
+    silent = {(FIRST, Stage.COLLECT_MASKED_VECTORS), (FIRST + 1, Stage.COLLECT_MASKED_VECTORS)}
+    summary, _, _ = run(exp, tmp_path, silent=silent)
+    rec = summary["rounds"][0]
+    assert not rec["aggregated"]
+    why = rec["secure_aggregation"]["not_aggregated"]
+    assert "collect_masked_vectors" in why and "reconstruction_threshold 2" in why
+    start = initial_model(exp)
+    got = final_model(tmp_path)
+    assert all(np.array_equal(got[k], start[k]) for k in start)  # the global model stayed as it was
+
+
+def test_a_malformed_masked_vector_is_excluded_and_named(tmp_path, flower_identity):
+    def drop_an_entry(reply: Message) -> None:
+        rec = reply.content.array_records[keys.SECAGG_MASKED]
+        del rec[next(iter(rec.keys()))]
+
+    exp = tiny()
+    summary, _, capture = run(exp, tmp_path, corrupt={(FIRST, Stage.COLLECT_MASKED_VECTORS): drop_an_entry})
+    rec = summary["rounds"][0]
+    bad = [f for f in rec["failures"] if f["node_id"] == FIRST]
+    assert bad and bad[0]["reason"].startswith("rejected masked vector")
+    assert rec["secure_aggregation"]["recovered_dropouts"] == [bad[0]["site"]]
+    check_mean(summary, capture, tmp_path, exp, set(capture.updates) - {bad[0]["site"]})
+
+
+def test_malformed_shares_are_excluded_and_named(tmp_path, flower_identity):
+    def bad_owner(reply: Message) -> None:
+        reply.content.config_records[RECORD_KEY_CONFIGS][Key.NODE_ID_LIST] = [99999]
+
+    exp = tiny()
+    summary, _, capture = run(exp, tmp_path, corrupt={(FIRST, Stage.UNMASK): bad_owner})
+    rec = summary["rounds"][0]
+    bad = [f for f in rec["failures"] if f["node_id"] == FIRST]
+    assert bad and bad[0]["stage"] == Stage.UNMASK and "malformed shares" in bad[0]["reason"]
+    check_mean(summary, capture, tmp_path, exp, set(capture.updates))  # its vector was summed; 2 shares suffice
+
+
+# ---------------------------------------------------------------------------------------- methods
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedprox", "scaffold"])
+def test_methods_on_the_mean_run_under_secagg(name, tmp_path, flower_identity):
+    summary, grid, _ = run(tiny(rounds=2, name=name), tmp_path)
+    assert all(r["aggregated"] for r in summary["rounds"]), [r["secure_aggregation"] for r in summary["rounds"]]
+    assert all(not r["failures"] for r in summary["rounds"])
+    masked_keys = {
+        k for _, m in grid.received if not m.has_error() for r in m.content.array_records.values() for k in r
+    }
+    if name == "scaffold":  # the control variate changes are masked too
+        assert any(k.startswith("scaffold-dc/") for k in masked_keys)
+
+
+def test_scaffold_control_variate_is_the_uniform_mean_of_the_sites(tmp_path, flower_identity):
+    """After round 1 (every c_i was 0) the server's c is (|S|/N) mean(dc_i) = mean(c_i+): read back from round 2."""
+    from medflower.strategies.methods.scaffold import SCAFFOLD_C, STATE_CI
+
+    class Spy(FaultGrid):
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.cis: list[dict[str, np.ndarray]] = []
+            self.c: dict[str, np.ndarray] = {}
+
+        def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+            msgs = list(messages)
+            for m in msgs:
+                rnd = m.content.config_records[keys.CONFIG].get(keys.SERVER_ROUND)
+                if rnd == 2 and not self.cis:  # the sites' c_i+ as round 1 left them
+                    self.cis = [
+                        {k: a.numpy().copy() for k, a in c.state[STATE_CI].items()} for c in self.contexts.values()
+                    ]
+                if rnd == 2 and SCAFFOLD_C in m.content.array_records and not self.c:
+                    self.c = {k: a.numpy().copy() for k, a in m.content.array_records[SCAFFOLD_C].items()}
+            return super().send_and_receive(msgs, timeout=timeout)
+
+    exp = tiny(rounds=2, name="scaffold")
+    grid = Spy(build_client_app(load_site=load_partition), num_sites=3)
+    summary = simulate_inprocess(exp, tmp_path, grid=grid)
+    assert all(r["aggregated"] for r in summary["rounds"])
+    assert grid.cis and grid.c
+    step = 2 * exp.secure_aggregation.clipping_range / exp.secure_aggregation.quantization_range
+    for k, c in grid.c.items():
+        expected = np.mean([ci[k] for ci in grid.cis], axis=0)
+        assert np.max(np.abs(c - expected)) <= step + 1e-6 * (1 + np.max(np.abs(expected))), k
