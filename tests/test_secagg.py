@@ -177,8 +177,8 @@ def test_wire_carries_no_individual_update_and_the_sum_is_the_weighted_mean(tmp_
 def test_five_rounds_match_the_same_run_without_secagg(tmp_path, flower_identity):
     """(c): identical seeds; the two runs differ only by SecAgg+'s quantization (and float order)."""
     rounds = 5
-    with_sa, _, capture = run(tiny(rounds=rounds), tmp_path / "secagg")
-    plain, _, _ = run(tiny(rounds=rounds, secagg=False), tmp_path / "plain")
+    with_sa, _, _ = run(tiny(rounds=rounds), tmp_path / "secagg")
+    run(tiny(rounds=rounds, secagg=False), tmp_path / "plain")
     a, b = final_model(tmp_path / "secagg"), final_model(tmp_path / "plain")
     bound = sum(r["secure_aggregation"]["quantization_error_bound"] for r in with_sa["rounds"])
     scale = max(float(np.max(np.abs(v))) for v in b.values())
