@@ -62,6 +62,13 @@ def is_protocol_only(msg: Message) -> bool:
     return cfg is not None and cfg.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS
 
 
+def continues_round(msg: Message) -> bool:
+    """A share-keys or unmask stage: it continues a round the site accepted at setup (the hospital's guard
+    applies the site's policy at setup and at the training stage, not again here)."""
+    cfg = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return cfg is not None and cfg.get(Key.STAGE) in (Stage.SHARE_KEYS, Stage.UNMASK)
+
+
 def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Answer one SecAgg+ stage (see the module doc); plain messages pass through."""
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:

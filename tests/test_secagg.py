@@ -295,3 +295,43 @@ def test_scaffold_control_variate_is_the_uniform_mean_of_the_sites(tmp_path, flo
     for k, c in grid.c.items():
         expected = np.mean([ci[k] for ci in grid.cis], axis=0)
         assert np.max(np.abs(c - expected)) <= step + 1e-6 * (1 + np.max(np.abs(expected))), k
+
+
+@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK])
+def test_ring_of_neighbours_recovers_a_dropout(stage, tmp_path, flower_identity):
+    """5 sites, each sharing with 3 (itself and 2 neighbours): recovery uses only the neighbours' shares."""
+    exp = tiny(sites=5, num_shares=3, reconstruction_threshold=2)
+    summary, _, capture = run(exp, tmp_path, silent={(FIRST + 2, stage)})
+    rec = summary["rounds"][0]
+    assert rec["secure_aggregation"]["num_shares"] == 3
+    site = next(f["site"] for f in rec["failures"] if f["node_id"] == FIRST + 2)
+    contributed = set(capture.updates) - ({site} if stage == Stage.COLLECT_MASKED_VECTORS else set())
+    check_mean(summary, capture, tmp_path, exp, contributed)
+
+
+def test_the_hospital_clientapp_speaks_the_protocol(tmp_path, flower_identity):
+    """The deployment's ClientApp (site YAMLs, the hospital's guard and audit log): a SecAgg+ federation of
+    3 hospitals; the key stages are not counted as training rounds by a site's ``policy.max_rounds``."""
+    from sitekit import experiment, write_site
+
+    from medflower.client.app import app as hospital_app
+
+    exp = experiment(
+        partition={"num_sites": 3},
+        secure_aggregation={"mode": "secagg+"},
+        strategy={"fraction_evaluate": 0.0},
+    )
+    configs = []
+    for i in range(3):
+        policy = {"max_rounds": exp.train.rounds} if i == 0 else None
+        state = str(tmp_path / f"state-{i}")
+        site = write_site(tmp_path / f"h{i}", f"hospital-{i}", policy=policy, state_dir=state, seed=i)
+        configs.append({keys.NODE_SITE_CONFIG: str(site)})
+    grid = FaultGrid(hospital_app, num_sites=3)
+    grid.contexts = {n: replace(c, node_config=cfg) for (n, c), cfg in zip(grid.contexts.items(), configs, strict=True)}
+    summary = simulate_inprocess(exp, tmp_path / "out", grid=grid)
+    for rec in summary["rounds"]:
+        assert rec["aggregated"] and not rec["failures"] and not rec["refusals"], rec
+        assert set(rec["sites_train"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    for _, m in grid.received:
+        assert not m.has_error() and set(m.content.array_records) <= {keys.SECAGG_MASKED}
