@@ -88,6 +88,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
     elif state.current_stage == Stage.SHARE_KEYS:
         res = _share_keys(state, configs)
     elif state.current_stage == Stage.COLLECT_MASKED_VECTORS:
+        del msg.content[RECORD_KEY_CONFIGS]  # the train handler and its mods see a plain train message
         reply = call_next(msg, ctxt)
         if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
             ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
