@@ -138,10 +138,27 @@ class SecAggPlus:
         info["weight_sum"] = model_ratio * cfg.max_weight
         info["quantization_error_bound"] = quantization_error_bound(cfg, num_sites=len(masked), total_ratio=model_ratio)
         info["clipped_coordinates"] = sum(_metric(m, CLIPPED) for m in replies)
+        self._check_weights(st, replies, info["weight_sum"], info)
         if keys.ARRAYS not in means:
             raise SecAggAborted("the sites' weights sum to 0: there is no mean to take")
         log(INFO, "round %d: secure aggregation unmasked the sum of %d site(s)", st.round, len(masked))
         return self._replies(replies, means, arrays)
+
+    def _check_weights(self, st: _State, replies: list[Message], masked_sum: float, info: dict[str, Any]) -> None:
+        """The masked weights' sum against the weights the sites' plaintext ``num-examples`` imply: a site that
+        claims one number in the clear and weighs its update by another shows here (not which site)."""
+        cap = self.config.max_weight
+        claims = [cap if self.weighting == "uniform" else min(_metric(m, keys.NUM_EXAMPLES), cap) for m in replies]
+        tolerance = len(replies) * cap / self.config.quantization_range + 1e-9 * cap
+        if abs(sum(claims) - masked_sum) > tolerance:
+            info["weight_mismatch"] = {"masked": masked_sum, "claimed": sum(claims)}
+            log(
+                WARNING,
+                "round %d: the sites' masked weights sum to %.3f, their reported examples imply %.3f",
+                st.round,
+                masked_sum,
+                sum(claims),
+            )
 
     def _ring(self, st: _State, sampled: list[int]) -> tuple[int, int]:
         """Flower's neighbour ring: ``num_shares`` clamped to the sample (odd unless it is all of it)."""
@@ -236,16 +253,11 @@ class SecAggPlus:
         got = self._exchange(pipe, st, Stage.SHARE_KEYS, msgs)
         sent: dict[int, list[tuple[int, bytes]]] = {}
         for nid, res in got.items():
-            dsts, ctxts = res.get(Key.DESTINATION_LIST), res.get(Key.CIPHERTEXT_LIST)
-            if (
-                not isinstance(dsts, list)
-                or not isinstance(ctxts, list)
-                or len(dsts) != len(ctxts)
-                or not set(dsts) <= st.neighbours[nid]
-            ):
-                self._fail(pipe, st, nid, Stage.SHARE_KEYS, "malformed shares: destinations and ciphertexts differ")
+            pairs = _pairs(res, Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST, st.neighbours[nid])
+            if pairs is None:
+                self._fail(pipe, st, nid, Stage.SHARE_KEYS, "malformed shares: excluded")
                 continue
-            sent[nid] = list(zip(cast(list[int], dsts), cast(list[bytes], ctxts), strict=True))
+            sent[nid] = pairs
         self._enough(st, Stage.SHARE_KEYS, len(sent))
         forward: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in sent}
         for src, pairs in sent.items():
@@ -327,17 +339,11 @@ class SecAggPlus:
         got = self._exchange(pipe, st, Stage.UNMASK, msgs)
         collected: dict[int, list[bytes]] = {n: [] for n in set(survivors) | dead}
         for nid, res in got.items():
-            owners, shares = res.get(Key.NODE_ID_LIST), res.get(Key.SHARE_LIST)
-            if (
-                not isinstance(owners, list)
-                or not isinstance(shares, list)
-                or len(owners) != len(shares)
-                or not set(owners) <= asked[nid]
-                or not all(isinstance(s, bytes) for s in shares)
-            ):
+            pairs = _pairs(res, Key.NODE_ID_LIST, Key.SHARE_LIST, asked[nid])
+            if pairs is None:
                 self._fail(pipe, st, nid, Stage.UNMASK, "malformed shares: excluded")
                 continue
-            for owner, share in zip(cast(list[int], owners), cast(list[bytes], shares), strict=True):
+            for owner, share in pairs:
                 collected[owner].append(share)
         shapes = [tuple(shape) for _, shape in expected]
         for owner, share_list in sorted(collected.items()):
@@ -398,6 +404,17 @@ class SecAggPlus:
             for record, rec in out.items():
                 msg.content[record] = rec
         return replies
+
+
+def _pairs(res: ConfigRecord, ids_key: str, bytes_key: str, allowed: set[int]) -> list[tuple[int, bytes]] | None:
+    """A stage reply's (node id, bytes) pairs, or None when they are malformed (a site's shares must be
+    addressed to nodes it was told about, one ciphertext or share per node)."""
+    ids, blobs = res.get(ids_key), res.get(bytes_key)
+    if not isinstance(ids, list) or not isinstance(blobs, list) or len(ids) != len(blobs):
+        return None
+    if not all(isinstance(i, int) and i in allowed for i in ids) or not all(isinstance(b, bytes) for b in blobs):
+        return None
+    return list(zip(cast(list[int], ids), cast(list[bytes], blobs), strict=True))
 
 
 def _cast(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -378,3 +378,21 @@ def test_secagg_through_flowers_simulation_engine(tmp_path):
     for rec in summary["rounds"]:
         assert rec["aggregated"] and not rec["failures"], rec
         assert rec["secure_aggregation"]["collect_masked_vectors"] == 3
+
+
+def test_a_site_whose_masked_weight_differs_from_its_claim_shows(tmp_path, flower_identity):
+    """A site that reports one number of examples in the clear and weighs its update by another."""
+    import medflower.client.secagg as site_secagg
+
+    real = site_secagg.quantize_groups
+
+    def inflated(groups: Any, *, weight: float, **kw: Any) -> Any:
+        return real(groups, weight=weight * 2, **kw)
+
+    summary, _, _ = run(tiny(), tmp_path)
+    assert "weight_mismatch" not in summary["rounds"][0]["secure_aggregation"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(site_secagg, "quantize_groups", inflated)
+        summary, _, _ = run(tiny(), tmp_path / "inflated")
+    mismatch = summary["rounds"][0]["secure_aggregation"]["weight_mismatch"]
+    assert mismatch["masked"] == pytest.approx(2 * mismatch["claimed"], rel=1e-4)
