@@ -50,9 +50,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen, sha
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from medflower import keys, records
-from medflower.secagg import Groups, quantize_groups, wire_dtype
-
-CLIPPED = "secagg-clipped"  # MetricRecord in a masked reply: coordinates the clipping range changed
+from medflower.secagg import CLIPPED, Groups, quantize_groups, wire_dtype
 
 
 def is_protocol_only(msg: Message) -> bool:

@@ -54,14 +54,12 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from medflower import keys, records
 from medflower.config.secagg import SecureAggregationConfig, quantization_error_bound
-from medflower.secagg import Layout, dequantize_sum, layout
+from medflower.secagg import CLIPPED, Layout, dequantize_sum, layout
 from medflower.server.screens import spec_of
 from medflower.strategies.registry import Spec
 
 if TYPE_CHECKING:
     from medflower.server.loop import RoundPipeline, RoundRecord
-
-CLIPPED = "secagg-clipped"  # the sites' MetricRecord key (medflower.client.secagg.CLIPPED)
 
 
 class SecAggAborted(RuntimeError):
@@ -78,6 +76,7 @@ class _State:
     public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)
     passthrough: list[Message] = field(default_factory=list)  # refusals: the round's screens record them
+    unmasked: int = 0  # sites that answered the unmask stage
 
 
 class SecAggPlus:
@@ -126,6 +125,7 @@ class SecAggPlus:
         info["collect_masked_vectors"] = len(masked)
         dead = set(forward) - set(masked)
         total = self._unmask(pipe, st, masked, dead, expected)
+        info["unmask"] = st.unmasked
         info["recovered_dropouts"] = sorted(pipe.site(n) for n in dead)
         entries = {name: arr for (name, _), arr in zip(expected, total, strict=True)}
         means, totals = dequantize_sum(
@@ -337,6 +337,7 @@ class SecAggPlus:
                 )
             )
         got = self._exchange(pipe, st, Stage.UNMASK, msgs)
+        st.unmasked = len(got)
         collected: dict[int, list[bytes]] = {n: [] for n in set(survivors) | dead}
         for nid, res in got.items():
             pairs = _pairs(res, Key.NODE_ID_LIST, Key.SHARE_LIST, asked[nid])
