@@ -14,7 +14,9 @@ stage:
   so a clipped update is what gets masked), decrypt the neighbours' shares (as Flower does),
   quantize the update and its weight (:mod:`medflower.secagg`), add the private mask and the
   pairwise masks, and reply with only the masked integers (``keys.SECAGG_MASKED``), the scalar
-  metrics and the site's name. The plaintext arrays never leave the site.
+  metrics, the site's name and the SHA-256 of its mask seed (a commitment Flower's protocol lacks:
+  the coordinator checks the seed it rebuilds from the neighbours' shares against it, so a wrong
+  share is caught and its sender named). The plaintext arrays never leave the site.
 
 A message without Flower's ``secaggplus_configs`` record is a plain train message and passes through.
 A refusal or an error at the masked stage goes back unchanged: the coordinator then treats the site
@@ -23,6 +25,7 @@ as dropped and removes its pairwise masks from the others' vectors.
 
 from __future__ import annotations
 
+import hashlib
 from logging import WARNING
 from typing import cast
 
@@ -50,7 +53,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen, sha
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from medflower import keys, records
-from medflower.secagg import CLIPPED, Groups, quantize_groups, wire_dtype
+from medflower.secagg import CLIPPED, SEED_DIGEST, Groups, quantize_groups, wire_dtype
 
 
 def is_protocol_only(msg: Message) -> bool:
@@ -98,7 +101,7 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
             del content[name]
         content[keys.SECAGG_MASKED] = masked
         next(iter(content.metric_records.values()))[CLIPPED] = clipped
-        res = {}
+        res = {SEED_DIGEST: hashlib.sha256(state.rd_seed).digest()}  # the coordinator checks the rebuilt seed
     elif state.current_stage == Stage.UNMASK:
         res = _unmask(state, configs)
     else:  # check_stage has refused anything else already

@@ -27,6 +27,7 @@ from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from medflower import keys
 
 WEIGHT = "#weight"
+SEED_DIGEST = "seed-sha256"  # stage record of a masked reply: SHA-256 of the site's mask seed (its commitment)
 CLIPPED = "secagg-clipped"  # MetricRecord key of a masked reply: coordinates the clipping range changed
 Layout = list[tuple[str, tuple[int, ...]]]  # (flat key, shape) in the order the vector is masked
 Groups = dict[str, dict[str, np.ndarray]]  # record name -> key -> float64 array

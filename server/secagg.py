@@ -31,6 +31,8 @@ aggregated, and the round's ``secure_aggregation.not_aggregated`` in summary.jso
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,16 +52,19 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key, public_key_to_bytes
 
 from medflower import keys, records
 from medflower.config.secagg import SecureAggregationConfig, quantization_error_bound
-from medflower.secagg import CLIPPED, Layout, dequantize_sum, layout
+from medflower.secagg import CLIPPED, SEED_DIGEST, Layout, dequantize_sum, layout
 from medflower.server.screens import spec_of
 from medflower.strategies.registry import Spec
 
 if TYPE_CHECKING:
     from medflower.server.loop import RoundPipeline, RoundRecord
+
+
+MAX_SUBSETS = 256  # subsets of a secret's shares tried when some are wrong (see SecAggPlus._rebuild)
 
 
 class SecAggAborted(RuntimeError):
@@ -77,6 +82,7 @@ class _State:
     failures: list[dict[str, Any]] = field(default_factory=list)
     passthrough: list[Message] = field(default_factory=list)  # refusals: the round's screens record them
     unmasked: int = 0  # sites that answered the unmask stage
+    seed_digests: dict[int, bytes] = field(default_factory=dict)  # SHA-256 of each masked vector's seed
 
 
 class SecAggPlus:
@@ -291,10 +297,14 @@ class SecAggPlus:
                 st.passthrough.append(msg)  # a refusal: no update, the screens record it
                 continue
             vector, why = self._check_vector(msg.content.array_records[keys.SECAGG_MASKED], expected)
+            digest = msg.content.config_records.get(RECORD_KEY_CONFIGS, ConfigRecord()).get(SEED_DIGEST)
+            if vector is not None and not isinstance(digest, bytes):
+                vector, why = None, f"no {SEED_DIGEST!r} commitment"
             if vector is None:
                 self._fail(pipe, st, nid, Stage.COLLECT_MASKED_VECTORS, f"rejected masked vector: {why}")
                 continue
             masked[nid] = vector
+            st.seed_digests[nid] = cast(bytes, digest)
             replies.append(msg)
         self._enough(st, Stage.COLLECT_MASKED_VECTORS, len(masked))
         return masked, replies
@@ -338,31 +348,61 @@ class SecAggPlus:
             )
         got = self._exchange(pipe, st, Stage.UNMASK, msgs)
         st.unmasked = len(got)
-        collected: dict[int, list[bytes]] = {n: [] for n in set(survivors) | dead}
+        collected: dict[int, list[tuple[int, bytes]]] = {n: [] for n in set(survivors) | dead}
         for nid, res in got.items():
             pairs = _pairs(res, Key.NODE_ID_LIST, Key.SHARE_LIST, asked[nid])
             if pairs is None:
                 self._fail(pipe, st, nid, Stage.UNMASK, "malformed shares: excluded")
                 continue
             for owner, share in pairs:
-                collected[owner].append(share)
+                collected[owner].append((nid, share))
         shapes = [tuple(shape) for _, shape in expected]
-        for owner, share_list in sorted(collected.items()):
-            if len(share_list) < self.config.reconstruction_threshold:
-                raise SecAggAborted(
-                    f"stage {Stage.UNMASK}: {len(share_list)} share(s) of {pipe.site(owner)}'s "
-                    f"{'mask seed' if owner in masked else 'secret key'}, "
-                    f"secure_aggregation.reconstruction_threshold is {self.config.reconstruction_threshold}"
-                )
-            try:
-                total = self._remove_masks(
-                    st, owner, combine_shares(share_list), owner in masked, masked, total, shapes
-                )
-            except ValueError as err:  # a malformed share makes an invalid key
-                raise SecAggAborted(
-                    f"stage {Stage.UNMASK}: {pipe.site(owner)}'s secret could not be rebuilt: {err}"
-                ) from err
+        for owner, shares in sorted(collected.items()):
+            secret = self._rebuild(pipe, st, owner, shares, sent_vector=owner in masked)
+            total = self._remove_masks(st, owner, secret, owner in masked, masked, total, shapes)
         return parameters_mod(total, mod)
+
+    def _rebuild(
+        self, pipe: RoundPipeline, st: _State, owner: int, shares: list[tuple[int, bytes]], *, sent_vector: bool
+    ) -> bytes:
+        """``owner``'s mask seed (it sent a vector) or key-agreement secret (it dropped), checked against what
+        it committed to: the SHA-256 of its seed (sent with its vector) or its public key (sent at setup).
+
+        Flower's workflow combines the shares it gets and trusts the result; a site that sends a wrong share
+        would silently corrupt the sum. Here, when all shares do not rebuild the committed secret, subsets
+        with fewer shares are tried (largest first, at most ``MAX_SUBSETS``): the shares left out of the first
+        subset that does are wrong, and their senders are named in the round's failures.
+        """
+        what = "mask seed" if sent_vector else "secret key"
+        threshold = self.config.reconstruction_threshold
+        if len(shares) < threshold:
+            raise SecAggAborted(
+                f"stage {Stage.UNMASK}: {len(shares)} share(s) of {pipe.site(owner)}'s {what}, "
+                f"secure_aggregation.reconstruction_threshold is {threshold}"
+            )
+        commitment = st.seed_digests.get(owner) if sent_vector else st.public_keys[owner][0]
+        tried = 0
+        for size in range(len(shares), threshold - 1, -1):
+            for subset in itertools.combinations(range(len(shares)), size):
+                tried += 1
+                if tried > MAX_SUBSETS:
+                    break
+                secret = _combine([shares[i][1] for i in subset])
+                if secret is None or not _matches(secret, commitment, sent_vector=sent_vector):
+                    continue
+                for i in sorted(set(range(len(shares))) - set(subset)):
+                    self._fail(
+                        pipe,
+                        st,
+                        shares[i][0],
+                        Stage.UNMASK,
+                        f"sent a wrong share of {pipe.site(owner)}'s {what}: not used",
+                    )
+                return secret
+        raise SecAggAborted(
+            f"stage {Stage.UNMASK}: no {threshold} of the {len(shares)} shares of {pipe.site(owner)}'s {what} "
+            "rebuild it (wrong shares)"
+        )
 
     def _remove_masks(
         self,
@@ -405,6 +445,26 @@ class SecAggPlus:
             for record, rec in out.items():
                 msg.content[record] = rec
         return replies
+
+
+def _combine(shares: list[bytes]) -> bytes | None:
+    """Flower's Shamir combination; None when the shares are not even well-formed."""
+    try:
+        return combine_shares(shares)
+    except Exception:  # (Flower's Shamir code raises what its byte handling meets: ValueError, IndexError, ...)
+        return None
+
+
+def _matches(secret: bytes, commitment: bytes | None, *, sent_vector: bool) -> bool:
+    """Whether a rebuilt secret is the one its owner committed to."""
+    if commitment is None:
+        return False
+    if sent_vector:
+        return hashlib.sha256(secret).digest() == commitment
+    try:
+        return public_key_to_bytes(bytes_to_private_key(secret).public_key()) == commitment
+    except Exception:  # (not a private key at all: what the key parser raises depends on the bytes)
+        return False
 
 
 def _pairs(res: ConfigRecord, ids_key: str, bytes_key: str, allowed: set[int]) -> list[tuple[int, bytes]] | None:

@@ -396,3 +396,56 @@ def test_a_site_whose_masked_weight_differs_from_its_claim_shows(tmp_path, flowe
         summary, _, _ = run(tiny(), tmp_path / "inflated")
     mismatch = summary["rounds"][0]["secure_aggregation"]["weight_mismatch"]
     assert mismatch["masked"] == pytest.approx(2 * mismatch["claimed"], rel=1e-4)
+
+
+def _garble_shares(reply: Message) -> None:
+    """Well-formed but wrong: every share this site reveals is XORed with bytes of its own (lengths kept).
+
+    Not one constant pattern: Shamir works in GF(2^128), where the same XOR on an even number of shares
+    can cancel out in the interpolation."""
+    import hashlib
+
+    cfg = reply.content.config_records[RECORD_KEY_CONFIGS]
+    shares = list(cfg[Key.SHARE_LIST])  # type: ignore[arg-type]
+    pads = [
+        hashlib.sha256(s + reply.metadata.reply_to_message_id.encode()).digest() * (len(s) // 32 + 1) for s in shares
+    ]
+    cfg[Key.SHARE_LIST] = [
+        s[:4] + bytes(b ^ p for b, p in zip(s[4:], pad, strict=False)) for s, pad in zip(shares, pads, strict=True)
+    ]
+
+
+def test_wrong_shares_are_detected_their_sender_named_and_the_sum_still_right(tmp_path, flower_identity):
+    """3 sites, threshold 2: each seed has 3 shares, one wrong; the other two rebuild the committed seed."""
+    exp = tiny()
+    summary, _, capture = run(exp, tmp_path, corrupt={(FIRST, Stage.UNMASK): _garble_shares})
+    rec = summary["rounds"][0]
+    bad = [f for f in rec["failures"] if f["node_id"] == FIRST]
+    assert bad and all(f["stage"] == Stage.UNMASK and "sent a wrong share" in f["reason"] for f in bad)
+    check_mean(summary, capture, tmp_path, exp, set(capture.updates))
+
+
+def test_wrong_shares_of_a_dropped_sites_key_are_left_out(tmp_path, flower_identity):
+    """5 sites sharing with all 5, threshold 3: site 2 drops while training (its key is rebuilt from 4 shares),
+    site 0 reveals wrong shares; 3 good shares remain for every secret."""
+    exp = tiny(sites=5, num_shares=5, reconstruction_threshold=3)
+    summary, _, capture = run(
+        exp,
+        tmp_path,
+        silent={(FIRST + 2, Stage.COLLECT_MASKED_VECTORS)},
+        corrupt={(FIRST, Stage.UNMASK): _garble_shares},
+    )
+    rec = summary["rounds"][0]
+    assert rec["aggregated"], rec["secure_aggregation"]
+    assert any(f["node_id"] == FIRST and "sent a wrong share" in f["reason"] for f in rec["failures"])
+    dropped = next(f["site"] for f in rec["failures"] if f["node_id"] == FIRST + 2)
+    check_mean(summary, capture, tmp_path, exp, set(capture.updates) - {dropped})
+
+
+def test_too_many_wrong_shares_stop_the_round_with_the_reason(tmp_path, flower_identity):
+    exp = tiny()
+    corrupt = {(FIRST, Stage.UNMASK): _garble_shares, (FIRST + 1, Stage.UNMASK): _garble_shares}
+    summary, _, _ = run(exp, tmp_path, corrupt=corrupt)
+    rec = summary["rounds"][0]
+    assert not rec["aggregated"]
+    assert "rebuild it (wrong shares)" in rec["secure_aggregation"]["not_aggregated"]
