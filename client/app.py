@@ -40,6 +40,7 @@ from medflower.client.augment import make_augment
 from medflower.client.hospital import hospital_guard, hospital_ledger_place, load_hospital_site
 from medflower.client.privacy import RoundPrivacy, client_dp_mod
 from medflower.client.replies import experiment_of, site_reply
+from medflower.client.secagg import secagg_mod
 from medflower.client.state import LedgerPlace, node_ledger_place
 from medflower.client.strategy_hooks import SiteStrategy
 from medflower.client.train import make_loader, make_optimizer, train_epochs
@@ -84,7 +85,8 @@ def build_client_app(
     """A ClientApp whose sites' data come from ``load_site(context, exp)`` (see the module doc)."""
     app = ClientApp(mods=[guard] if guard is not None else [])
 
-    @app.train(mods=[client_dp_mod])  # Flower's client-side clipping when client-level DP asks for it
+    # SecAgg+ outermost: it masks what the client-DP mod (Flower's client-side clipping) lets out
+    @app.train(mods=[secagg_mod, client_dp_mod])
     def train(msg: Message, context: Context) -> Message:
         exp = experiment_of(msg)
         torch.set_num_threads(exp.train.num_threads)

@@ -35,6 +35,7 @@ from medflower.client.errors import AUDIT_ERROR, MESSAGE_ERROR, SITE_LOGGER, Aud
 from medflower.client.policy import NodeFacts, Request, refusal_for
 from medflower.client.privacy import ledger_epsilon, node_float
 from medflower.client.replies import experiment_of, refusal_reply
+from medflower.client.secagg import continues_round, is_protocol_only
 from medflower.client.site import SiteConfig, load_site_config, load_site_data
 from medflower.client.state import (
     LedgerPlace,
@@ -232,7 +233,10 @@ class _Handling:
                 node_delta=node_float(self.context, keys.NODE_DP_TARGET_DELTA),
                 rounds_trained=rounds_trained(self.context, node.state_dir, request.run_id),
             )
-            refusal = refusal_for(node.site.policy, exp, request, facts)
+            # SecAgg+'s share-keys and unmask stages continue a round the site accepted at its setup stage
+            # (and counted at its training stage): the policy was applied there, a refusal now would only
+            # strand the other sites' masks
+            refusal = None if continues_round(self.msg) else refusal_for(node.site.policy, exp, request, facts)
             if exp.privacy.mode == "sample" and node.state_dir is not None and refusal is None:
                 path = node.ledger_place().path
                 if path is not None:
@@ -247,7 +251,7 @@ class _Handling:
             SITE_LOGGER.warning("%s refused: %s", self.where, refusal.text)
             return self.sent(refusal_reply(self.msg, node.site.name, refusal.text), refusal=refusal.text)
         try:
-            if request.kind == "train":
+            if request.kind == "train" and not is_protocol_only(self.msg):  # SecAgg+ key stages train nothing
                 count_round(self.context, node.state_dir, request.run_id)  # before training: a crash still counts
             reply = call_next(self.msg, self.context)
         except Exception as err:

@@ -49,3 +49,7 @@ NODE_DP_TARGET_EPSILON = "dp-target-epsilon"  # node_config: the hospital's own 
 NODE_DP_TARGET_DELTA = "dp-target-delta"  # node_config: the hospital's own (stricter) delta
 NODE_CHECKPOINT_DIR = "checkpoint-dir"  # node_config: where the site keeps its checkpoint (DP ledger)
 NODE_STATE_DIR = "state-dir"  # node_config: the hospital's state folder (privacy ledgers, audit log; client/state.py)
+
+# secure aggregation (SecAgg+, medflower/secagg.py); the stage ConfigRecord is Flower's "secaggplus_configs"
+SECAGG_MASKED = "secagg-masked"  # ArrayRecord in a train reply: the site's masked, quantized update (only that)
+SECAGG_WEIGHTING = "secagg-weighting"  # stage config (masked stage): "examples" or "uniform"

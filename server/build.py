@@ -19,6 +19,7 @@ from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 from medflower.server.identity import Identity, read_directory
 from medflower.server.screens import FiniteMetrics, LedgerRefusals, NormBound, Screen, SiteRefusals, UpdateShape
+from medflower.server.secagg import SecAggPlus
 from medflower.strategies.methods.fedbn import norm_state_keys
 from medflower.strategies.privacy import ClientLevelDP, build_client_dp
 from medflower.strategies.registry import Method, ServerContext, get_method
@@ -47,6 +48,7 @@ class RoundParts:
     declared_sizes: dict[int, int] = field(default_factory=dict)  # node id -> size declared at registration
     directory_path: Path | None = None  # the coordinator's site directory (deployment); None: names from replies
     identity: Identity | None = None
+    secure: SecAggPlus | None = None  # secure_aggregation.mode 'secagg+': the protocol replaces send/collect
 
     def refresh_identity(self) -> dict[int, str]:
         """Re-read the site directory (once per round): node id -> registered name."""
@@ -132,6 +134,14 @@ def build_round(exp: ExperimentConfig, *, num_sites: int, site_directory: Path |
     screens.append(UpdateShape())
     if exp.strategy.max_update_norm is not None:
         screens.append(NormBound(max_norm=exp.strategy.max_update_norm))
+    weighting = "uniform" if privacy is not None else exp.strategy.weighting
+    secure = None
+    if exp.secure_aggregation.enabled:  # compatibility was checked when the config was loaded
+        secure = SecAggPlus(
+            config=exp.secure_aggregation,
+            weighting=weighting,
+            reply_spec=lambda spec: method.reply_arrays(spec, base),
+        )
     return RoundParts(
         method=method,
         strategy=strategy,
@@ -139,9 +149,10 @@ def build_round(exp: ExperimentConfig, *, num_sites: int, site_directory: Path |
         screens=screens,
         privacy=privacy,
         sample_dp=exp.privacy.mode == "sample",
-        weighting="uniform" if privacy is not None else exp.strategy.weighting,
+        weighting=weighting,
         weight_cap_multiple=exp.strategy.weight_cap_multiple,
         eval_screens=[*([identity] if identity is not None else []), SiteRefusals(), FiniteMetrics()],
         directory_path=site_directory,
         identity=identity,
+        secure=secure,
     )

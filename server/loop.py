@@ -58,6 +58,7 @@ class RoundRecord:
     sites_asked: int = 0  # train messages sent
     aggregated: bool = True
     seconds: float = 0.0
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)  # SecAgg+: stage counts, why not aggregated
 
 
 @dataclass
@@ -344,7 +345,10 @@ class RoundPipeline:
         self.names.update(self.parts.refresh_identity())  # deployment: registered names, re-read each round
         msgs = self.configure(server_round, arrays, ConfigRecord(dict(train_config)))
         rec.sites_asked = len(msgs)
-        ok = self.collect(server_round, msgs, self.send(msgs), rec.failures)
+        if self.parts.secure is not None:  # SecAgg+: the protocol's replies carry the unmasked mean
+            ok = self.parts.secure.run(self, server_round, msgs, arrays, rec)
+        else:
+            ok = self.collect(server_round, msgs, self.send(msgs), rec.failures)
         screened = self.screen(server_round, ok, arrays, rec.failures)
         rec.refusals += self.refusals(screened, what="training")
         rec.sites_train = _site_metrics(screened.valid + [m for m, _ in screened.set_aside], self.names)

@@ -21,6 +21,7 @@ from medflower.config.model import ModelConfig
 from medflower.config.participation import ParticipationConfig
 from medflower.config.partition import PartitionConfig
 from medflower.config.privacy import PrivacyConfig
+from medflower.config.secagg import SecureAggregationConfig, secagg_refusal
 from medflower.config.shift import ShiftConfig
 from medflower.config.simulation import SimulationConfig
 from medflower.config.strategy import StrategyConfig
@@ -37,6 +38,7 @@ __all__ = [
     "ParticipationConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "SecureAggregationConfig",
     "ShiftConfig",
     "SimulationConfig",
     "StrategyConfig",
@@ -61,6 +63,7 @@ class ExperimentConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)  # SIMULATION-ONLY poisoning (research)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)  # resources of `medflower simulate`
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)  # SecAgg+
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
     base_dir: str = field(default="", compare=False)
 
@@ -77,6 +80,30 @@ class ExperimentConfig:
                 f"train.precision {self.train.precision!r} cannot be combined with privacy.mode 'sample': Opacus "
                 "would compute and clip per-sample gradients in 16 bits, whose rounding can leave a clipped "
                 "gradient above privacy.max_grad_norm and weaken the guarantee; use train.precision 'fp32'"
+            )
+        self.check_secure_aggregation()
+
+    def check_secure_aggregation(self) -> None:
+        """``secure_aggregation`` against the federation's size and the other sections (errors name both keys)."""
+        sa = self.secure_aggregation
+        sa.check_sites(self.partition.num_sites)
+        why = secagg_refusal(
+            sa,
+            method_refusal=get_method(self.strategy.name).secure_aggregation,
+            strategy_name=self.strategy.name,
+            max_update_norm=self.strategy.max_update_norm,
+            weighting=self.strategy.weighting,
+            privacy_mode=self.privacy.mode,
+            clipping_side=self.privacy.clipping_side,
+        )
+        if why is not None:
+            raise ConfigError(why)
+        sampled = max(int(self.partition.num_sites * self.strategy.fraction_train), 1)
+        if sa.enabled and sa.reconstruction_threshold > sampled:
+            raise ConfigError(
+                f"secure_aggregation.reconstruction_threshold: {sa.reconstruction_threshold} is larger than the "
+                f"{sampled} site(s) a round samples (partition.num_sites {self.partition.num_sites} x "
+                f"strategy.fraction_train {self.strategy.fraction_train}); no round could be unmasked"
             )
 
     @classmethod
