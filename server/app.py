@@ -26,6 +26,7 @@ from medflower.config import ExperimentConfig, load_experiment, quickstart_exper
 from medflower.data import load_dataset
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import default_output_dir
+from medflower.seeding import seed_everything
 from medflower.server.build import build_round
 from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
 from medflower.server.loop import History, RoundAborted, run_rounds
@@ -67,7 +68,15 @@ def make_global_evaluate(exp: ExperimentConfig):
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, test, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp))
+        return evaluate(
+            model,
+            test,
+            task=exp.task,
+            batch_size=exp.train.eval_batch_size,
+            roi_size=inference_roi(exp),
+            histograms=True,  # scored at the threshold chosen on the sites' validation (server/results.py)
+            confusion=True,
+        )
 
     return evaluate_fn
 
@@ -88,7 +97,7 @@ def run_server(
     must come from a registered node, under its registered name (see ``medflower.server.identity``).
     """
     t0 = time.time()
-    torch.manual_seed(exp.seed)
+    seed_everything(exp.seed)  # the initial model's weights (medflower.seeding)
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
@@ -116,6 +125,7 @@ def run_server(
             on_round_end=on_round_end,
             start_round=start,
             history=hist,
+            seed=exp.seed,
         )
     except RoundAborted:
         write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)  # what ran is still reported
