@@ -5,7 +5,11 @@ A sweep file names a base experiment and the keys to vary::
     base: experiment.yaml          # relative to this file, or an inline experiment mapping
     grid:                          # any experiment keys, dotted; every combination runs
       seed: [0, 1, 2]
-      strategy.name: [fedavg, fedprox, scaffold]
+      partition.alpha: [0.1, 1.0]
+    cases:                         # optional: settings that vary together; each runs with every grid combination
+      - {strategy.name: fedavg}
+      - {strategy.name: fedprox}
+      - {strategy.name: scaffold, train.optimizer: sgd, train.lr: 0.05}
     metrics: [auc, balanced-accuracy]   # optional: the global test metrics the tables show
 
 What it guarantees, and how:
@@ -52,7 +56,7 @@ from medflower.fileio import atomic_write_text
 from medflower.schema import ConfigError, read_yaml_mapping
 
 MAX_RUNS_WITHOUT_YES = 1000
-SWEEP_KEYS = ("base", "grid", "metrics")
+SWEEP_KEYS = ("base", "grid", "cases", "metrics")
 DEFAULT_METRICS = {
     "classification": ("auc", "balanced-accuracy", "accuracy"),
     "segmentation": ("dice", "hd95"),
@@ -80,11 +84,7 @@ class Sweep:
     grid: dict[str, list[Any]]
     metrics: tuple[str, ...]
     runs: list[Run]
-
-    @property
-    def varying(self) -> list[str]:
-        """The grid keys with more than one value (the tables' columns)."""
-        return [k for k, v in self.grid.items() if len(v) > 1]
+    varying: list[str]  # the keys whose value differs between runs (the tables' columns), in file order
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -101,12 +101,23 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return {**data, head: set_dotted(inner, rest, value)}
 
 
+def show(value: Any) -> str:
+    """A key's value as run names and tables show it: mappings as ``k=v,k=v``, unset (a case that
+    leaves the key alone) as ``-``."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={show(v)}" for k, v in value.items())
+    if isinstance(value, list):
+        return ",".join(show(v) for v in value)
+    return str(value)
+
+
 def run_name(values: dict[str, Any]) -> str:
-    """The run's folder: ``key=value`` pairs joined by ``__``; unsafe characters become ``-``."""
-    if not values:
-        return "run"
-    parts = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items()]
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", "__".join(parts))[:200]
+    """The run's folder: ``key=value`` pairs (unset ones left out) joined by ``__``; unsafe characters
+    become ``-``."""
+    parts = [f"{k}={show(v)}" for k, v in values.items() if v is not None]
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "-", "__".join(parts))[:200] if parts else "run"
 
 
 def _base(raw: dict[str, Any], path: Path) -> tuple[dict[str, Any], Path]:
@@ -132,6 +143,21 @@ def _grid(raw: dict[str, Any], path: Path) -> dict[str, list[Any]]:
     return out
 
 
+def _cases(raw: dict[str, Any], path: Path, grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """``cases:``: settings that vary *together* (a strategy and the optimizer it needs); each case
+    runs with every grid combination. None: one empty case."""
+    cases = raw.get("cases")
+    if cases is None:
+        return [{}]
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, dict) for c in cases):
+        raise ConfigError(f"{path}: cases must be a non-empty list of mappings of dotted keys to values")
+    for i, case in enumerate(cases):
+        both = sorted(set(case) & set(grid))
+        if both:
+            raise ConfigError(f"{path}: cases[{i}] sets {both[0]}, which grid varies too")
+    return [{str(k): v for k, v in c.items()} for c in cases]
+
+
 def load_sweep(path: str | Path, *, allow_many: bool = False) -> Sweep:
     """Read a sweep file and build (validate) every run's experiment before anything runs."""
     path = Path(path)
@@ -141,15 +167,19 @@ def load_sweep(path: str | Path, *, allow_many: bool = False) -> Sweep:
         raise ConfigError(f"{path}: unknown key {unknown[0]}; valid keys are " + ", ".join(SWEEP_KEYS))
     base, base_dir = _base(raw, path)
     grid = _grid(raw, path)
-    total = math.prod(len(v) for v in grid.values())
+    cases = _cases(raw, path, grid)
+    total = len(cases) * math.prod(len(v) for v in grid.values())
     if total > MAX_RUNS_WITHOUT_YES and not allow_many:
         raise ConfigError(
             f"{path}: the grid has {total} runs (more than {MAX_RUNS_WITHOUT_YES}); pass --yes to run them"
         )
+    case_keys = list(dict.fromkeys(k for c in cases for k in c))
+    varying = [k for k in case_keys if len({json.dumps(c.get(k), sort_keys=True) for c in cases}) > 1]
+    varying += [k for k, v in grid.items() if len(v) > 1]
     runs: list[Run] = []
     names: set[str] = set()
-    for combo in itertools.product(*grid.values()):
-        values = dict(zip(grid, combo, strict=True))
+    for case, combo in itertools.product(cases, itertools.product(*grid.values())):
+        values = {**case, **dict(zip(grid, combo, strict=True))}
         data = base
         for key, value in values.items():
             try:
@@ -161,13 +191,13 @@ def load_sweep(path: str | Path, *, allow_many: bool = False) -> Sweep:
         except ConfigError as err:
             shown = ", ".join(f"{k} = {v!r}" for k, v in values.items())
             raise ConfigError(f"{path}: grid combination {shown}: {err}") from err
-        name = run_name({k: v for k, v in values.items() if len(grid[k]) > 1})
+        name = run_name({k: values.get(k) for k in varying})
         if name in names:  # e.g. two values that differ only in unsafe characters
             name = f"{name}__{len(runs)}"
         names.add(name)
         runs.append(Run(values, name, exp))
     metrics = tuple(raw.get("metrics") or DEFAULT_METRICS.get(runs[0].exp.task, ("loss",)))
-    return Sweep(path, grid, metrics, runs)
+    return Sweep(path, grid, metrics, runs, varying)
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -263,7 +293,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float | i
 
 def run_record(run: Run, summary: dict[str, Any], varying: Sequence[str], wall: float | None) -> dict[str, Any]:
     """``runs.jsonl``'s line for one run."""
-    rec: dict[str, Any] = {"run": run.name, "keys": {k: run.values[k] for k in varying}}
+    rec: dict[str, Any] = {"run": run.name, "keys": {k: run.values.get(k) for k in varying}}
     for prefix, key in SUMMARY_PARTS.items():
         part = summary.get(key) or {}
         rec[prefix] = {k: v for k, v in part.items() if not isinstance(v, list)}  # scalars (no confusion matrix)
@@ -345,7 +375,7 @@ def write_tables(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
         md.append(
             "| "
             + " | ".join(
-                [*(str(row[k]) for k in group_keys), str(row["runs"]), *cells_md, f"{row['wall_seconds']:.0f}"]
+                [*(show(row[k]) for k in group_keys), str(row["runs"]), *cells_md, f"{row['wall_seconds']:.0f}"]
             )
             + " |"
         )
@@ -357,7 +387,7 @@ def write_tables(sweep: Sweep, out: Path) -> list[dict[str, Any]]:
     for row in rows:
         writer.writerow(
             [
-                *(row[k] for k in group_keys),
+                *(show(row[k]) for k in group_keys),
                 row["runs"],
                 *("" if row[c][s] is None else row[c][s] for c in cols for s in stats),
                 f"{row['wall_seconds']:.3f}",

@@ -104,3 +104,19 @@ def test_sweep_runs_resumes_and_writes_tables(tmp_path: Path) -> None:
     again = run_sweep(sweep, out)
     assert kept.stat().st_mtime_ns == stamp
     assert again[0]["final"] == recs[0]["final"] and not math.isnan(again[0]["final"]["loss"])
+
+
+def test_cases_vary_together_and_name_the_runs(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    cases = [{"strategy.name": "fedavg"}, {"strategy.name": "scaffold", "train.optimizer": "sgd", "train.lr": 0.05}]
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": {"seed": [0, 1]}, "cases": cases}, sort_keys=False))
+    sweep = load_sweep(path)
+    assert sweep.varying == ["strategy.name", "train.optimizer", "train.lr", "seed"]
+    assert [r.name for r in sweep.runs][:2] == [
+        "strategy.name=fedavg__seed=0",
+        "strategy.name=fedavg__seed=1",
+    ]
+    assert [(r.exp.strategy.name, r.exp.train.optimizer) for r in sweep.runs[2:]] == [("scaffold", "sgd")] * 2
+    path.write_text(yaml.safe_dump({"base": BASE, "grid": {"seed": [0]}, "cases": [{"seed": 1}]}))
+    with pytest.raises(ConfigError, match=r"cases\[0\] sets seed, which grid varies too"):
+        load_sweep(path)
