@@ -211,7 +211,8 @@ def run_one(exp_json: str, out_dir: str) -> float:
 
 
 def _quiet_worker() -> None:
-    """Worker processes: Flower's per-round log lines would interleave unreadably."""
+    """A process that runs sweep runs: Flower's per-round log lines would drown (or, with ``--jobs``,
+    interleave) the progress lines; warnings still show."""
     import logging
 
     from medflower.runenv import quiet_flower_env
@@ -239,6 +240,7 @@ def run_sweep(
         write_tables(sweep, out)  # after each run: a killed sweep still leaves current tables
 
     if jobs <= 1:
+        _quiet_worker()  # this process is the worker: progress lines, not every round's
         for i, run in enumerate(todo, 1):
             finished(run, run_one(run.exp.to_json(), str(out / run.name)), i)
     elif todo:
