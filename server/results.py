@@ -95,8 +95,9 @@ def run_warnings(exp: ExperimentConfig, hist: History) -> list[str]:
 
 def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -> dict[str, Any]:
     rounds = [asdict(r) for r in hist.rounds]
-    for r in rounds:
+    for r in rounds:  # histograms are the threshold's inputs, not results: the final round's are kept, once
         r["global_test"] = _without_histograms(r["global_test"])
+        del r["val_score_histograms"]
     final = _without_histograms(hist.rounds[-1].global_test) if hist.rounds else {}
     best = select_round(hist, exp.task)
     return _clean(
@@ -104,6 +105,7 @@ def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -
             "selected_round": best,
             "selected_global_test": next((r["global_test"] for r in rounds if r["round"] == best), {}),
             **threshold_results(exp, hist),
+            "final_val_score_histograms": hist.rounds[-1].val_score_histograms if hist.rounds else {},
             "warnings": run_warnings(exp, hist),
             "experiment": exp.to_dict(),
             "initial_global_test": _without_histograms(hist.initial_global_test),

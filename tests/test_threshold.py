@@ -97,6 +97,7 @@ def test_summary_reports_threshold_and_one_class_collapse() -> None:
     assert s["final_global_test"]["confusion-matrix"] == s["final_global_test_confusion"] == [[0, 4], [0, 6]]
     assert not any(k.startswith("score-hist") for k in s["final_global_test"])  # inputs, not results
     assert s["reproducible"] is True
+    assert s["final_val_score_histograms"] == val and "val_score_histograms" not in s["rounds"][0]
 
 
 def _eval_reply(flower_identity, metrics: dict) -> Message:
