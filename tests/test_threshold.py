@@ -128,3 +128,20 @@ def test_binary_evaluation_reports_histograms_and_confusion() -> None:
     m = evaluate(model, split, task="classification", histograms=True, confusion=True)
     assert sum(m["score-hist-0"]) == 2 and sum(m["score-hist-1"]) == 2
     assert sum(map(sum, m["confusion-matrix"])) == 4 and math.isfinite(m["balanced-accuracy"])
+
+
+def test_multiclass_evaluation_reports_confusion_and_no_histograms() -> None:
+    from medflower.data.base import ArraySplit
+    from medflower.tasks import evaluate
+
+    split = ArraySplit(torch.zeros(6, 1, 4, 4).numpy(), torch.tensor([0, 1, 2, 0, 1, 2]).numpy())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    m = evaluate(model, split, task="classification", histograms=True, confusion=True)
+    assert not any(k.startswith("score-hist") for k in m)  # a threshold is for binary tasks only
+    cm = m["confusion-matrix"]
+    assert [sum(row) for row in cm] == [2, 2, 2]  # rows: true classes
+    # one input image for all six: one predicted column holds everything, balanced accuracy 1/3
+    assert sorted(sum(col) for col in zip(*cm, strict=True)) == [0, 0, 6] and m["balanced-accuracy"] == pytest.approx(
+        1 / 3
+    )
+    assert collapse_warnings(cm)  # 100 % one class
