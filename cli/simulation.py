@@ -1,4 +1,4 @@
-"""The simulator's subcommands: ``medflower simulate``, ``medflower partition`` and ``medflower compare``."""
+"""The simulator's subcommands: ``medflower simulate``, ``partition``, ``compare`` and ``sweep``."""
 
 from __future__ import annotations
 
@@ -58,6 +58,19 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from medflower.simulation.sweep import load_sweep, run_sweep  # here: see _simulate
+
+    sweep = load_sweep(args.sweep, allow_many=args.yes)  # every combination validated before any run
+    out = Path(args.output) if args.output else default_output_dir(Path(args.sweep).stem, "sweep")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    recs = run_sweep(sweep, out, jobs=args.jobs)
+    print((out / "table.md").read_text())
+    print(f"{len(recs)} run(s): {out / 'runs.jsonl'}, {out / 'table.md'}, {out / 'table.csv'}")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``simulate``, ``partition`` and ``compare``."""
     p = sub.add_parser("simulate", help="simulate a federation of hospitals on this machine")
@@ -96,3 +109,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--no-federated", action="store_true", help="baselines only (no Flower simulation)")
     p.add_argument("--no-identifiability", action="store_true", help="skip the site-identifiability classifier")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of experiments (seeds, strategies, ...) with mean, sd and 95% CI tables",
+        description="Run every combination of a sweep file's grid (base experiment + dotted keys), "
+        "validated before any run, on the in-process engine; resumable (a run with a summary.json is "
+        "never redone: rerun with the same -o to continue). Writes runs.jsonl, table.md and table.csv.",
+    )
+    p.add_argument("sweep", help="sweep YAML: base (experiment YAML or mapping) and grid (dotted key: [values])")
+    p.add_argument("--output", "-o", help="output folder (default: runs/<sweep>-sweep-<time>); reuse it to resume")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, one process each (default 1)")
+    p.add_argument("--yes", action="store_true", help="allow grids of more than 1,000 runs")
+    p.set_defaults(func=_sweep)

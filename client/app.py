@@ -25,7 +25,6 @@ This module imports no simulation code: a hospital node never loads it.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 
 import torch
@@ -48,6 +47,7 @@ from medflower.config import ExperimentConfig
 from medflower.data import SiteData
 from medflower.device import Amp, inference_amp, pin_memory, resolve_amp
 from medflower.modelspec import build_experiment_model
+from medflower.seeding import derive_seed, seed_everything
 from medflower.tasks import evaluate, inference_roi
 
 __all__ = [
@@ -94,10 +94,9 @@ def build_client_app(
         amp = resolve_amp(exp.train.device, exp.train.precision, where=f"site {site.name!r}")  # this node's hardware
         model, global_arrays, local = _global_model(msg, context, exp, amp)  # local: FedProx, SCAFFOLD, ...
         server_round = records.get_int(records.config(msg, keys.CONFIG), keys.SERVER_ROUND, 0)
-        seed = (
-            exp.seed * 100003 + server_round * 101 + zlib.crc32(site.name.encode()) % 97
-        )  # not hash(): salted per process
-        torch.manual_seed(seed)
+        # one stream per (experiment seed, site, round): batch order, augmentation, dropout (medflower.seeding)
+        seed = derive_seed(exp.seed, "train", site.name, server_round)
+        seed_everything(seed)
         loader = make_loader(site.train, exp.train.batch_size, seed, pin_memory=pin_memory(amp.device))
         optimizer = make_optimizer(model, exp.train)
         place = locate_ledger(context, exp, site.name) if exp.privacy.mode == "sample" else None
@@ -142,8 +141,9 @@ def build_client_app(
             batch_size=exp.train.eval_batch_size,
             roi_size=inference_roi(exp),
             amp=inference_amp(amp.device, amp.precision),
+            histograms=split_name == "val",  # binary: the federated threshold's counts (medflower.threshold)
         )
-        metrics: dict[str, float | int] = {keys.NUM_EXAMPLES: len(split)}
+        metrics: dict[str, float | int | list[int]] = {keys.NUM_EXAMPLES: len(split)}
         metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
         metrics |= local.personal_metrics(split, split_name)  # Ditto: personal-<split>-<metric>
         return site_reply(msg, site.name, metrics, None)

@@ -33,7 +33,9 @@ def experiment_of(msg: Message) -> ExperimentConfig:
         raise MessageError(f"the message's experiment is not valid: {err}") from err
 
 
-def site_reply(msg: Message, site_name: str, metrics: Mapping[str, float | int], arrays: ArrayRecord | None) -> Message:
+def site_reply(
+    msg: Message, site_name: str, metrics: Mapping[str, float | int | list[int]], arrays: ArrayRecord | None
+) -> Message:
     content = RecordDict(
         {keys.METRICS: MetricRecord(dict(metrics)), keys.SITE: ConfigRecord({keys.SITE_NAME: site_name})}
     )

@@ -73,3 +73,15 @@ def get_str_list(cfg: ConfigRecord, key: str) -> list[str]:
     if not isinstance(value, list):
         raise ValueError(f"message: value {key!r} must be a list of strings, got {type(value).__name__}")
     return [str(v) for v in value]
+
+
+def get_int_list(rec: ConfigRecord | MetricRecord, key: str, *, length: int | None = None) -> list[int]:
+    """``rec[key]`` as a list of non-negative integer counts (empty when absent), e.g. a score histogram."""
+    if key not in rec:
+        return []
+    value = rec[key]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        raise ValueError(f"message: value {key!r} must be a list of non-negative integers, got {value!r:.80}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"message: value {key!r} must hold {length} values, got {len(value)}")
+    return [int(v) for v in value]

@@ -21,6 +21,7 @@ from medflower.data.base import ArraySplit
 from medflower.device import Amp, pin_memory, to_device
 from medflower.metrics import classification_metrics, dice_score, hd95_score
 from medflower.strategies.registry import model_device
+from medflower.threshold import confusion_matrix, score_histograms
 
 
 def logits_of(output: Any) -> torch.Tensor:
@@ -100,16 +101,21 @@ def evaluate(
     roi_size: tuple[int, ...] | None = None,
     hd95: bool = True,
     amp: Amp | None = None,
-) -> dict[str, float]:
+    histograms: bool = False,
+    confusion: bool = False,
+) -> dict[str, Any]:
     """Loss and task metrics of ``model`` on ``split`` (NaN metrics for an empty split).
 
     The model runs where it is, in ``amp``'s precision (default float32); the metrics are computed
     on the CPU from float32 logits.
 
     Segmentation reports ``dice`` and, with ``hd95``, ``hd95`` (voxels; see :func:`hd95_score`):
-    means over the split's images.
+    means over the split's images. Classification adds, with ``histograms`` and two classes, the
+    per-class score histograms ``score-hist-0``/``score-hist-1`` (lists of counts) a federated
+    threshold is chosen from, and with ``confusion`` the ``confusion-matrix`` (rows: true class,
+    columns: predicted); see :mod:`medflower.threshold`.
     """
-    if len(split) == 0:
+    if len(split) == 0:  # no histograms or confusion matrix: nothing was scored
         seg = {"dice": math.nan} | ({"hd95": math.nan} if hd95 else {})
         return {"loss": math.nan} | (
             seg if task == "segmentation" else {"accuracy": math.nan, "balanced-accuracy": math.nan, "auc": math.nan}
@@ -118,7 +124,12 @@ def evaluate(
     targets = torch.from_numpy(np.ascontiguousarray(split.targets))
     loss = float(make_loss(task)(logits, targets).item())
     if task == "classification":
-        return {"loss": loss, **classification_metrics(logits, targets)}
+        out_c: dict[str, Any] = {"loss": loss, **classification_metrics(logits, targets)}
+        if histograms and logits.shape[1] == 2:
+            out_c |= score_histograms(logits, targets)
+        if confusion:
+            out_c["confusion-matrix"] = confusion_matrix(logits, targets)
+        return out_c
     out = {"loss": loss, "dice": float(dice_score(logits, targets).nanmean().item())}
     if hd95:
         out["hd95"] = float(hd95_score(logits, targets).nanmean().item())

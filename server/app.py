@@ -14,6 +14,7 @@ import os
 import time
 from logging import WARNING
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -27,6 +28,7 @@ from medflower.data import load_dataset
 from medflower.device import inference_amp, resolve_device
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import default_output_dir
+from medflower.seeding import seed_everything
 from medflower.server.build import build_round
 from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
 from medflower.server.loop import History, RoundAborted, run_rounds
@@ -70,10 +72,17 @@ def make_global_evaluate(exp: ExperimentConfig):
     amp = inference_amp(device, exp.train.precision)
     model = build_experiment_model(exp).to(device)
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         model.load_state_dict(arrays.to_torch_state_dict())
         return evaluate(
-            model, test, task=exp.task, batch_size=exp.train.eval_batch_size, roi_size=inference_roi(exp), amp=amp
+            model,
+            test,
+            task=exp.task,
+            batch_size=exp.train.eval_batch_size,
+            roi_size=inference_roi(exp),
+            amp=amp,
+            histograms=True,  # scored at the threshold chosen on the sites' validation (server/results.py)
+            confusion=True,
         )
 
     return evaluate_fn
@@ -95,7 +104,7 @@ def run_server(
     must come from a registered node, under its registered name (see ``medflower.server.identity``).
     """
     t0 = time.time()
-    torch.manual_seed(exp.seed)
+    seed_everything(exp.seed)  # the initial model's weights (medflower.seeding)
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
     model = build_experiment_model(exp)
@@ -123,6 +132,7 @@ def run_server(
             on_round_end=on_round_end,
             start_round=start,
             history=hist,
+            seed=exp.seed,
         )
     except RoundAborted:
         write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)  # what ran is still reported

@@ -32,8 +32,9 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
-from medflower import keys
+from medflower import keys, records
 from medflower.server.build import RoundParts
+from medflower.server.canonical import CanonicalGrid, canonical, seed_sampling
 from medflower.server.screens import RoundView, Screened, names, run_screens, site_field, spec_of
 from medflower.strategies.privacy import sample_round_metrics
 from medflower.strategies.registry import Spec
@@ -49,12 +50,15 @@ class RoundRecord:
     round: int
     train: dict[str, float] = field(default_factory=dict)  # aggregated by the strategy
     evaluate: dict[str, float] = field(default_factory=dict)  # aggregated clients' evaluation
-    global_test: dict[str, float] = field(default_factory=dict)  # server-side evaluation
+    # server-side evaluation: scalars, and (classification) lists: confusion matrix, score histograms
+    global_test: dict[str, Any] = field(default_factory=dict)
     sites_train: dict[str, dict[str, float]] = field(default_factory=dict)
     sites_evaluate: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: list[dict[str, Any]] = field(default_factory=list)  # site, node id and reason (train)
     refusals: list[dict[str, Any]] = field(default_factory=list)  # sites that answered no (policy, DP budget)
     evaluate_failures: list[dict[str, Any]] = field(default_factory=list)  # likewise, evaluation
+    # binary tasks: the sites' validation score histograms, summed (medflower.threshold; the threshold's input)
+    val_score_histograms: dict[str, list[int]] = field(default_factory=dict)
     sites_asked: int = 0  # train messages sent
     aggregated: bool = True
     seconds: float = 0.0
@@ -64,7 +68,7 @@ class RoundRecord:
 @dataclass
 class History:
     rounds: list[RoundRecord] = field(default_factory=list)
-    initial_global_test: dict[str, float] = field(default_factory=dict)
+    initial_global_test: dict[str, Any] = field(default_factory=dict)
     sites_test: dict[str, dict[str, float]] = field(default_factory=dict)
     arrays: ArrayRecord | None = None
     site_names: dict[int, str] = field(default_factory=dict)  # node id -> site name (names silent sites)
@@ -176,6 +180,19 @@ def aggregate_evaluate(parts: RoundParts, server_round: int, valid: list[Message
         return {}
 
 
+def summed_histograms(replies: Iterable[Message], *, prefix: str) -> dict[str, list[int]]:
+    """The sites' ``<prefix>score-hist-<class>`` counts, summed bin by bin (screened: BINS integers each)."""
+    out: dict[str, list[int]] = {}
+    for msg in replies:
+        metrics = next(iter(msg.content.metric_records.values()))
+        for key in metrics:
+            if key.startswith(prefix + keys.SCORE_HIST):
+                counts = records.get_int_list(metrics, key)
+                name = key[len(prefix) :]
+                out[name] = [a + b for a, b in zip(out[name], counts, strict=True)] if name in out else counts
+    return out
+
+
 def _site_metrics(replies: Iterable[Message], site_names: dict[int, str] | None = None) -> dict[str, dict[str, float]]:
     out = {}
     for msg in replies:
@@ -198,10 +215,10 @@ class RoundPipeline:
         timeout: float,
         min_sites: int | None = None,
         on_too_few: str = "continue",
-        evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], dict[str, Any]] | None = None,
         history: History | None = None,
+        seed: int | None = None,
     ) -> None:
-        self.grid = grid
         self.parts = parts
         self.timeout = timeout
         self.min_sites = min_sites
@@ -209,11 +226,14 @@ class RoundPipeline:
         self.evaluate_fn = evaluate_fn
         self.history = history or History()
         self.names = self.history.site_names  # learnt from replies; kept in checkpoints for resumed runs
+        self.grid = CanonicalGrid(grid, self.names)  # node ids by site (server/canonical.py)
+        self.seed = seed  # the experiment seed: each round's sampling is seeded from it
 
     # -- stages -----------------------------------------------------------------------------------
 
     def configure(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> list[Message]:
         s = self.parts.strategy
+        seed_sampling(self.seed, server_round, "train")
         if self.parts.privacy is not None:
             return self.parts.privacy.configure_train(s, server_round, arrays, config, self.grid)
         return list(s.configure_train(server_round, arrays, config, self.grid))
@@ -239,6 +259,7 @@ class RoundPipeline:
                 if self.parts.directory_path is None:  # simulation: sites are named by their replies
                     self.names[int(msg.metadata.src_node_id)] = reported_site_name(msg)
                 ok.append(msg)
+        ok = canonical(ok, self.names)  # aggregate by site, not by arrival (bit-reproducible sums)
         answered = {m.metadata.reply_to_message_id for m in replies}
         for m in sent:
             if m.metadata.message_id not in answered:
@@ -298,6 +319,7 @@ class RoundPipeline:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
     ) -> tuple[Screened, list[dict[str, Any]]]:
         """Send the evaluation messages; the screened replies and the failures."""
+        seed_sampling(self.seed, server_round, "evaluate" if config.get(keys.EVAL_SPLIT) != "test" else "test")
         msgs = list(self.parts.strategy.configure_evaluate(server_round, arrays, config, self.grid))
         failures: list[dict[str, Any]] = []
         ok = self.collect(server_round, msgs, self.send(msgs), failures)
@@ -362,6 +384,7 @@ class RoundPipeline:
         rec.refusals += self.refusals(ev, what="evaluation")
         rec.sites_evaluate = _site_metrics(ev.valid, self.names)
         rec.evaluate = aggregate_evaluate(self.parts, server_round, ev.valid)
+        rec.val_score_histograms = summed_histograms(ev.valid, prefix="val-")
         if self.evaluate_fn is not None:
             rec.global_test = self.evaluate_fn(server_round, arrays)
         rec.seconds = time.time() - t0
@@ -387,11 +410,12 @@ def run_rounds(
     timeout: float,
     min_sites: int | None = None,
     on_too_few: str = "continue",
-    evaluate_fn: Callable[[int, ArrayRecord], dict[str, float]] | None = None,
+    evaluate_fn: Callable[[int, ArrayRecord], dict[str, Any]] | None = None,
     on_round_end: Callable[[int, ArrayRecord, History], None] | None = None,
     start_round: int = 1,
     history: History | None = None,
     final_site_test: bool = True,
+    seed: int | None = None,
 ) -> History:
     """Run rounds ``start_round..num_rounds``; ``history`` continues a resumed run."""
     pipe = RoundPipeline(
@@ -402,6 +426,7 @@ def run_rounds(
         on_too_few=on_too_few,
         evaluate_fn=evaluate_fn,
         history=history,
+        seed=seed,
     )
     hist = pipe.history
     arrays = initial_arrays

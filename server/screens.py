@@ -31,6 +31,7 @@ from flwr.common.logger import log
 from medflower import keys
 from medflower.strategies.privacy import is_refusal, metrics_of
 from medflower.strategies.registry import Spec
+from medflower.threshold import BINS, HIST_PREFIX
 
 
 @dataclass(frozen=True)
@@ -226,16 +227,33 @@ def metric_range(name: str) -> tuple[float, float] | None:
     return None
 
 
+def check_histogram(name: str, value: object) -> str | None:
+    """Why a score histogram (``<split>-score-hist-<class>``, :mod:`medflower.threshold`) is unusable:
+    it must be a list of :data:`~medflower.threshold.BINS` non-negative integer counts."""
+    if not isinstance(value, list) or len(value) != BINS:
+        size = f" of length {len(value)}" if isinstance(value, list) else ""
+        return f"metric {name!r} must be a list of {BINS} counts, got a {type(value).__name__}{size}"
+    if not all(isinstance(v, int) and v >= 0 for v in value):
+        return f"metric {name!r} must hold non-negative integer counts"
+    return None
+
+
 class FiniteMetrics:
     """Evaluation replies: one MetricRecord of finite numbers within each metric's range, or NaN for
-    a metric the split leaves undefined (reported as null). No aggregation weight is required: a
-    site with an empty validation split reports 0 examples."""
+    a metric the split leaves undefined (reported as null), and score histograms of integer counts
+    (:func:`check_histogram`). No aggregation weight is required: a site with an empty validation
+    split reports 0 examples."""
 
     def check(self, msg: Message, view: RoundView) -> Verdict | None:
         why = check_metrics(msg, None, allow_nan=True)
         if why:
             return reject(why)
         for name, value in next(iter(msg.content.metric_records.values())).items():
+            if HIST_PREFIX in name:
+                why = check_histogram(name, value)
+                if why:
+                    return reject(why)
+                continue
             bounds = metric_range(name)
             if bounds is None or isinstance(value, list) or math.isnan(float(value)):
                 continue

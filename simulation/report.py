@@ -32,7 +32,10 @@ def print_summary(summary: dict[str, Any]) -> None:
                 + "  ".join(f"{_f(m.get('test-' + n)):>17}" for n in cols)
             )
     print_privacy(summary)
+    print_threshold(summary)
     print(f"\nwall time: {summary.get('wall_seconds', 0):.1f}s")
+    for w in summary.get("warnings") or []:
+        print(f"WARNING: {w}")
 
 
 def print_privacy(summary: dict[str, Any]) -> None:
@@ -61,3 +64,14 @@ def print_privacy(summary: dict[str, Any]) -> None:
             f"\nclient-level DP: epsilon {_f(eps[-1][1])} spent after round {eps[-1][0]} "
             f"(delta {rounds[-1]['train'].get('dp-delta', 0):.0e})"
         )
+
+
+def print_threshold(summary: dict[str, Any]) -> None:
+    """Binary tasks: the threshold chosen on the sites' validation splits and the test metrics at it."""
+    at = summary.get("final_global_test_at_threshold")
+    if summary.get("selected_threshold") is None or not at:
+        return
+    print(
+        f"\nthreshold {summary['selected_threshold']:.2f} (Youden's J on the sites' validation): test "
+        + "  ".join(f"{n} {_f(at.get(n))}" for n in ("accuracy", "balanced-accuracy", "sensitivity", "specificity"))
+    )
