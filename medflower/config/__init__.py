@@ -23,6 +23,7 @@ from medflower.config.partition import PartitionConfig
 from medflower.config.privacy import PrivacyConfig
 from medflower.config.shift import ShiftConfig
 from medflower.config.strategy import StrategyConfig
+from medflower.config.tracking import TrackingConfig
 from medflower.config.train import TrainConfig
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, rng_field, to_dict
 from medflower.strategies.registry import get_method
@@ -38,6 +39,7 @@ __all__ = [
     "PrivacyConfig",
     "ShiftConfig",
     "StrategyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "load_experiment",
     "quickstart_experiment",
@@ -58,6 +60,7 @@ class ExperimentConfig:
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # SIMULATION-ONLY poisoning (research)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard / MLflow (optional extra)
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
     base_dir: str = field(default="", compare=False)
 
