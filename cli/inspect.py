@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -19,20 +21,42 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from medflower.explain import run_explain  # type: ignore[import-not-found]  # here: torch and MONAI
+    from medflower.schema import ConfigError  # light; the rest (torch and MONAI) below, per branch
 
-    result = run_explain(
-        run_dir=args.run_dir,
-        site=args.site,
-        n=args.n,
-        out_dir=args.output,
-        model_path=args.model,
-        site_config=args.site_config,
-    )
+    if args.model or args.site_config:
+        if not (args.model and args.site_config):
+            raise ConfigError("explain: --model and --site-config go together (a hospital's own model and data)")
+        from medflower.client.explain import explain_at_site
+
+        result = explain_at_site(
+            args.model, args.site_config, experiment=args.experiment, n=args.n, out_dir=args.output
+        )
+    elif not args.run_dir:
+        raise ConfigError("explain: give a run folder (RUN_DIR), or --model and --site-config")
+    else:
+        from medflower.explain import explain_run
+
+        split, what = None, "test split"
+        if args.site:
+            split, what = _site_test(args.run_dir, args.site), f"{args.site}'s test split"
+        result = explain_run(args.run_dir, split=split, n=args.n, out_dir=args.output, what=what)
     print(result.note)
     for p in result.paths:
         print(f"written: {p}")
     return 0
+
+
+def _site_test(run_dir: str, site: str) -> Any:
+    """A simulated site's test split, rebuilt as the run built it (partition and scanner shift)."""
+    from medflower.config import ExperimentConfig
+    from medflower.report.predictions import read_summary
+    from medflower.simulation.sites import build_sites
+
+    exp = ExperimentConfig.from_dict(read_summary(Path(run_dir))["experiment"])
+    sites = {s.name: s for s in build_sites(exp)}
+    if site not in sites:
+        raise ValueError(f"--site: no site {site!r} in this run; its sites are {', '.join(sorted(sites))}")
+    return sites[site].test
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -61,4 +85,5 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--output", "-o", help="output folder (default: RUN_DIR/explain, or ./explain)")
     p.add_argument("--model", help="a global model's state dict (model.pt), with --site-config")
     p.add_argument("--site-config", help="a hospital's site YAML, with --model")
+    p.add_argument("--experiment", help="with --model: the experiment YAML (default: summary.json beside the model)")
     p.set_defaults(func=_explain)
