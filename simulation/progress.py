@@ -101,8 +101,10 @@ class RunProgress:
             return
         done, total = self.sites
         eta = self.eta()
+        label = f"{self.label}: " if self.label else ""
         self._rich.update(
             self._task,
+            description=f"{label}round {self.round}/{self.num_rounds or '?'}",
             total=self.num_rounds,
             completed=self.round if self.round_done else self.round - 1,
             sites=f"{self.stage} {done}/{total} sites" if total else "waiting for sites",
@@ -115,12 +117,11 @@ class RunProgress:
         self.t0 = time.time()
         if self.live:
             from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             console = Console(file=self.stream)
             self._rich = Progress(
-                TextColumn(f"{self.label or 'run'}: round"),
-                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
                 BarColumn(),
                 TextColumn("{task.fields[sites]}"),
                 TextColumn("elapsed"),
@@ -130,7 +131,9 @@ class RunProgress:
                 redirect_stderr=True,
                 redirect_stdout=True,
             )
-            self._task = self._rich.add_task("run", total=self.num_rounds, sites="starting", eta="-")
+            self._task = self._rich.add_task(
+                f"{self.label or 'run'}: starting", total=self.num_rounds, sites="", eta="-"
+            )
             self._rich.start()
             self._follow_logs()
         self._cm = progress.observe(self)

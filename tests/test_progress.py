@@ -99,5 +99,5 @@ def test_live_display_shows_rounds_and_sites(tmp_path: Any) -> None:
         simulate_inprocess(tiny(), tmp_path)
         task = bar._rich.tasks[0]
         assert (task.completed, task.total) == (2, 2)
-        assert task.fields["sites"] == "evaluate 3/3 sites"
+        assert task.fields["sites"] == "evaluate 3/3 sites" and task.description == "live: round 2/2"
     assert progress.observers() == []
