@@ -150,3 +150,37 @@ def test_folder_without_summary_is_an_error_naming_it(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "--model and --site-config go together" in proc.stderr
+
+
+def test_a_hospital_explains_the_global_model_on_its_own_data(tmp_path: Path) -> None:
+    import yaml
+    from sitekit import experiment, write_site
+
+    from medflower.modelspec import build_experiment_model
+
+    exp = experiment()
+    site_yaml = write_site(tmp_path / "hospital", "st-synthetic", n=16)
+    torch.save(build_experiment_model(exp).state_dict(), tmp_path / "model.pt")
+    exp_yaml = tmp_path / "experiment.yaml"
+    exp_yaml.write_text(yaml.safe_dump({k: v for k, v in exp.to_dict().items() if k != "base_dir"}))
+    cmd = [sys.executable, "-m", "medflower.cli", "explain", "--model", str(tmp_path / "model.pt")]
+    cmd += ["--site-config", str(site_yaml), "-n", "2", "-o", str(tmp_path / "out")]
+    proc = subprocess.run([*cmd, "--experiment", str(exp_yaml)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "site st-synthetic, its own test split: Grad-CAM" in proc.stdout
+    assert (tmp_path / "out" / "saliency.png").is_file()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # no experiment, no summary.json
+    assert proc.returncode == 2 and "pass --experiment EXPERIMENT.yaml" in proc.stderr
+
+
+def test_3d_images_show_the_middle_slice_of_each_axis() -> None:
+    from medflower.explain import Saliency, saliency_grid
+    from medflower.report.predictions import display_planes
+
+    vol = np.zeros((4, 6, 8), dtype=np.float32)
+    vol[2, 3, 4] = 1.0  # the centre voxel lies on every middle slice
+    planes = display_planes(vol)
+    assert [p.shape for _, p in planes] == [(6, 8), (4, 8), (4, 6)]
+    assert all(p.max() == 1.0 for _, p in planes)
+    sal = Saliency(vol[None], np.array([1]), np.array([0.9]), GRADCAM)
+    assert saliency_grid(vol[None, None], np.array([1]), sal, title="3d")[:8] == b"\x89PNG\r\n\x1a\n"
