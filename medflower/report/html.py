@@ -42,7 +42,9 @@ def fmt(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value)
     if isinstance(value, float):
-        return "-" if not math.isfinite(value) else f"{value:.4f}"
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:.0e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"  # δ = 1e-05, not 0.0000
     return esc(value)
 
 

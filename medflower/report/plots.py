@@ -152,6 +152,7 @@ def ledger_plot(rows: Sequence[dict[str, Any]]) -> bytes | None:
             )
     ax.set_title("privacy ledger: ε spent (dotted: each budget; ×: refused)")
     ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("ε (cumulative)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
