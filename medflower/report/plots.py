@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 GLOBAL_METRICS = ("accuracy", "balanced-accuracy", "auc", "dice", "hd95", "loss")
 SITE_METRICS = ("val-auc", "val-dice", "val-accuracy", "val-balanced-accuracy", "eval-loss")
@@ -43,7 +44,7 @@ def _axis(ax: Any, metric: str) -> None:
     ax.set_xlabel("round")
     ax.set_ylabel(f"{metric} ({UNITS.get(metric, 'fraction')})")
     ax.grid(alpha=0.3)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def learning_curves(summary: dict[str, Any]) -> bytes | None:
@@ -152,7 +153,7 @@ def ledger_plot(rows: Sequence[dict[str, Any]]) -> bytes | None:
             )
     ax.set_title("privacy ledger: ε spent (dotted: each budget; ×: refused)")
     ax.set_xlabel("round")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("ε (cumulative)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
