@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medflower.cli import deploy, simulation, site
+from medflower.cli import deploy, review, simulation, site
 from medflower.schema import ConfigError
 
 
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulation.add_parsers(sub)  # `simulate`, `partition`, `compare`
     deploy.add_parsers(sub)  # `deploy ...`, `node check`
     site.add_parsers(sub)  # `site check`
+    review.add_parsers(sub)  # `report`, `explain`
     return parser
 
 

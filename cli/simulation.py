@@ -26,9 +26,13 @@ def _simulate(args: argparse.Namespace) -> int:
         f"model {exp.model.name}, strategy {exp.strategy.name}; results in {out}/",
         flush=True,
     )
-    summary = simulate(exp, out, verbose=args.verbose)
+    from medflower.report import write_report
+    from medflower.simulation.progress import RunProgress
+
+    with RunProgress(label=exp.name, num_rounds=exp.train.rounds):
+        summary = simulate(exp, out, verbose=args.verbose)
     print_summary(summary)
-    print(f"\nsummary: {out / 'summary.json'}")
+    print(f"\nsummary: {out / 'summary.json'}\nreport: {write_report(out)}")
     return 0
 
 
@@ -45,16 +49,17 @@ def _partition(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from medflower.config import load_experiment  # here: see _simulate
+    from medflower.report import write_report
     from medflower.simulation.compare import run_compare
+    from medflower.simulation.progress import RunProgress
 
     exp = load_experiment(args.experiment)
-    run_compare(
-        exp,
-        _out_dir(args, exp.name, "compare"),
-        verbose=args.verbose,
-        federated=not args.no_federated,
-        identifiability=not args.no_identifiability,
-    )
+    out = _out_dir(args, exp.name, "compare")
+    with RunProgress(label=f"{exp.name} federated", num_rounds=exp.train.rounds):
+        run_compare(
+            exp, out, verbose=args.verbose, federated=not args.no_federated, identifiability=not args.no_identifiability
+        )
+    print(f"report: {write_report(out)}")
     return 0
 
 

@@ -34,6 +34,7 @@ from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
 from medflower.server.loop import History, RoundAborted, run_rounds
 from medflower.server.participation import relax_availability, wait_for_sites
 from medflower.server.results import write_summary
+from medflower.server.tracking import tracking_for
 from medflower.tasks import evaluate, inference_roi
 
 FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
@@ -88,7 +89,13 @@ def make_global_evaluate(exp: ExperimentConfig):
     return evaluate_fn
 
 
-def run_server(
+def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, **kwargs: Any) -> Path:
+    """:func:`federate`, tracked (TensorBoard, MLflow) when the experiment has a ``tracking:`` section."""
+    with tracking_for(exp, Path(out_dir)):
+        return federate(grid, exp, out_dir, **kwargs)
+
+
+def federate(
     grid: Grid,
     exp: ExperimentConfig,
     out_dir: Path,

@@ -32,7 +32,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.exception import AggregationError, InconsistentMessageReplies
 
-from medflower import keys, records
+from medflower import keys, progress, records
 from medflower.server.build import RoundParts
 from medflower.server.canonical import CanonicalGrid, canonical, seed_sampling
 from medflower.server.screens import RoundView, Screened, names, run_screens, site_field, spec_of
@@ -238,8 +238,8 @@ class RoundPipeline:
             return self.parts.privacy.configure_train(s, server_round, arrays, config, self.grid)
         return list(s.configure_train(server_round, arrays, config, self.grid))
 
-    def send(self, msgs: list[Message]) -> list[Message]:
-        return list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+    def send(self, msgs: list[Message], *, server_round: int = 0, stage: str = "train") -> list[Message]:
+        return progress.send_and_receive(self.grid, msgs, timeout=self.timeout, server_round=server_round, stage=stage)
 
     def site(self, node_id: int) -> str:
         return self.names.get(node_id, f"node-{node_id}")
@@ -322,7 +322,7 @@ class RoundPipeline:
         seed_sampling(self.seed, server_round, "evaluate" if config.get(keys.EVAL_SPLIT) != "test" else "test")
         msgs = list(self.parts.strategy.configure_evaluate(server_round, arrays, config, self.grid))
         failures: list[dict[str, Any]] = []
-        ok = self.collect(server_round, msgs, self.send(msgs), failures)
+        ok = self.collect(server_round, msgs, self.send(msgs, server_round=server_round, stage="evaluate"), failures)
         view = RoundView(server_round, arrays, {})
         screened = run_screens(self.parts.eval_screens, ok, view, site_of=self.names, what="evaluation")
         for msg, reason in screened.rejected:
@@ -370,7 +370,7 @@ class RoundPipeline:
         if self.parts.secure is not None:  # SecAgg+: the protocol's replies carry the unmasked mean
             ok = self.parts.secure.run(self, server_round, msgs, arrays, rec)
         else:
-            ok = self.collect(server_round, msgs, self.send(msgs), rec.failures)
+            ok = self.collect(server_round, msgs, self.send(msgs, server_round=server_round), rec.failures)
         screened = self.screen(server_round, ok, arrays, rec.failures)
         rec.refusals += self.refusals(screened, what="training")
         rec.sites_train = _site_metrics(screened.valid + [m for m, _ in screened.set_aside], self.names)
@@ -433,8 +433,10 @@ def run_rounds(
     if evaluate_fn is not None and start_round == 1 and not hist.initial_global_test:
         hist.initial_global_test = evaluate_fn(0, arrays)
     for rnd in range(start_round, num_rounds + 1):
+        progress.round_started(rnd, num_rounds)
         arrays, rec = pipe.run_round(rnd, arrays, train_config, evaluate_config)
         pipe.record(rec, arrays, num_rounds)
+        progress.round_ended(rnd, num_rounds, rec)
         if on_round_end is not None:
             on_round_end(rnd, arrays, hist)
     hist.arrays = arrays

@@ -196,7 +196,7 @@ class SecAggPlus:
     def _exchange(self, pipe: RoundPipeline, st: _State, stage: str, msgs: list[Message]) -> dict[int, ConfigRecord]:
         """Send one stage; each answering site's stage record. Errors and silences are failures; other
         answers (a site's refusal) go to the round's screens."""
-        replies = pipe.send(msgs)
+        replies = pipe.send(msgs, server_round=st.round, stage=stage)
         dst = {m.metadata.message_id: int(m.metadata.dst_node_id) for m in msgs}
         got: dict[int, ConfigRecord] = {}
         for msg in replies:
@@ -287,7 +287,9 @@ class SecAggPlus:
             }
             msgs.append(self._stage_message(st, nid, stage, train=True))
         failures: list[dict[str, Any]] = []
-        ok = pipe.collect(st.round, msgs, pipe.send(msgs), failures)  # learns the sites' names (simulation)
+        ok = pipe.collect(
+            st.round, msgs, pipe.send(msgs, server_round=st.round), failures
+        )  # learns the sites' names (simulation)
         st.failures += [f | {"stage": Stage.COLLECT_MASKED_VECTORS} for f in failures]
         masked: dict[int, list[np.ndarray]] = {}
         replies = []

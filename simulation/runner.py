@@ -17,6 +17,7 @@ from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import quiet_flower_env
 from medflower.server.app import build_server_app
+from medflower.server.tracking import require_extra
 from medflower.simulation.clientapp import app as client_app
 from medflower.simulation.resources import check_simulation_hardware, gpu_count
 from medflower.simulation.sites import build_sites
@@ -42,6 +43,7 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     resources = check_simulation_hardware(exp)
     build_sites(exp)
     build_experiment_model(exp)
+    require_extra(exp.tracking)  # the tracking extra, before Ray starts
     out_dir = Path(out_dir)
     summary_path = out_dir / "summary.json"
     if summary_path.exists():

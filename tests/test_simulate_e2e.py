@@ -39,6 +39,11 @@ def test_quickstart_learns_through_flower(tmp_path: Path) -> None:
     assert set(summary["sites_test"]) == {"site-0", "site-1", "site-2"}
     assert sum(s["num-examples"] for s in summary["sites_test"].values()) > 0
     assert "round" in proc.stdout and "site-0" in proc.stdout  # the readable table
+    # no terminal: one plain progress line per round (no control characters), and the HTML report
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("quickstart-synthetic: round ")]
+    assert len(progress) == len(rounds) and progress[-1].startswith("quickstart-synthetic: round 10/10 | 3/3 sites")
+    assert not any(c in line for line in progress for c in "\x1b\r")
+    assert (out / "report.html").is_file() and f"report: {out / 'report.html'}" in proc.stdout
 
 
 def test_bad_experiment_exits_with_a_named_error(tmp_path: Path) -> None:

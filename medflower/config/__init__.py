@@ -25,6 +25,7 @@ from medflower.config.secagg import SecureAggregationConfig, secagg_refusal
 from medflower.config.shift import ShiftConfig
 from medflower.config.simulation import SimulationConfig
 from medflower.config.strategy import StrategyConfig
+from medflower.config.tracking import TrackingConfig
 from medflower.config.train import TrainConfig
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, rng_field, to_dict
 from medflower.strategies.registry import get_method
@@ -42,6 +43,7 @@ __all__ = [
     "ShiftConfig",
     "SimulationConfig",
     "StrategyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "load_experiment",
     "quickstart_experiment",
@@ -64,6 +66,7 @@ class ExperimentConfig:
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)  # resources of `medflower simulate`
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)  # SecAgg+
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard / MLflow (optional extra)
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
     base_dir: str = field(default="", compare=False)
 
