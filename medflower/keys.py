@@ -20,6 +20,7 @@ AGG_WEIGHT = "aggregation-weight"  # set by the coordinator on every reply befor
 TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 SITE_NAME = "site-name"
+PREPARATION = "preparation"  # ConfigRecord SITE in a reply: how the site prepared its images (no paths)
 REFUSAL = "refusal"  # ConfigRecord SITE in a reply: the site refuses this message (the rule, and why); no arrays
 
 # run_config keys (pyproject [tool.flwr.app.config] / `flwr run --run-config`)

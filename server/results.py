@@ -62,6 +62,7 @@ def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -
             "initial_global_test": hist.initial_global_test,
             "rounds": rounds,
             "final_global_test": final,
+            "global_test_note": hist.global_test_note,
             "sites_test": hist.sites_test,
             "sites_test_refusals": hist.test_refusals,
             "wall_seconds": wall_seconds,
