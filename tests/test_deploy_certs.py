@@ -347,6 +347,6 @@ def test_key_fingerprint_is_the_one_node_check_prints(tmp_path: Path, capsys) ->
         assert main(["node", "fingerprint", "--key", str(path)]) == 0
         assert capsys.readouterr().out.strip() == fp[:16]
     table = format_sites([SiteStatus(RegisteredSite(5, "hospital-a", fp), "online")])
-    assert table.splitlines()[0].split()[2:4] == ["key", "sha256"] and fp[:16] in table.splitlines()[1]
+    assert table.splitlines()[0].split()[3:5] == ["key", "sha256"] and fp[:16] in table.splitlines()[1]
     with pytest.raises(ValueError, match="not an OpenSSH public key line"):
         certs.key_sha256("garbage")
