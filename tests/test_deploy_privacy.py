@@ -10,7 +10,6 @@ searched for the identifiers.
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import numpy as np
