@@ -78,11 +78,17 @@ def _file_site(root: Path) -> Path:
 
 
 def _experiment(root: Path, name: str, rounds: int, *, startup_timeout: int = 120) -> Path:
-    """Synthetic quick-start data, tiny; no site evaluates (each message is a process)."""
+    """hospital-1's synthetic PNG export, tiny; no site evaluates (each message is a process).
+
+    The coordinator's test data are in the hospitals' format (deploy/README.md, "The coordinator's
+    data"): the same export, prepared as hospital-1 prepares it; the simulated partitions split it.
+    A coordinator testing on other data (e.g. ``kind: synthetic``) would be refused by hospital-1's
+    preparation fingerprint.
+    """
     path = root / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nseed: 0\n"
-        "data: {kind: synthetic, synthetic_samples: 240}\n"
+        f"data: {{kind: folders, path: {root / 'hospital-1-export'}}}\n"
         f"partition: {{kind: iid, num_sites: {NUM_SITES}}}\n"
         "model: {name: cnn}\n"
         f"train: {{rounds: {rounds}, batch_size: 32}}\n"
