@@ -88,7 +88,11 @@ for p in "$PPORT" "$NPORT"; do
   [[ -z "$p" || "$p" =~ ^[0-9]+$ ]] || { echo "start-hospital.sh: --port/--proxy-port $p: expected a port number" >&2; exit 2; }
 done
 [ -n "$PPORT" ] || { PPORT="$(free_port)"; echo "start-hospital.sh: sidecar on 127.0.0.1:$PPORT (--proxy-port not given: a free port)"; }
-[ -n "$NPORT" ] || { NPORT="$(free_port)"; echo "start-hospital.sh: SuperNode's local Runtime API on 127.0.0.1:$NPORT (--port not given: a free port)"; }
+if [ -z "$NPORT" ]; then
+  NPORT="$(free_port)"
+  while [ "$NPORT" = "$PPORT" ]; do NPORT="$(free_port)"; done
+  echo "start-hospital.sh: SuperNode's local Runtime API on 127.0.0.1:$NPORT (--port not given: a free port)"
+fi
 [ "$PPORT" != "$NPORT" ] || { echo "start-hospital.sh: --port and --proxy-port are both $PPORT: give two different ports" >&2; exit 2; }
 
 SUPERNODE_ARGS=(--superlink "127.0.0.1:$PPORT" --host 127.0.0.1 --port "$NPORT" --root-certificates "$STATE/proxy/loopback-ca.crt" --auth-supernode-private-key "$KEY" --node-config "$NODECFG")
