@@ -78,6 +78,22 @@ def _sites(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from medflower.deploy.sites import directory_path  # lazy: see _register
+    from medflower.deploy.status import status_report
+
+    path = directory_path(args.directory)
+    print(
+        status_report(
+            path,
+            connection=args.connection,
+            output_dirs=[Path(d) for d in args.output_dir or []],
+            ask_flower=not args.offline,
+        )
+    )
+    return 0
+
+
 def _proxy_config(args: argparse.Namespace) -> int:
     from medflower.deploy import proxy  # lazy: see _register
 
@@ -136,6 +152,16 @@ def _node_check(args: argparse.Namespace) -> int:
     )
 
 
+def _node_fingerprint(args: argparse.Namespace) -> int:
+    """The key's fingerprint as `medflower deploy sites` and the coordinator's log print it (16 hex digits)."""
+    from medflower.deploy.certs import key_sha256, load_node_private_key, public_key_line
+
+    key = Path(args.key)
+    line = key if key.suffix == ".pub" else public_key_line(load_node_private_key(key))
+    print(key_sha256(line)[:16])
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``deploy`` (certs, node-key, connection, register, unregister, sites, proxy-config) and
     ``node`` (check)."""
@@ -189,6 +215,18 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_sites)
 
     p = dsub.add_parser(
+        "status",
+        help="(administrator) each hospital's name, node id, key, connected or last seen; runs and their round",
+    )
+    p.add_argument("--directory", help=directory_help)
+    p.add_argument("--connection", help=connection_help)
+    p.add_argument(
+        "--output-dir", action="append", help="a run's output-dir: the round its checkpoint reached (repeatable)"
+    )
+    p.add_argument("--offline", action="store_true", help="do not ask the SuperLink (names and keys only)")
+    p.set_defaults(func=_status)
+
+    p = dsub.add_parser(
         "proxy-config",
         help="(launch scripts) write the nginx config of the coordinator's proxy or a hospital's sidecar",
     )
@@ -229,3 +267,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     g.add_argument("--node-config", help='raw Flower node config, e.g. "partition-id=0 num-partitions=3"')
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the coordinator (default 5)")
     p.set_defaults(func=_node_check)
+    p = nsub.add_parser(
+        "fingerprint",
+        help="print this node key's fingerprint, as the administrator's `medflower deploy sites` shows it",
+    )
+    p.add_argument("--key", required=True, help="this site's private node key (or its .pub)")
+    p.set_defaults(func=_node_fingerprint)

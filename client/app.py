@@ -120,7 +120,7 @@ def build_client_app(
         arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)
         if transform_update is not None:
             arrays = transform_update(arrays, global_arrays, exp, site.name)
-        reply = site_reply(msg, site.name, metrics | extra_metrics, arrays)
+        reply = site_reply(msg, site.name, metrics | extra_metrics, arrays, site.info.get("preparation"))
         for key, record in extra_records.items():  # e.g. SCAFFOLD's control variate change
             reply.content[key] = record
         return reply
@@ -146,7 +146,7 @@ def build_client_app(
         metrics: dict[str, float | int | list[int]] = {keys.NUM_EXAMPLES: len(split)}
         metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
         metrics |= local.personal_metrics(split, split_name)  # Ditto: personal-<split>-<metric>
-        return site_reply(msg, site.name, metrics, None)
+        return site_reply(msg, site.name, metrics, None, site.info.get("preparation"))
 
     return app
 

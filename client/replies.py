@@ -34,11 +34,18 @@ def experiment_of(msg: Message) -> ExperimentConfig:
 
 
 def site_reply(
-    msg: Message, site_name: str, metrics: Mapping[str, float | int | list[int]], arrays: ArrayRecord | None
+    msg: Message,
+    site_name: str,
+    metrics: Mapping[str, float | int | list[int]],
+    arrays: ArrayRecord | None,
+    preparation: str | None = None,
 ) -> Message:
-    content = RecordDict(
-        {keys.METRICS: MetricRecord(dict(metrics)), keys.SITE: ConfigRecord({keys.SITE_NAME: site_name})}
-    )
+    """A site's answer; ``preparation`` (a hospital: :mod:`medflower.data.preparation`'s fingerprint
+    JSON, no paths) lets the coordinator check its own test set is prepared the same way."""
+    site = ConfigRecord({keys.SITE_NAME: site_name})
+    if preparation:
+        site[keys.PREPARATION] = preparation
+    content = RecordDict({keys.METRICS: MetricRecord(dict(metrics)), keys.SITE: site})
     if arrays is not None:
         content[keys.ARRAYS] = arrays
     return Message(content=content, reply_to=msg)

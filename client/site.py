@@ -50,6 +50,7 @@ from medflower.config.data import FILE_KINDS, PREPARATION_KEYS, DataConfig
 from medflower.data import SiteData
 from medflower.data.base import DataError
 from medflower.data.manifest import assign_splits, load_file_dataset, patient_crossings, read_rows
+from medflower.data.preparation import fingerprint
 from medflower.data.readers import AXCODES_3D, axes_of, file_format, prepare, segmentation_classes
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, to_dict
 
@@ -143,7 +144,8 @@ def _load_site(path: str, mtime: int, exp_json: str) -> SiteData:
     except DataError as err:  # every data error of a site names the site
         text = str(err)
         raise DataError(text if text.startswith(f"site {site.name!r}") else f"site {site.name!r}: {text}") from err
-    return SiteData(site.name, ds.train, ds.val, ds.test, {"num_classes": ds.num_classes})
+    info = {"num_classes": ds.num_classes, "preparation": fingerprint(site.data, ds).to_json()}  # sent: no paths
+    return SiteData(site.name, ds.train, ds.val, ds.test, info)
 
 
 def _model_input(exp: ExperimentConfig) -> tuple[int, tuple[int, ...], str]:

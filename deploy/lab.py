@@ -434,6 +434,18 @@ class Lab:
                 return str(r.get("status", ""))
         return ""
 
+    def run_log(self, run_id: int) -> str:
+        """Administrator: the run's log so far (``flwr log RUN_ID medflower --show``)."""
+        res = self.run(
+            self.coord_ns, ["flwr", "log", str(run_id), CONNECTION, "--show"], home=self.admin_home, timeout=60
+        )
+        return res.stdout
+
+    def status(self, output_dir: Path) -> str:
+        """Administrator: ``medflower deploy status`` for the run writing to ``output_dir``."""
+        argv = ["medflower", "deploy", "status", "--directory", str(self.directory), "--output-dir", str(output_dir)]
+        return self.run(self.coord_ns, argv, home=self.admin_home, timeout=90).stdout
+
     def stop_run(self, run_id: int) -> None:
         # check=False: the coordinator may already have marked a run whose ServerApp died as finished
         self.run(

@@ -60,13 +60,14 @@ def check_key(key_path: str | Path, pub_path: str | Path | None = None) -> Check
             return CheckResult("node key", "fail", f"{key_path} does not match public key {pub}")
     mode = os.stat(key_path).st_mode & 0o077
     if mode:
-        return CheckResult(
-            "node key", "warn", f"{key_path} (fingerprint {fp}) is readable by other users; chmod 600 it"
-        )
+        return CheckResult("node key", "warn", f"{key_path} (key sha256 {fp}) is readable by other users; chmod 600 it")
     return CheckResult(
         "node key",
         "ok",
-        f"{key_path} loads (EC {key.curve.name}, fingerprint {fp}); the administrator must have registered its .pub",
+        f"{key_path} loads (EC {key.curve.name}, key sha256 {fp}); whether the administrator registered "
+        "its .pub cannot be checked from here (Flower's Fleet API answers only by activating the node): "
+        "`medflower deploy sites` on the coordinator shows the same 16 digits, and a refused key shows "
+        "at the node's first start",
     )
 
 

@@ -3,7 +3,9 @@
 A command matches when a recorded command has the same program (by base name) and sub-commands
 and uses at least the README's flags. Code blocks preceded by ``<!-- not exercised: REASON -->``
 (the container commands: no Docker engine in the test environment) are skipped and listed by
-:func:`skipped_blocks` so the exemption stays visible.
+:func:`skipped_blocks` so the exemption stays visible. Blocks preceded by ``<!-- walkthrough -->``
+(the one-host rehearsal) are not the lab's: tests/test_deploy_walkthrough.py runs them verbatim,
+in order, as one shell session (:func:`walkthrough_blocks`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from pathlib import Path
 
 README = Path(__file__).resolve().parent / "README.md"
 CHECKED = ("medflower", "flwr", "start-coordinator.sh", "start-hospital.sh")
-_BLOCK = re.compile(r"(<!--\s*not exercised:[^>]*-->\s*\n)?```(?:bash|sh|shell|console)\n(.*?)```", re.S)
+_BLOCK = re.compile(
+    r"(?:<!--\s*(not exercised:|walkthrough)[^>]*-->\s*\n)?```(?:bash|sh|shell|console)\n(.*?)```", re.S
+)
+WALKTHROUGH = "walkthrough"
 
 
-def _blocks(text: str) -> list[tuple[bool, str]]:
-    return [(bool(m.group(1)), m.group(2)) for m in _BLOCK.finditer(text)]
+def _blocks(text: str) -> list[tuple[str, str]]:
+    """(tag, text) of every shell block: tag "" (the lab runs it), "not exercised:" or "walkthrough"."""
+    return [(m.group(1) or "", m.group(2)) for m in _BLOCK.finditer(text)]
 
 
 def _lines(block: str) -> list[str]:
@@ -37,13 +43,16 @@ def _lines(block: str) -> list[str]:
 
 def readme_commands(path: Path = README) -> list[str]:
     """Every command line of the README's exercised code blocks."""
-    return [
-        line for skipped, block in _blocks(path.read_text(encoding="utf-8")) if not skipped for line in _lines(block)
-    ]
+    return [line for tag, block in _blocks(path.read_text(encoding="utf-8")) if not tag for line in _lines(block)]
 
 
 def skipped_blocks(path: Path = README) -> list[str]:
-    return [block for skipped, block in _blocks(path.read_text(encoding="utf-8")) if skipped]
+    return [block for tag, block in _blocks(path.read_text(encoding="utf-8")) if tag.startswith("not exercised")]
+
+
+def walkthrough_blocks(path: Path = README) -> list[str]:
+    """The one-host walkthrough's shell blocks, in page order, as the page shows them."""
+    return [block for tag, block in _blocks(path.read_text(encoding="utf-8")) if tag == WALKTHROUGH]
 
 
 def signature(argv: list[str]) -> tuple[str, tuple[str, ...], frozenset[str]]:

@@ -90,7 +90,7 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _flwr(args: list[str], *, what: str) -> dict[str, Any]:
+def flwr_json(args: list[str], *, what: str) -> dict[str, Any]:
     """Run ``flwr ... --format json`` and return its JSON; FlwrError with its output otherwise."""
     exe = shutil.which("flwr")
     if exe is None:
@@ -150,7 +150,7 @@ def register_site(
                 )
             if s.key_sha256 == fingerprint:
                 raise ValueError(f"--key {pub}: this key is already registered, for site {s.name!r} (node {s.node_id})")
-        data = _flwr(["supernode", "register", str(pub), *_connection_args(connection), "--name", name], what=name)
+        data = flwr_json(["supernode", "register", str(pub), *_connection_args(connection), "--name", name], what=name)
         node_id = int(data["node-id"])
         if node_id in sites:
             raise ValueError(
@@ -161,7 +161,7 @@ def register_site(
         try:
             _write(directory, {**sites, node_id: site})
         except BaseException:
-            _flwr(["supernode", "unregister", str(node_id), *_connection_args(connection)], what="undo")
+            flwr_json(["supernode", "unregister", str(node_id), *_connection_args(connection)], what="undo")
             raise
     return site
 
@@ -182,14 +182,14 @@ def unregister_site(*, directory: Path, name: str, connection: str | None = None
         site = match[0]
         nodes = {n["node-id"]: n.get("status", "") for n in list_nodes(connection)}
         if nodes.get(str(site.node_id), "unregistered") != "unregistered":
-            _flwr(["supernode", "unregister", str(site.node_id), *_connection_args(connection)], what=name)
+            flwr_json(["supernode", "unregister", str(site.node_id), *_connection_args(connection)], what=name)
         _write(directory, {n: s for n, s in sites.items() if n != site.node_id})
     return site
 
 
 def list_nodes(connection: str | None = None) -> list[dict[str, Any]]:
     """Flower's node list (``flwr supernode ls --format json``)."""
-    return list(_flwr(["supernode", "ls", *_connection_args(connection)], what="list nodes").get("nodes", []))
+    return list(flwr_json(["supernode", "ls", *_connection_args(connection)], what="list nodes").get("nodes", []))
 
 
 def site_statuses(directory: Path, *, connection: str | None = None, ask_flower: bool = True) -> list[SiteStatus]:

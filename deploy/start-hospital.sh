@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Start a hospital's node: a Flower SuperNode that signs every request with the hospital's
 # registered key, and beside it an nginx sidecar that carries those requests to the coordinator over
-# TLS with the hospital's client certificate. Nothing listens for inbound connections from outside.
+# TLS with the hospital's client certificate. Nothing listens for inbound connections from outside:
+# the two ports this script opens (the sidecar's and the SuperNode's local Runtime API, which the
+# node's own ClientApp processes call) are bound to 127.0.0.1 only.
 #
 # Usage:
 #   deploy/start-hospital.sh --coordinator HOST:PORT --ca ca.crt --key SITE.key \
 #       --client-cert SITE.crt --client-key SITE.tls.key --state DIR \
 #       (--site-config site.yaml | --node-config "partition-id=0 num-partitions=3") \
-#       [--coordinator-name NAME] [--trusted-entities FILE] [--proxy-port 9092] [--no-check]
+#       [--coordinator-name NAME] [--trusted-entities FILE] [--port PORT] [--proxy-port PORT] [--no-check]
 #
 #   --coordinator  the coordinator's address and hospital port (9093)
 #   --coordinator-name
@@ -25,15 +27,19 @@
 #                  run only app bundles signed by a publisher listed in FILE (Flower's
 #                  `flower-supernode --trusted-entities`); empty or absent: run the bundle the
 #                  coordinator sends (deploy/README.md, "Which code runs at your hospital")
-#   --proxy-port   the sidecar's port on 127.0.0.1, which the SuperNode dials (default 9092)
+#   --port         the SuperNode's local Runtime API port on 127.0.0.1 (`flower-supernode --port`),
+#                  which its ClientApp processes connect to (default: a free port, printed)
+#   --proxy-port   the sidecar's port on 127.0.0.1, which the SuperNode dials (default: a free port,
+#                  printed); give both to run several hospitals' nodes on one host with fixed ports
 #   --no-check     skip `medflower node check` before starting
 #
 # Why the sidecar: flower-supernode cannot present a TLS client certificate, which the coordinator's
 # proxy requires (medflower/deploy/proxy.py). If the SuperNode or the sidecar exits, the other is
-# stopped and the script exits with its status.
+# stopped and the script exits with its status; when the SuperNode exits because the coordinator
+# refused its key (not registered, or unregistered), the script says so and what to do.
 set -euo pipefail
 
-COORD="" COORD_NAME="" CA="" KEY="" CCERT="" CKEY="" SITE="" NODECFG="" STATE="" TRUST="" CHECK=1 PPORT="9092"
+COORD="" COORD_NAME="" CA="" KEY="" CCERT="" CKEY="" SITE="" NODECFG="" STATE="" TRUST="" CHECK=1 PPORT="" NPORT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --coordinator) COORD="$2"; shift 2 ;;
@@ -47,9 +53,10 @@ while [ $# -gt 0 ]; do
     --state) STATE="$2"; shift 2 ;;
     --trusted-entities) TRUST="$2"; shift 2 ;;
     --proxy-port) PPORT="$2"; shift 2 ;;
+    --port) NPORT="$2"; shift 2 ;;
     --no-check) CHECK=0; shift ;;
-    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
-    *) echo "start-hospital.sh: unknown argument '$1' (valid: --coordinator --coordinator-name --ca --key --client-cert --client-key --state --site-config --node-config --trusted-entities --proxy-port --no-check)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    *) echo "start-hospital.sh: unknown argument '$1' (valid: --coordinator --coordinator-name --ca --key --client-cert --client-key --state --site-config --node-config --trusted-entities --port --proxy-port --no-check)" >&2; exit 2 ;;
   esac
 done
 [ -n "$COORD" ] || { echo "start-hospital.sh: --coordinator HOST:PORT is required" >&2; exit 2; }
@@ -74,7 +81,21 @@ fi
 NODECFG="$NODECFG state-dir='$STATE'"
 command -v nginx >/dev/null || { echo "start-hospital.sh: nginx is not installed (Debian/Ubuntu: apt-get install nginx); the sidecar presents the client certificate" >&2; exit 2; }
 
-SUPERNODE_ARGS=(--superlink "127.0.0.1:$PPORT" --root-certificates "$STATE/proxy/loopback-ca.crt" --auth-supernode-private-key "$KEY" --node-config "$NODECFG")
+# A port not given is one the kernel reports free on 127.0.0.1 now (two nodes on one host cannot
+# collide on Flower's default 9094); it is printed so that a person can find it again.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+for p in "$PPORT" "$NPORT"; do
+  [[ -z "$p" || "$p" =~ ^[0-9]+$ ]] || { echo "start-hospital.sh: --port/--proxy-port $p: expected a port number" >&2; exit 2; }
+done
+[ -n "$PPORT" ] || { PPORT="$(free_port)"; echo "start-hospital.sh: sidecar on 127.0.0.1:$PPORT (--proxy-port not given: a free port)"; }
+if [ -z "$NPORT" ]; then
+  NPORT="$(free_port)"
+  while [ "$NPORT" = "$PPORT" ]; do NPORT="$(free_port)"; done
+  echo "start-hospital.sh: SuperNode's local Runtime API on 127.0.0.1:$NPORT (--port not given: a free port)"
+fi
+[ "$PPORT" != "$NPORT" ] || { echo "start-hospital.sh: --port and --proxy-port are both $PPORT: give two different ports" >&2; exit 2; }
+
+SUPERNODE_ARGS=(--superlink "127.0.0.1:$PPORT" --host 127.0.0.1 --port "$NPORT" --root-certificates "$STATE/proxy/loopback-ca.crt" --auth-supernode-private-key "$KEY" --node-config "$NODECFG")
 if [ -n "$TRUST" ]; then
   [ -f "$TRUST" ] || { echo "start-hospital.sh: --trusted-entities $TRUST: file not found" >&2; exit 2; }
   SUPERNODE_ARGS+=(--trusted-entities "$(cd "$(dirname "$TRUST")" && pwd)/$(basename "$TRUST")")
@@ -95,7 +116,11 @@ CONF="$(medflower deploy proxy-config hospital "${PROXY_ARGS[@]}")"
 
 nginx -p "$STATE/proxy" -c "$CONF" -e "$STATE/proxy/error.log" -g "daemon off;" &
 PROXY=$!
-flower-supernode "${SUPERNODE_ARGS[@]}" &
+# the SuperNode's output goes to this terminal/journal as before, and to a log this script reads
+# when the node exits (Flower's own message for a refused key names no cause and no action)
+NODE_LOG="$STATE/supernode.log"
+: > "$NODE_LOG"
+flower-supernode "${SUPERNODE_ARGS[@]}" > >(tee -a "$NODE_LOG") 2>&1 &
 NODE=$!
 
 stop() { kill -TERM "$NODE" "$PROXY" 2>/dev/null || true; }
@@ -105,4 +130,10 @@ wait -n "$NODE" "$PROXY"
 status=$?
 stop
 wait
+if grep -q "Failed to activate SuperNode" "$NODE_LOG" 2>/dev/null; then
+  # Flower: "Exit Code: 305 ... Failed to activate SuperNode." (the process itself exits with 1)
+  PUB="${KEY%.key}.pub"
+  FP="$(medflower node fingerprint --key "$KEY" 2>/dev/null || echo '?')"
+  echo "start-hospital.sh: the coordinator refused this node: its key is not registered there (never registered, or unregistered). Send $PUB (key sha256 $FP) to the federation's administrator, who registers it (medflower deploy register --name SITE --key $(basename "$PUB")); then start this node again." >&2
+fi
 exit "$status"

@@ -22,6 +22,7 @@ EVAL_LOSS = "eval-loss"
 SITE_NAME = "site-name"
 SCORE_HIST = "score-hist-"  # MetricRecord list[int] (evaluate, val split, binary): <split>-score-hist-<class>,
 # counts of the positive-class probability in medflower.threshold.BINS bins per true class (federated threshold)
+PREPARATION = "preparation"  # ConfigRecord SITE in a reply: how the site prepared its images (no paths)
 REFUSAL = "refusal"  # ConfigRecord SITE in a reply: the site refuses this message (the rule, and why); no arrays
 
 # run_config keys (pyproject [tool.flwr.app.config] / `flwr run --run-config`)

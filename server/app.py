@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from logging import WARNING
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +24,17 @@ from flwr.serverapp import Grid, ServerApp
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
-from medflower.data import load_dataset
-from medflower.device import inference_amp, resolve_device
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import default_output_dir
 from medflower.seeding import seed_everything
 from medflower.server.build import build_round
 from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
+from medflower.server.globaltest import GlobalTest, PreparationMismatch
+from medflower.server.identity import read_directory
 from medflower.server.loop import History, RoundAborted, run_rounds
 from medflower.server.participation import relax_availability, wait_for_sites
 from medflower.server.results import write_summary
 from medflower.server.tracking import tracking_for
-from medflower.tasks import evaluate, inference_roi
 
 FINAL_MODEL_FILE = "model.pt"  # torch state dict of the final global model, beside summary.json
 
@@ -62,31 +61,10 @@ def site_directory_from_run_config(context: Context) -> Path | None:
     return Path(path) if path else None
 
 
-def make_global_evaluate(exp: ExperimentConfig):
+def make_global_evaluate(exp: ExperimentConfig) -> GlobalTest | None:
     """Server-side evaluation on the data set's held-out test split (None if there is none)."""
-    test = load_dataset(exp).test
-    if len(test) == 0:
-        return None
-    # train.device where this machine has it; a coordinator without the hospitals' GPU evaluates on
-    # its CPU (with a warning) rather than stopping the federation (medflower/device.py)
-    device = resolve_device(exp.train.device, where="coordinator (global evaluation)", fallback=True)
-    amp = inference_amp(device, exp.train.precision)
-    model = build_experiment_model(exp).to(device)
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(
-            model,
-            test,
-            task=exp.task,
-            batch_size=exp.train.eval_batch_size,
-            roi_size=inference_roi(exp),
-            amp=amp,
-            histograms=True,  # scored at the threshold chosen on the sites' validation (server/results.py)
-            confusion=True,
-        )
-
-    return evaluate_fn
+    test = GlobalTest(exp)
+    return test if test.runs else None
 
 
 def run_server(grid: Grid, exp: ExperimentConfig, out_dir: Path, **kwargs: Any) -> Path:
@@ -118,11 +96,20 @@ def federate(
     parts = build_round(
         exp, num_sites=num_sites, site_directory=site_directory
     )  # the method (registry), privacy stage and screens
+    global_test = GlobalTest(exp)  # the coordinator's data, prepared as the sites prepare theirs
+    if global_test.runs:  # after the identity screen: a reply's preparation is compared once it is known whose
+        parts.screens.insert(1 if site_directory is not None else 0, global_test)
     base = ConfigRecord({keys.EXPERIMENT: exp.to_json()})
     arrays, start, hist, on_round_end = ArrayRecord(model.state_dict()), 1, History(), None
     if checkpoint_dir is not None:
         start, arrays, hist, on_round_end = resume_or_start(checkpoint_dir, exp, parts, arrays)
-    wait_for_sites(grid, expected=num_sites, policy=exp.participation)
+    hist.global_test_note = global_test.note
+    names = None
+    if site_directory is not None and Path(site_directory).is_file():
+        names = parts.refresh_identity  # the waiting line names hospitals by their registered names
+        for site in read_directory(site_directory).values():  # fingerprints as `medflower deploy sites` prints them
+            log(INFO, "registered: %s (node %d, key sha256 %s)", site.name, site.node_id, site.key_sha256[:16])
+    wait_for_sites(grid, expected=num_sites, policy=exp.participation, names=names)
     relax_availability(parts.base, exp.participation)  # later rounds go ahead without a dropped site
     try:
         hist = run_rounds(
@@ -135,12 +122,18 @@ def federate(
             timeout=exp.participation.round_timeout,
             min_sites=exp.participation.min_sites,
             on_too_few=exp.participation.on_too_few,
-            evaluate_fn=make_global_evaluate(exp),
+            evaluate_fn=global_test if global_test.runs else None,
             on_round_end=on_round_end,
             start_round=start,
             history=hist,
             seed=exp.seed,
         )
+    except PreparationMismatch as err:
+        log(ERROR, "run refused: %s", err)
+        hist.initial_global_test = {}  # scored on the coordinator's preparation, which the sites do not share
+        hist.global_test_note = f"run refused: {err}"
+        write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)
+        raise
     except RoundAborted:
         write_summary(out_dir, exp, hist, wall_seconds=time.time() - t0)  # what ran is still reported
         raise

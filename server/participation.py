@@ -12,6 +12,7 @@ rounds go ahead with whoever is connected (stragglers are cut off by ``round_tim
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO, WARNING
 
 from flwr.common.logger import log
@@ -22,12 +23,35 @@ from medflower.config import ParticipationConfig
 from medflower.strategies.state import unwrap
 
 
-def wait_for_sites(grid: Grid, *, expected: int, policy: ParticipationConfig, poll_s: float = 1.0) -> int:
-    """Wait until ``expected`` sites are connected or ``startup_timeout`` passes; returns how many are."""
+def waiting_line(expected: int, connected: list[int], names: dict[int, str]) -> str:
+    """``waiting for N hospitals (k connected: names)``, with where N comes from."""
+    who = ", ".join(sorted(names.get(n, f"node-{n}") for n in connected)) or "none"
+    return (
+        f"waiting for {expected} hospitals ({len(connected)} connected: {who}); "
+        "N is the experiment's partition.num_sites"
+    )
+
+
+def wait_for_sites(
+    grid: Grid,
+    *,
+    expected: int,
+    policy: ParticipationConfig,
+    poll_s: float = 1.0,
+    names: Callable[[], dict[int, str]] | None = None,
+    report_every_s: float = 5.0,
+) -> int:
+    """Wait until ``expected`` sites are connected or ``startup_timeout`` passes; returns how many are.
+
+    ``expected`` is ``partition.num_sites``. Every ``report_every_s`` seconds (and whenever the count
+    changes) it logs who is connected, by registered name where ``names`` (node id -> name, e.g.
+    the site directory) knows them: an administrator waiting for a run to start sees whom it waits for.
+    """
     deadline = time.monotonic() + policy.startup_timeout
-    last = -1
+    last, last_report = -1, -float("inf")
     while True:
-        n = len(list(grid.get_node_ids()))
+        connected = sorted(int(n) for n in grid.get_node_ids())
+        n = len(connected)
         if n >= expected:
             return n
         if time.monotonic() >= deadline:
@@ -41,9 +65,10 @@ def wait_for_sites(grid: Grid, *, expected: int, policy: ParticipationConfig, po
                 policy.min_sites or 1,
             )
             return n
-        if n != last:
-            log(INFO, "participation: waiting for sites: %d of %d connected", n, expected)
-            last = n
+        now = time.monotonic()
+        if n != last or now - last_report >= report_every_s:
+            log(INFO, "participation: %s", waiting_line(expected, connected, names() if names else {}))
+            last, last_report = n, now
         time.sleep(poll_s)
 
 

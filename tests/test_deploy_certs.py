@@ -332,10 +332,21 @@ def test_node_check_reports_the_proxys_verdict_on_the_client_certificate(fed, tm
         srv.server_close()
 
 
-def test_key_fingerprint_is_the_one_node_check_prints(tmp_path: Path) -> None:
+def test_key_fingerprint_is_the_one_node_check_prints(tmp_path: Path, capsys) -> None:
+    """One format on both sides: `node check`, `node fingerprint`, and the administrator's `deploy sites`."""
+    from medflower.cli import main
+    from medflower.deploy.sites import SiteStatus, format_sites
+    from medflower.server.identity import RegisteredSite
+
     key = certs.make_node_key(tmp_path, site="hospital-a")
     fp = certs.key_sha256(key.public_key)
     assert len(fp) == 64 and fp == certs.key_sha256(key.public_key.read_text())
-    assert f"fingerprint {fp[:16]}" in nodecheck.check_key(key.private_key, key.public_key).detail
+    detail = nodecheck.check_key(key.private_key, key.public_key).detail
+    assert f"key sha256 {fp[:16]}" in detail and "cannot be checked from here" in detail
+    for path in (key.private_key, key.public_key):
+        assert main(["node", "fingerprint", "--key", str(path)]) == 0
+        assert capsys.readouterr().out.strip() == fp[:16]
+    table = format_sites([SiteStatus(RegisteredSite(5, "hospital-a", fp), "online")])
+    assert table.splitlines()[0].split()[3:5] == ["key", "sha256"] and fp[:16] in table.splitlines()[1]
     with pytest.raises(ValueError, match="not an OpenSSH public key line"):
         certs.key_sha256("garbage")

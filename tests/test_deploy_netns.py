@@ -78,11 +78,17 @@ def _file_site(root: Path) -> Path:
 
 
 def _experiment(root: Path, name: str, rounds: int, *, startup_timeout: int = 120) -> Path:
-    """Synthetic quick-start data, tiny; no site evaluates (each message is a process)."""
+    """hospital-1's synthetic PNG export, tiny; no site evaluates (each message is a process).
+
+    The coordinator's test data are in the hospitals' format (deploy/README.md, "The coordinator's
+    data"): the same export, prepared as hospital-1 prepares it; the simulated partitions split it.
+    A coordinator testing on other data (e.g. ``kind: synthetic``) would be refused by hospital-1's
+    preparation fingerprint.
+    """
     path = root / f"{name}.yaml"
     path.write_text(
         f"name: {name}\nseed: 0\n"
-        "data: {kind: synthetic, synthetic_samples: 240}\n"
+        f"data: {{kind: folders, path: {root / 'hospital-1-export'}}}\n"
         f"partition: {{kind: iid, num_sites: {NUM_SITES}}}\n"
         "model: {name: cnn}\n"
         f"train: {{rounds: {rounds}, batch_size: 32}}\n"
@@ -177,6 +183,13 @@ def test_run_completes_through_the_proxy(lab: Lab) -> None:
     assert summary["final_global_test"]["accuracy"] is not None
     wait_for(lambda: lab.run_status(run_id) == "finished:completed", timeout=60, what="run status", lab=lab)
     assert _checkpoint_round(out) == 1
+    # the administrator's views: the run's log, and every hospital by name with the round reached
+    assert "[round 1/1]" in lab.run_log(run_id)
+    status = lab.status(out)
+    for name in NAMES:
+        (row,) = [line for line in status.splitlines() if line.startswith(name + " ")]
+        assert str(lab.node_id(name)) in row and "connected (since" in row, status
+    assert "deploy-complete: round 1 of 1 done (finished" in status, status
     # every hospital's Fleet traffic came through the proxy, each under its own client certificate
     access = (lab.coord_state / "proxy" / "access.log").read_text()
     for name in NAMES:
@@ -287,6 +300,14 @@ def test_unregistered_node_is_refused(lab: Lab) -> None:
     log = proc.log.read_text(errors="replace")
     assert proc.popen.returncode != 0, log[-3000:]
     assert "Failed to activate SuperNode" in log, log[-3000:]
+    # deploy/README.md's exit codes, as they are: Flower logs its code 305, the process exits with 1
+    assert "Exit Code: 305" in log and proc.popen.returncode == 1, (proc.popen.returncode, log[-3000:])
+    fingerprint = lab.run(lab.rogue_site.ns, ["medflower", "node", "fingerprint", "--key", str(lab.rogue_site.key)])
+    fp = fingerprint.stdout.strip()
+    assert (
+        "its key is not registered there (never registered, or unregistered). "
+        f"Send {lab.rogue_site.pub} (key sha256 {fp})" in log
+    ), log[-3000:]
     registered = {lab.node_id(n) for n in NAMES}
     assert {int(n["node-id"]) for n in lab.nodes()} == registered  # only the registered hospitals exist
     # what the administrator does to admit, then remove, a site
@@ -296,6 +317,7 @@ def test_unregistered_node_is_refused(lab: Lab) -> None:
     )
     rows = {line.split()[0]: line.split() for line in sites.stdout.splitlines()[1:]}
     assert sorted(rows) == sorted([*NAMES, "rogue"]), sites.stdout
+    assert rows["rogue"][2] == fp, sites.stdout  # the administrator sees the digits the hospital was told to send
     assert rows["rogue"][1:] == [str(node_id), rows["rogue"][2], "80", "registered"], sites.stdout
     assert all(rows[n][-1] == "online" for n in NAMES), sites.stdout
     dup = lab.run(

@@ -9,6 +9,7 @@ searched for the identifiers.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,12 @@ def _check_reply(reply: Message, exp: ExperimentConfig, *, with_arrays: bool) ->
     for k, v in metrics.items():
         assert isinstance(v, (int, float)) and not isinstance(v, bool), (k, v)
         assert k in ALLOWED_METRIC_KEYS or k.startswith(("val-", "test-")), k
-    # the site's public name, nothing else
+    # the site's public name and how it prepares images (medflower.data.preparation), nothing else
     (site,) = content.config_records.values()
-    assert dict(site) == {keys.SITE_NAME: site[keys.SITE_NAME]}
+    assert set(site.keys()) == {keys.SITE_NAME, keys.PREPARATION}
+    prep = json.loads(str(site[keys.PREPARATION]))
+    assert set(prep) == {"reader", "kind", "intensity", "geometry", "channels", "size"}, prep
+    assert "/" not in json.dumps({k: v for k, v in prep.items() if k != "intensity"}), prep  # no paths
     name = str(site[keys.SITE_NAME])
     assert len(name) <= 64 and "/" not in name and "\\" not in name
     # the model's own tensors, nothing more: same keys, shapes and dtypes as the model

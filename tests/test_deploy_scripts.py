@@ -28,6 +28,8 @@ with open(os.environ["SHIM_LOG"], "a") as f:
 if "proxy-config" in sys.argv:  # the launch scripts read the config's path from its output
     print(sys.argv[sys.argv.index("--out") + 1] + "/nginx.conf")
 key = name.replace("-", "_")
+if os.environ.get("SHIM_SAY_" + key):
+    print(os.environ["SHIM_SAY_" + key], flush=True)
 time.sleep(float(os.environ.get("SHIM_SLEEP_" + key, "0")))
 sys.exit(int(os.environ.get("SHIM_RC_" + key, "0")))
 """
@@ -171,7 +173,8 @@ def test_hospital_checks_then_runs_supernode_through_its_sidecar(shims, tmp_path
     site.parent.mkdir()
     site.write_text("name: h\n")
     node = tmp_path / "node"
-    res, calls = shims("start-hospital.sh", *_hospital_args(tmp_path, "--site-config", "conf/site.yaml"))
+    args = _hospital_args(tmp_path, "--site-config", "conf/site.yaml", "--proxy-port", "9092", "--port", "9190")
+    res, calls = shims("start-hospital.sh", *args)
     assert res.returncode == 0, res.stderr
     progs = _by_program(calls)
     (check, config), (nginx,), (supernode,) = progs["medflower"], progs["nginx"], progs["flower-supernode"]
@@ -188,6 +191,7 @@ def test_hospital_checks_then_runs_supernode_through_its_sidecar(shims, tmp_path
     assert nginx["argv"][:5] == ["nginx", "-p", f"{node}/proxy", "-c", f"{node}/proxy/nginx.conf"]
     assert supernode["argv"] == [
         *("flower-supernode", "--superlink", "127.0.0.1:9092"),  # the sidecar, on loopback
+        *("--host", "127.0.0.1", "--port", "9190"),  # its own Runtime API, for its ClientApps: loopback only
         *("--root-certificates", f"{node}/proxy/loopback-ca.crt", "--auth-supernode-private-key", "h.key"),
         *("--node-config", node_config),
     ]
@@ -206,9 +210,37 @@ def test_hospital_state_folder_joins_a_raw_node_config_and_a_coordinator_name(sh
     assert pairs["--node-config"] == f"partition-id=0 num-partitions=3 state-dir='{tmp_path / 'node'}'"
 
 
-def _hospital(shims, tmp_path: Path, *extra: str):
+def _hospital(shims, tmp_path: Path, *extra: str, extra_env: dict | None = None):
     args = _hospital_args(tmp_path, "--node-config", "partition-id=0 num-partitions=3", "--no-check", *extra)
-    return shims("start-hospital.sh", *args)
+    return shims("start-hospital.sh", *args, extra_env=extra_env)
+
+
+def test_hospital_picks_free_loopback_ports_and_prints_them(shims, tmp_path: Path) -> None:
+    """Two nodes on one host: without --port/--proxy-port each gets free ports, never Flower's fixed 9094."""
+    res, calls = _hospital(shims, tmp_path)
+    assert res.returncode == 0, res.stderr
+    (node,) = _by_program(calls)["flower-supernode"]
+    pairs = dict(itertools.pairwise(node["argv"]))
+    sidecar, runtime = pairs["--superlink"], f"{pairs['--host']}:{pairs['--port']}"
+    assert sidecar.startswith("127.0.0.1:") and pairs["--host"] == "127.0.0.1" and sidecar != runtime
+    assert f"sidecar on {sidecar}" in res.stdout and f"Runtime API on {runtime}" in res.stdout
+    res, calls = _hospital(shims, tmp_path, "--port", "9200", "--proxy-port", "9200")
+    assert res.returncode == 2 and "give two different ports" in res.stderr and calls == []
+
+
+def test_hospital_explains_a_refused_key(shims, tmp_path: Path) -> None:
+    """Flower's refusal of an unregistered key (its log; the process exits 1) gets its cause and action."""
+    flower_says = (
+        "Exit Code: 305\nFailed to initialize the connection to the SuperLink.\n[code: 3] Failed to activate SuperNode."
+    )
+    res, _ = _hospital(
+        shims,
+        tmp_path,
+        extra_env={"SHIM_RC_flower_supernode": "1", "SHIM_SAY_flower_supernode": flower_says, "SHIM_SLEEP_nginx": "60"},
+    )
+    assert res.returncode == 1
+    assert "Failed to activate SuperNode" in res.stdout  # Flower's own output still shows
+    assert "its key is not registered there" in res.stderr and "Send h.pub (key sha256 " in res.stderr, res.stderr
 
 
 def test_hospital_runs_only_signed_app_bundles_when_it_names_trusted_entities(shims, tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_unregister_revokes_the_key_then_removes_the_entry(fake_flwr: Path, tmp_
     with pytest.raises(ValueError, match="--name hospital-a: not in .* \\(registered: hospital-b\\)"):
         sites.unregister_site(directory=directory, name="hospital-a")
     # a key Flower already dropped is still removed from the directory, without asking Flower to drop it again
-    sites._flwr(["supernode", "unregister", "1002"], what="by hand")
+    sites.flwr_json(["supernode", "unregister", "1002"], what="by hand")
     before = len(_calls(fake_flwr))
     sites.unregister_site(directory=directory, name="hospital-b")
     assert [c[:2] for c in _calls(fake_flwr)[before:]] == [["supernode", "ls"]]

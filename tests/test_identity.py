@@ -20,12 +20,14 @@ from medflower.simulation.inprocess import InProcessGrid
 from medflower.strategies.testing import arrays_of
 
 
-def _app(claims: dict[int, str]) -> ClientApp:
-    """Sites that 'train' instantly (+1) and name themselves as ``claims[partition id]``."""
+def _app(claims: dict[int, str], crash: int | None = None) -> ClientApp:
+    """Sites that 'train' instantly (+1) and name themselves as ``claims[partition id]``; ``crash`` fails."""
     app = ClientApp()
 
     def reply(msg: Message, context: Context, arrays: bool) -> Message:
         pid = int(context.node_config[keys.NODE_PARTITION_ID])
+        if pid == crash:
+            raise RuntimeError("synthetic crash")
         content = RecordDict(
             {
                 keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: 10, keys.TRAIN_LOSS: 0.1}),
@@ -47,8 +49,8 @@ def _directory(tmp_path: Path, sites: dict[int, dict]) -> Path:
     return path
 
 
-def _run(tmp_path: Path, claims: dict[int, str], directory: dict[int, dict]):
-    grid = InProcessGrid(_app(claims), num_sites=3)  # node ids 1001, 1002, 1003
+def _run(tmp_path: Path, claims: dict[int, str], directory: dict[int, dict], crash: int | None = None):
+    grid = InProcessGrid(_app(claims, crash), num_sites=3)  # node ids 1001, 1002, 1003
     parts = build_round(quickstart_experiment(), num_sites=3, site_directory=_directory(tmp_path, directory))
     return run_rounds(
         grid,
@@ -80,6 +82,14 @@ def test_an_unregistered_node_is_refused(tmp_path, flower_identity):
     hist = _run(tmp_path, {0: "a", 1: "b", 2: "c"}, {1001: {"name": "a"}, 1002: {"name": "b"}})
     assert "node 1003 is not registered" in hist.rounds[0].failures[0]["reason"]
     assert set(hist.rounds[0].sites_train) == {"a", "b"}
+
+
+def test_a_site_that_never_replied_is_named_by_its_registered_name(tmp_path, flower_identity):
+    """summary.json's failures name the hospital, not node-<id>, even when it never sent a valid reply."""
+    registered = {1001: {"name": "hospital-a"}, 1002: {"name": "hospital-b"}, 1003: {"name": "hospital-c"}}
+    hist = _run(tmp_path, {0: "hospital-a", 1: "hospital-b", 2: "hospital-c"}, registered, crash=1)
+    assert [f["site"] for f in hist.rounds[0].failures] == ["hospital-b"]
+    assert [f["site"] for f in hist.rounds[0].evaluate_failures] == ["hospital-b"]
 
 
 @pytest.mark.parametrize(

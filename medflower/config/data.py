@@ -18,7 +18,8 @@ from typing import Literal
 
 from medflower.schema import ConfigError, rng_field
 
-DataKind = Literal["synthetic", "medmnist", "manifest", "decathlon", "folders"]
+# "none": a deployed coordinator that holds no test data (no global test; model.* must size the model)
+DataKind = Literal["synthetic", "medmnist", "manifest", "decathlon", "folders", "none"]
 FILE_KINDS = ("manifest", "decathlon", "folders")  # read by medflower.data.manifest
 Intensity = Literal["minmax", "zscore", "window", "none"]
 

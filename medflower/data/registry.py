@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from medflower.config import ExperimentConfig
-from medflower.data.base import DatasetSplits
+from medflower.data.base import DataError, DatasetSplits
 from medflower.data.manifest import load_manifest_dataset
 from medflower.data.medmnist import download_medmnist, load_medmnist
 from medflower.data.synthetic import synthetic_classification
@@ -20,6 +20,11 @@ def load_dataset(exp: ExperimentConfig) -> DatasetSplits:
 def _load(exp_json: str) -> DatasetSplits:
     exp = ExperimentConfig.from_json(exp_json)
     d = exp.data
+    if d.kind == "none":
+        raise DataError(
+            "data.kind is 'none' (a coordinator without data): there is no data set to read; give "
+            "model.in_channels, model.out_channels and model.img_size to size the model"
+        )
     if d.kind == "synthetic":
         return synthetic_classification(
             samples=d.synthetic_samples,
