@@ -1,8 +1,9 @@
-"""Run a whole federation on one machine with Flower's simulation engine (Ray backend).
+"""Run a whole federation: ``simulation.engine`` picks the engine (``local`` or Flower's Ray engine).
 
 The ServerApp is the one ``flwr run`` deploys and the ClientApp the simulation's
 (:mod:`medflower.simulation.clientapp`, the hospital's pipeline on simulated sites); only the
-transport differs.
+transport differs. ``local`` is :mod:`medflower.simulation.local`; ``ray`` is Flower's
+``run_simulation``, on this machine or joining a Ray cluster (``ray_address``, else ``RAY_ADDRESS``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from medflower.config import ExperimentConfig
+from medflower.config.simulation import ENGINES
 from medflower.modelspec import build_experiment_model
 from medflower.runenv import quiet_flower_env
 from medflower.server.app import build_server_app
 from medflower.simulation.clientapp import app as client_app
+from medflower.simulation.local import simulate_local
 from medflower.simulation.sites import build_sites
 
 # Ray's own settings for the simulation engine (the telemetry ones are medflower.runenv.FLOWER_ENV)
@@ -27,9 +30,27 @@ RAY_ENV = {
 }
 
 
-def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = False) -> dict[str, Any]:
-    """Simulate ``exp`` with one virtual SuperNode per site; returns the written summary."""
+def simulate(
+    exp: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    verbose: bool = False,
+    engine: str | None = None,
+    ray_address: str | None = None,
+) -> dict[str, Any]:
+    """Simulate ``exp`` with one virtual SuperNode per site; returns the written summary.
+
+    ``engine`` overrides ``exp.simulation.engine``; ``ray_address`` (else the ``RAY_ADDRESS``
+    environment variable) makes the Ray engine join that cluster instead of starting Ray here.
+    """
+    engine = engine or exp.simulation.engine
+    if engine not in ENGINES:
+        raise ValueError(f"engine: unknown engine {engine!r}; valid choices are {', '.join(map(repr, ENGINES))}")
+    if ray_address and engine != "ray":
+        raise ValueError(f"--ray-address joins a Ray cluster, which only engine 'ray' uses (engine is {engine!r})")
     quiet_flower_env()
+    if engine == "local":
+        return simulate_local(exp, out_dir)
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     # here, not at the top: it starts Ray's machinery, which only a simulation that really runs needs
@@ -43,10 +64,9 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     summary_path = out_dir / "summary.json"
     if summary_path.exists():
         summary_path.unlink()  # never report a previous run's results as this one's
-    cpus = os.cpu_count() or 1
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": verbose},
+        "init_args": ray_init_args(ray_address, verbose=verbose),
     }
     t0 = time.time()
     run_simulation(
@@ -62,3 +82,16 @@ def simulate(exp: ExperimentConfig, out_dir: str | Path, *, verbose: bool = Fals
     summary["simulation_wall_seconds"] = time.time() - t0
     summary_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def ray_init_args(ray_address: str | None, *, verbose: bool = False) -> dict[str, Any]:
+    """``ray.init`` arguments: a new local Ray with every core, or (address given, or ``RAY_ADDRESS``
+    set) a connection to that cluster, whose size its own nodes declare (``ray.init`` refuses
+    ``num_cpus`` when it joins a cluster)."""
+    args: dict[str, Any] = {"include_dashboard": False, "logging_level": "error", "log_to_driver": verbose}
+    address = ray_address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        args["address"] = address
+    else:
+        args["num_cpus"] = os.cpu_count() or 1
+    return args

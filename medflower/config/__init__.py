@@ -22,6 +22,7 @@ from medflower.config.participation import ParticipationConfig
 from medflower.config.partition import PartitionConfig
 from medflower.config.privacy import PrivacyConfig
 from medflower.config.shift import ShiftConfig
+from medflower.config.simulation import SimulationConfig
 from medflower.config.strategy import StrategyConfig
 from medflower.config.train import TrainConfig
 from medflower.schema import ConfigError, from_dict, read_yaml_mapping, rng_field, to_dict
@@ -37,6 +38,7 @@ __all__ = [
     "PartitionConfig",
     "PrivacyConfig",
     "ShiftConfig",
+    "SimulationConfig",
     "StrategyConfig",
     "TrainConfig",
     "load_experiment",
@@ -58,6 +60,7 @@ class ExperimentConfig:
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # SIMULATION-ONLY poisoning (research)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)  # how `medflower simulate` runs sites
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
     base_dir: str = field(default="", compare=False)
 

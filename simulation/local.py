@@ -1,0 +1,59 @@
+"""The ``local`` simulation engine: every site in the ``medflower simulate`` process, one after the other.
+
+Why: Flower's Ray engine (:mod:`medflower.simulation.runner`) starts Ray, spawns worker processes that
+import torch, Flower and MONAI again, and has each worker build its sites' data; on short runs that
+fixed cost exceeds the training (issue 11 measured 1.67x a plain PyTorch loop on 5 sites x 10 rounds).
+This engine has none of it: the sites' data are built once (:func:`medflower.simulation.sites.build_sites`,
+one array per split that every later message reuses), messages are handed over as Python objects
+(:class:`medflower.simulation.inprocess.InProcessGrid`, no serialization) and the sites run
+sequentially, so its cost is the training itself plus one process start.
+
+It still drives the *same* ServerApp object (:func:`medflower.server.app.build_server_app`) and the same
+ClientApp object (``medflower.simulation.clientapp:app``) through a Flower ``Grid``, with a per-site
+``Context`` whose state persists across rounds as on a SuperNode: the same YAML and seed give the same
+metrics as ``engine: ray`` (tests/test_engines.py).
+
+Parallelism: sites do not run side by side here; a site's torch uses ``train.num_threads`` threads
+(raise it to the core count for a larger model), and ``engine: ray`` runs sites in parallel workers or
+across machines. A pool of pre-started worker processes was weighed and left out: on the 2-core machine
+it was written on, the sequential engine already runs at the plain loop's speed (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+
+from medflower.config import ExperimentConfig
+from medflower.server.app import build_server_app
+from medflower.simulation.clientapp import app as client_app
+from medflower.simulation.inprocess import InProcessGrid
+from medflower.simulation.sites import build_sites
+
+RUN_ID = 1
+
+
+def simulate_local(exp: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Simulate ``exp`` with one in-process site per partition; returns the written summary."""
+    build_sites(exp)  # fail fast on bad data or an impossible partition, before any round starts
+    out_dir = Path(out_dir)
+    summary_path = out_dir / "summary.json"
+    if summary_path.exists():
+        summary_path.unlink()  # never report a previous run's results as this one's
+    grid = InProcessGrid(client_app, num_sites=exp.partition.num_sites, run_id=RUN_ID)
+    server_context = Context(
+        run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
+    )
+    t0 = time.time()
+    build_server_app(exp, out_dir)(grid, server_context)
+    if not summary_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
+    summary = json.loads(summary_path.read_text())
+    summary["simulation_wall_seconds"] = time.time() - t0
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
