@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) ->
 
 def main(npz_path: str, spec_path: str) -> None:
     t0 = time.time()
-    spec = json.loads(open(spec_path).read())
+    spec = json.loads(Path(spec_path).read_text())
     data = np.load(npz_path)
     torch.set_num_threads(spec["num_threads"])
     sites = [
