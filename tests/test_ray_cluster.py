@@ -9,6 +9,7 @@ which would end every Ray on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,10 +69,8 @@ def _end_nodes(tag: str) -> None:
         mine |= new
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in mine:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # ended with its parent
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         if sig == signal.SIGTERM:
             time.sleep(3)
 
