@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -87,15 +88,25 @@ def write_plain_inputs(exp_dict: dict[str, Any], folder: Path) -> tuple[Path, Pa
     return npz, spec
 
 
-def timed(cmd: list[str]) -> tuple[float, str]:
-    """Wall seconds from process start to exit, and its stdout (a failure stops the benchmark)."""
+def _children_cpu() -> float:
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
+def timed(cmd: list[str]) -> tuple[float, float, str]:
+    """Wall seconds from process start to exit, CPU seconds of the process and its reaped children (on
+    a loaded machine the fairer of the two; Ray's daemons are not counted), and its stdout."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    t0 = time.perf_counter()
+    cpu0, t0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-    return seconds, proc.stdout
+    return seconds, cpu, proc.stdout
+
+
+def _result(seconds: float, cpu: float, final: dict[str, float]) -> dict[str, float]:
+    return {"seconds": seconds, "cpu": cpu, "accuracy": final["accuracy"], "balanced": final["balanced-accuracy"]}
 
 
 def run_case(workload: str, sites: int, rounds: int, engines: list[str], *, samples: int) -> dict[str, Any]:
@@ -119,22 +130,24 @@ def run_case(workload: str, sites: int, rounds: int, engines: list[str], *, samp
                 "--engine",
                 engine,
             ]
-            seconds, _ = timed(cmd)
+            seconds, cpu, _ = timed(cmd)
             final = json.loads((out / "summary.json").read_text())["final_global_test"]
-            row[engine] = {"seconds": seconds, "accuracy": final["accuracy"], "balanced": final["balanced-accuracy"]}
-        seconds, stdout = timed([sys.executable, str(REPO / "bench" / "plain_fedavg.py"), str(npz), str(spec)])
-        final = json.loads(stdout.strip().splitlines()[-1])["final_global_test"]
-        row["plain"] = {"seconds": seconds, "accuracy": final["accuracy"], "balanced": final["balanced-accuracy"]}
+            row[engine] = _result(seconds, cpu, final)
+        seconds, cpu, stdout = timed([sys.executable, str(REPO / "bench" / "plain_fedavg.py"), str(npz), str(spec)])
+        row["plain"] = _result(seconds, cpu, json.loads(stdout.strip().splitlines()[-1])["final_global_test"])
     return row
 
 
 def print_row(row: dict[str, Any], engines: list[str]) -> None:
     plain = row["plain"]
     parts = [f"{row['workload']:<12} {row['sites']:>3} sites {row['rounds']:>3} rounds"]
-    parts.append(f"plain {plain['seconds']:6.1f}s acc {plain['accuracy']:.3f}")
+    parts.append(f"plain {plain['seconds']:6.1f}s cpu {plain['cpu']:6.1f}s acc {plain['accuracy']:.3f}")
     for e in engines:
         r = row[e]
-        parts.append(f"{e} {r['seconds']:6.1f}s ({r['seconds'] / plain['seconds']:.2f}x) acc {r['accuracy']:.3f}")
+        wall, cpu = r["seconds"] / plain["seconds"], r["cpu"] / plain["cpu"]
+        parts.append(
+            f"{e} {r['seconds']:6.1f}s ({wall:.2f}x) cpu {r['cpu']:6.1f}s ({cpu:.2f}x) acc {r['accuracy']:.3f}"
+        )
     print(" | ".join(parts), flush=True)
 
 

@@ -71,3 +71,29 @@ def test_local_and_ray_engines_give_the_same_metrics(tmp_path: Path) -> None:
     close = [math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for (_, x), (_, y) in zip(a, b, strict=True)]
     diffs = [(k, x, y) for ((k, x), (_, y), ok) in zip(a, b, close, strict=True) if not ok]
     assert not diffs, diffs[:10]
+
+
+def test_ray_joins_a_cluster_from_the_flag_or_ray_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    from medflower.simulation.runner import ray_init_args
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert "address" not in ray_init_args(None) and ray_init_args(None)["num_cpus"] >= 1  # a new local Ray
+    # joining a cluster: its nodes declare their CPUs (ray.init refuses num_cpus with an address)
+    assert ray_init_args("10.0.0.5:6379")["address"] == "10.0.0.5:6379"
+    assert "num_cpus" not in ray_init_args("10.0.0.5:6379")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.7:6379")
+    assert ray_init_args(None)["address"] == "10.0.0.7:6379" and "num_cpus" not in ray_init_args(None)
+    assert ray_init_args("10.0.0.5:6379")["address"] == "10.0.0.5:6379"  # the flag wins
+
+
+def test_simulate_cli_takes_an_engine_and_a_ray_address() -> None:
+    import argparse
+
+    from medflower.cli.simulation import add_parsers
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers())
+    args = parser.parse_args(["simulate", "--ray-address", "10.0.0.5:6379"])
+    assert args.ray_address == "10.0.0.5:6379" and args.engine is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["simulate", "--engine", "spark"])
