@@ -1,4 +1,4 @@
-"""End to end through `medflower simulate` (its default engine; tests/test_engines.py covers both): the quick start must learn."""
+"""End to end through `medflower simulate` (default engine; test_engines.py covers both): the quick start learns."""
 
 from __future__ import annotations
 
