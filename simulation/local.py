@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,23 @@ RUN_ID = 1
 def simulate_local(exp: ExperimentConfig, out_dir: str | Path) -> dict[str, Any]:
     """Simulate ``exp`` with one in-process site per partition; returns the written summary."""
     build_sites(exp)  # fail fast on bad data or an impossible partition, before any round starts
-    out_dir = Path(out_dir)
-    summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        summary_path.unlink()  # never report a previous run's results as this one's
     grid = InProcessGrid(client_app, num_sites=exp.partition.num_sites, run_id=RUN_ID)
     server_context = Context(
         run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={}
     )
+    server_app = build_server_app(exp, out_dir)
+    return run_and_collect(out_dir, lambda: server_app(grid, server_context))
+
+
+def run_and_collect(out_dir: str | Path, run: Callable[[], None]) -> dict[str, Any]:
+    """Run an engine's whole federation (``run``) and return the ``summary.json`` it wrote to ``out_dir``,
+    with the engine's wall time added; a previous run's summary is removed first, so that it is never
+    reported as this one's. Shared by both engines."""
+    summary_path = Path(out_dir) / "summary.json"
+    if summary_path.exists():
+        summary_path.unlink()
     t0 = time.time()
-    build_server_app(exp, out_dir)(grid, server_context)
+    run()
     if not summary_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
     summary = json.loads(summary_path.read_text())

@@ -8,9 +8,7 @@ transport differs. ``local`` is :mod:`medflower.simulation.local`; ``ray`` is Fl
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +18,7 @@ from medflower.modelspec import build_experiment_model
 from medflower.runenv import quiet_flower_env
 from medflower.server.app import build_server_app
 from medflower.simulation.clientapp import app as client_app
-from medflower.simulation.local import simulate_local
+from medflower.simulation.local import run_and_collect, simulate_local
 from medflower.simulation.sites import build_sites
 
 # Ray's own settings for the simulation engine (the telemetry ones are medflower.runenv.FLOWER_ENV)
@@ -60,28 +58,20 @@ def simulate(
     # the in-process ServerApp reuses).
     build_sites(exp)
     build_experiment_model(exp)
-    out_dir = Path(out_dir)
-    summary_path = out_dir / "summary.json"
-    if summary_path.exists():
-        summary_path.unlink()  # never report a previous run's results as this one's
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": ray_init_args(ray_address, verbose=verbose),
     }
-    t0 = time.time()
-    run_simulation(
-        server_app=build_server_app(exp, out_dir),
-        client_app=client_app,
-        num_supernodes=exp.partition.num_sites,
-        backend_config=backend_config,
-        verbose_logging=verbose,
+    return run_and_collect(
+        out_dir,
+        lambda: run_simulation(
+            server_app=build_server_app(exp, out_dir),
+            client_app=client_app,
+            num_supernodes=exp.partition.num_sites,
+            backend_config=backend_config,
+            verbose_logging=verbose,
+        ),
     )
-    if not summary_path.is_file():
-        raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
-    summary = json.loads(summary_path.read_text())
-    summary["simulation_wall_seconds"] = time.time() - t0
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def ray_init_args(ray_address: str | None, *, verbose: bool = False) -> dict[str, Any]:
