@@ -21,16 +21,17 @@ def _simulate(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.experiment) if args.experiment else quickstart_experiment()
     out = _out_dir(args, exp.name)
+    engine = args.engine or ("ray" if args.ray_address else exp.simulation.engine)
     print(
         f"medflower: simulating {exp.name!r}: {exp.partition.num_sites} sites, {exp.train.rounds} rounds, "
-        f"model {exp.model.name}, strategy {exp.strategy.name}; results in {out}/",
+        f"model {exp.model.name}, strategy {exp.strategy.name}, engine {engine}; results in {out}/",
         flush=True,
     )
     from medflower.report import write_report
     from medflower.simulation.progress import RunProgress
 
     with RunProgress(label=exp.name, num_rounds=exp.train.rounds):
-        summary = simulate(exp, out, verbose=args.verbose)
+        summary = simulate(exp, out, verbose=args.verbose, engine=engine, ray_address=args.ray_address)
     print_summary(summary)
     print(f"\nsummary: {out / 'summary.json'}\nreport: {write_report(out)}")
     return 0
@@ -82,6 +83,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("experiment", nargs="?", help="experiment YAML (default: the embedded quick start)")
     p.add_argument("--output", "-o", help="output folder (default: runs/<name>-<time>)")
     p.add_argument("--verbose", action="store_true", help="show the clients' logs")
+    p.add_argument(
+        "--engine", choices=("local", "ray"), help="override simulation.engine (local: in this process; ray: Flower's)"
+    )
+    p.add_argument(
+        "--ray-address",
+        help="join this Ray cluster (e.g. 10.0.0.5:6379; implies --engine ray; default: RAY_ADDRESS if set, "
+        "else a new Ray on this machine)",
+    )
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser(

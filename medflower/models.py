@@ -21,16 +21,15 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from monai.networks import nets
 from torch import nn
 
 from medflower.config import ModelConfig
 from medflower.schema import ConfigError
+from medflower.smallcnn import GROUPS, SmallCNN
 
 CLASSIFIERS = ("cnn", "resnet18", "resnet34", "densenet121", "efficientnet-b0", "vit")
 SEGMENTERS = ("unet", "basicunet", "swinunetr")
-GROUPS = 8  # divides every channel width of the networks below
 SIZE_HINT = "set data.size (or data.patch_size for segmentation) accordingly"
 
 
@@ -57,53 +56,6 @@ def _norm(name: str) -> Any:
     if name == "instance":
         return ("instance", {"affine": True})
     return "batch"
-
-
-class SmallCNN(nn.Module):
-    """Three stages of (conv, norm, ReLU) x ``convs_per_stage`` with pooling, and a linear head.
-
-    Written here (not MONAI) because MONAI's smallest classifiers are ~10x slower on 2 CPU cores,
-    and the quick start must finish in under two minutes. ``width`` is the first stage's channels
-    (doubled per stage); ``convs_per_stage: 2`` gives a VGG-style network that learns real 28px
-    images (MedMNIST) far better than one conv per stage, at about twice the cost.
-    """
-
-    def __init__(
-        self,
-        *,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        width: int = 16,
-        norm: str = "group",
-        convs_per_stage: int = 1,
-    ) -> None:
-        super().__init__()
-        conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-        pool = nn.AdaptiveAvgPool2d if spatial_dims == 2 else nn.AdaptiveAvgPool3d
-        maxpool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
-
-        def norm_layer(c: int) -> nn.Module:
-            if norm == "batch":
-                return nn.BatchNorm2d(c) if spatial_dims == 2 else nn.BatchNorm3d(c)
-            if norm == "instance":
-                return nn.GroupNorm(c, c)  # GroupNorm with one channel per group == InstanceNorm+affine
-            return nn.GroupNorm(min(GROUPS, c), c)
-
-        layers: list[nn.Module] = []
-        c_in = in_channels
-        if convs_per_stage < 1:
-            raise ValueError(f"convs_per_stage must be >= 1, got {convs_per_stage}")
-        for c_out in (width, width * 2, width * 4):
-            for _ in range(convs_per_stage):
-                layers += [conv(c_in, c_out, 3, padding=1), norm_layer(c_out), nn.ReLU()]
-                c_in = c_out
-            layers.append(maxpool(2))
-        self.features = nn.Sequential(*layers[:-1], pool(1))
-        self.head = nn.Linear(c_in, out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.features(x), 1))
 
 
 class WithHead(nn.Sequential):

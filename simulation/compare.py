@@ -6,8 +6,8 @@ each of its training images ``rounds x local_epochs`` times), train
 * **pooled** — one model on the union of all sites' training splits (what centralising the data
   would give; the usual upper reference);
 * **local-only** — one model per site on that site's training split alone;
-* **federated** — the experiment itself, through :func:`medflower.simulation.runner.simulate` (Flower's
-  simulation runtime, the configured strategy, privacy and participation),
+* **federated** — the experiment itself, through :func:`medflower.simulation.runner.simulate` (the
+  configured engine, strategy, privacy and participation),
 
 then evaluate every model on every site's test split and on the pooled test set (the union of the
 site test splits, each from its own scanner). The matrix shows what a hospital gains by federating:
@@ -83,7 +83,7 @@ def evaluate_everywhere(
 def federated_model(
     exp: ExperimentConfig, out_dir: Path, *, verbose: bool, device: torch.device | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Run the experiment through Flower's simulation runtime; load its final global model (on ``device``)."""
+    """Run the experiment through its simulation engine; load its final global model (on ``device``)."""
     summary = simulate(exp, out_dir, verbose=verbose)
     path = out_dir / FINAL_MODEL_FILE
     if not path.is_file():

@@ -6,7 +6,7 @@ more than the training. This grid hands each message to the *same* ``ClientApp``
 simulation's ``medflower.simulation.clientapp:app``, mods included) with a per-site ``Context``
 whose ``state`` persists across rounds, exactly what a SuperNode does, and the *same*
 ``run_server`` drives it; only the transport is gone (no serialization, sites run sequentially).
-Use ``medflower simulate`` for the real engine.
+``medflower simulate``'s ``local`` engine (:mod:`medflower.simulation.local`) runs on it.
 
 Flower has no public in-process grid (``InMemoryGrid`` needs a SuperLink state), so it is written
 here; it sets Flower's ``TaskIdentity`` as Flower's own legacy ``start_grid`` does.

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from medflower.metrics import classification_metrics
-from medflower.models import SmallCNN
 from medflower.simulation.sites import SPLITS, SiteData
+from medflower.smallcnn import SmallCNN
 
 
 def site_sizes(sites: Sequence[SiteData]) -> dict[str, dict[str, int]]:

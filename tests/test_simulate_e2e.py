@@ -1,4 +1,4 @@
-"""End to end through the real Flower simulation runtime: the quick start must learn."""
+"""End to end through `medflower simulate` (default engine; test_engines.py covers both): the quick start learns."""
 
 from __future__ import annotations
 

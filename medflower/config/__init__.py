@@ -64,7 +64,7 @@ class ExperimentConfig:
     participation: ParticipationConfig = field(default_factory=ParticipationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)  # SIMULATION-ONLY poisoning (research)
     shift: ShiftConfig = field(default_factory=ShiftConfig)  # per-site scanner shift (simulation)
-    simulation: SimulationConfig = field(default_factory=SimulationConfig)  # resources of `medflower simulate`
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)  # how `medflower simulate` runs sites
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)  # SecAgg+
     tracking: TrackingConfig = field(default_factory=TrackingConfig)  # TensorBoard / MLflow (optional extra)
     # where relative data paths are resolved from (the YAML's folder); not a YAML key
