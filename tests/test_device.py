@@ -252,7 +252,7 @@ def test_simulate_hands_the_resources_to_flower(monkeypatch: pytest.MonkeyPatch,
     fake_gpus(monkeypatch, 1)
     exp = replace(exp_with(), simulation=replace(exp_with().simulation, cpus_per_site=1, gpus_per_site=0.25))
     with pytest.raises(RuntimeError, match="without writing"):  # the fake engine writes no summary
-        runner.simulate(exp, tmp_path)
+        runner.simulate(exp, tmp_path, engine="ray")  # the resources are the Ray engine's
     assert seen["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.25}
     assert seen["init_args"]["num_gpus"] == 1  # Ray is told the GPUs torch sees
 
