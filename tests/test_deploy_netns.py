@@ -469,8 +469,9 @@ def test_secagg_plus_runs_and_recovers_a_hospital_cut_after_sharing_its_keys(lab
     it only once every site's share_keys reply is in, so cutting the link when the hospital's SuperNode
     logs receiving it is a cut after key sharing and before the masked update: the closest
     deterministic variant of "mid-protocol" (the reply needs a ClientApp process that imports torch
-    and trains, seconds, while the cut follows the log line within a 0.2 s poll). The coordinator
-    waits ``round_timeout``, then recovers site-2's masks from the two others' shares (2 >= the
+    and trains, seconds, while the cut follows the log line within a 0.2 s poll). Once site-2's
+    heartbeat lapses Flower answers for it (*Node Unavailable*; ``round_timeout`` bounds the wait), and
+    the coordinator recovers site-2's masks from the two others' shares (2 >= the
     threshold; ``min_sites: 2`` lets the smaller round count). Round 2 is the last, so no later round
     depends on when site-2 reconnects; the link is restored before the next tests.
     """
