@@ -18,7 +18,9 @@ Everything is started by the commands and scripts of deploy/README.md (through
   back in a later round); the ServerApp is killed and a resubmitted run resumes from the checkpoint
   with no round repeated or lost; the SuperLink process itself is killed mid-run and
   restarted (the hospitals reconnect, the resubmitted run resumes), and a hospital unregistered
-  meanwhile is refused from the next round on.
+  meanwhile is refused from the next round on;
+* secure aggregation: a SecAgg+ run over the three hospitals, one of them cut after sharing its keys
+  (its masks are recovered from the two others' shares, the round aggregated without it).
 
 Costly (every Flower message starts a ClientApp process that imports torch and MONAI), so the
 federation is shared by the module and the experiment is tiny; every wait is bounded. Skips, with
@@ -77,7 +79,9 @@ def _file_site(root: Path) -> Path:
     return site
 
 
-def _experiment(root: Path, name: str, rounds: int, *, startup_timeout: int = 120) -> Path:
+def _experiment(
+    root: Path, name: str, rounds: int, *, startup_timeout: int = 120, round_timeout: int = 240, extra: str = ""
+) -> Path:
     """hospital-1's synthetic PNG export, tiny; no site evaluates (each message is a process).
 
     The coordinator's test data are in the hospitals' format (deploy/README.md, "The coordinator's
@@ -93,7 +97,7 @@ def _experiment(root: Path, name: str, rounds: int, *, startup_timeout: int = 12
         "model: {name: cnn}\n"
         f"train: {{rounds: {rounds}, batch_size: 32}}\n"
         "strategy: {fraction_evaluate: 0.0}\n"
-        f"participation: {{min_sites: 2, round_timeout: 240, startup_timeout: {startup_timeout}}}\n"
+        f"participation: {{min_sites: 2, round_timeout: {round_timeout}, startup_timeout: {startup_timeout}}}\n" + extra
     )
     return path
 
@@ -390,9 +394,12 @@ def test_a_hospital_trusting_only_signed_apps_runs_nothing_the_coordinator_sends
         lab.unregister(site)
 
 
-def _received_train(site_log: Path, run_id: int) -> int:
+def _received_train(site_log: Path, run_id: int, server_round: int | None = None) -> int:
+    """Train messages the hospital's node received in the run (in ``server_round``: messages that name
+    their round, as SecAgg+'s stages do, are logged ``[RUN id, ROUND n]``)."""
     text = site_log.read_text(errors="replace")
-    return len(re.findall(rf"\[RUN {run_id}\][^\n]*\n[^\n]*Receiving: train message", text))
+    head = rf"\[RUN {run_id}\]" if server_round is None else rf"\[RUN {run_id}, ROUND {server_round}\]"
+    return len(re.findall(rf"{head}[^\n]*\n[^\n]*Receiving: train message", text))
 
 
 def test_a_cut_site_is_skipped_then_back_and_a_killed_serverapp_resumes(lab: Lab) -> None:
@@ -447,6 +454,73 @@ def test_a_cut_site_is_skipped_then_back_and_a_killed_serverapp_resumes(lab: Lab
     assert [f["site"] for f in cut["failures"]] == ["site-2"], cut["failures"]
     assert sorted(summary["rounds"][2]["sites_train"]) == NAMES, summary["rounds"][2]  # the link is back: so is it
     wait_for(lambda: lab.run_status(second) == "finished:completed", timeout=60, what="run status", lab=lab)
+
+
+SECAGG = "secure_aggregation: {mode: secagg+, num_shares: 3, reconstruction_threshold: 2}\n"
+SECAGG_STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
+
+
+def test_secagg_plus_runs_and_recovers_a_hospital_cut_after_sharing_its_keys(lab: Lab) -> None:
+    """Two SecAgg+ rounds over the three hospitals; site-2's link is cut in round 2 after key sharing.
+
+    Nothing is deployed for SecAgg+: the experiment turns it on. Each SecAgg+ stage reaches a hospital
+    as one train message logged with its round (setup, share_keys, collect_masked_vectors, unmask), so
+    site-2's 3rd train message of round 2 is its collect_masked_vectors instruction. The coordinator sends
+    it only once every site's share_keys reply is in, so cutting the link when the hospital's SuperNode
+    logs receiving it is a cut after key sharing and before the masked update: the closest
+    deterministic variant of "mid-protocol" (the reply needs a ClientApp process that imports torch
+    and trains, seconds, while the cut follows the log line within a 0.2 s poll). Once site-2's
+    heartbeat lapses Flower answers for it (*Node Unavailable*; ``round_timeout`` bounds the wait), and
+    the coordinator recovers site-2's masks from the two others' shares (2 >= the
+    threshold; ``min_sites: 2`` lets the smaller round count). Round 2 is the last, so no later round
+    depends on when site-2 reconnects; the link is restored before the next tests.
+    """
+    ids = {lab.node_id(n): n for n in NAMES}
+    wait_for(
+        lambda: all(lab.node_status(n) == "online" for n in ids),
+        timeout=180,
+        interval=2.0,
+        what="the three hospitals online",
+        lab=lab,
+    )
+    out = lab.root / "run-secagg"
+    exp = _experiment(lab.root, "deploy-secagg", rounds=2, round_timeout=150, extra=SECAGG)
+    run_id = lab.flwr_run({"experiment": str(exp), "output-dir": str(out)})
+    cut_site = lab.sites[2]
+    assert cut_site.proc is not None
+    try:
+        wait_for(
+            lambda: _received_train(cut_site.proc.log, run_id, server_round=2) >= 3,
+            timeout=RUN_TIMEOUT,
+            interval=0.2,
+            what="site-2 to receive round 2's collect_masked_vectors instruction",
+            lab=lab,
+        )
+        lab.cut_link(cut_site)
+        summary = _summary(out, lab, run_id)
+    finally:
+        lab.restore_link(cut_site)
+    full, cut = summary["rounds"]
+    assert sorted(full["sites_train"]) == NAMES and full["failures"] == [] and full["aggregated"], full
+    sa = full["secure_aggregation"]
+    assert sa["mode"] == "secagg+" and "not_aggregated" not in sa, sa
+    assert (sa["num_shares"], sa["reconstruction_threshold"]) == (3, 2), sa
+    assert [sa[stage] for stage in SECAGG_STAGES] == [3, 3, 3, 3] and sa["recovered_dropouts"] == [], sa
+    # the cut round: site-2 shared its keys, sent no masked update, and was recovered by the two others
+    sa = cut["secure_aggregation"]
+    assert sa["mode"] == "secagg+" and "not_aggregated" not in sa, sa
+    assert [sa[stage] for stage in SECAGG_STAGES] == [3, 3, 2, 2], sa
+    assert sa["recovered_dropouts"] == ["site-2"], sa
+    assert sorted(cut["sites_train"]) == ["hospital-1", "site-1"] and cut["aggregated"], cut
+    assert [(f["site"], f["stage"]) for f in cut["failures"]] == [("site-2", "collect_masked_vectors")], cut
+    # what the administrator sees in the run's log
+    log = lab.run_log(run_id)
+    assert "secure aggregation unmasked the sum of 3 site(s)" in log, log[-3000:]
+    assert "secure aggregation unmasked the sum of 2 site(s)" in log, log[-3000:]
+    assert summary["final_global_test"]["accuracy"] is not None
+    wait_for(lambda: lab.run_status(run_id) == "finished:completed", timeout=60, what="run status", lab=lab)
+    cut_id = lab.node_id(cut_site.name)
+    wait_for(lambda: lab.node_status(cut_id) == "online", timeout=180, interval=2.0, what="site-2 back", lab=lab)
 
 
 def test_superlink_restart_resumes_and_an_unregistered_hospital_is_refused(lab: Lab) -> None:
