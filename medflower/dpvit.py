@@ -26,9 +26,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
+
+from medflower._preload import require_monai
+
+require_monai()  # MONAI once, under the lock (medflower._preload), before its blocks are imported
+from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock  # noqa: E402
 
 __all__ = ["AddPositionEmbedding", "ClassToken", "DPViT", "convert_monai_vit_state_dict"]
 

@@ -26,6 +26,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
+from medflower._preload import require_monai
 from medflower.config import ExperimentConfig
 from medflower.data import load_dataset
 from medflower.data.base import ArraySplit
@@ -105,6 +106,7 @@ def saliency(model: nn.Module, images: np.ndarray, *, method: str) -> Saliency:
     predicted = probs.argmax(dim=1)
     maps = []
     if method == GRADCAM:
+        require_monai()
         from monai.visualize import GradCAM
 
         # MONAI's default postprocessing maps (min, max) to (1, 0), an inverted map; ours scales below
@@ -112,6 +114,7 @@ def saliency(model: nn.Module, images: np.ndarray, *, method: str) -> Saliency:
         for i in range(len(x)):
             maps.append(cam(x[i : i + 1], class_idx=int(predicted[i]))[0, 0].detach().numpy())
     else:
+        require_monai()
         from monai.visualize import OcclusionSensitivity
 
         spatial = x.shape[2:]

@@ -1,8 +1,13 @@
 """Task metrics shared by the server's global evaluation and the sites' local evaluation.
 
-AUC comes from MONAI (``compute_roc_auc``, one-vs-rest macro average for more than two classes);
-Dice from MONAI's ``DiceMetric``, HD95 from its ``HausdorffDistanceMetric``. Accuracy and balanced
-accuracy are one line each, so they are written here rather than pulling in scikit-learn.
+Dice comes from MONAI's ``DiceMetric``, HD95 from its ``HausdorffDistanceMetric``. Accuracy and
+balanced accuracy are one line each, so they are written here rather than pulling in scikit-learn.
+
+AUC is computed here, in torch (:func:`roc_auc`: the Mann-Whitney statistic, ties counting one half,
+one-vs-rest macro average for more than two classes), although MONAI ships ``compute_roc_auc``: a
+classification run needs nothing else from MONAI, whose import costs about 4 s of CPU in every
+process (medflower._preload), most of the ``local`` engine's overhead against a plain PyTorch loop
+on small data sets. It gives MONAI's numbers (tests/test_metrics_auc.py compares them).
 """
 
 from __future__ import annotations
@@ -12,12 +17,27 @@ import warnings
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric, HausdorffDistanceMetric, compute_roc_auc
+
+from medflower._preload import require_monai
 
 
-def _auc(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """MONAI's ROC AUC of one score column as a float (MONAI types its result as any array-like)."""
-    return float(np.asarray(compute_roc_auc(probs, labels), dtype=np.float64))
+def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive).
+
+    The probability that a random positive scores above a random negative, ties counting one half
+    (Mann-Whitney U / (n_pos * n_neg)), from average ranks: the same number as the trapezoidal area
+    under the ROC curve, which is what MONAI's ``compute_roc_auc`` returns. NaN with one class only.
+    """
+    s = scores.detach().flatten().double().cpu()
+    y = labels.detach().flatten().cpu() > 0
+    n_pos = int(y.sum())
+    n_neg = int(y.numel()) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = torch.unique(s, sorted=True, return_inverse=True, return_counts=True)
+    top = torch.cumsum(counts, 0).double()  # 1-based rank of each distinct value's last copy
+    ranks = (top - (counts.double() - 1) / 2)[inverse]  # tied scores share their average rank
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _tensor(value: object, what: str) -> torch.Tensor:
@@ -48,11 +68,11 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
     if len(present) < 2:
         auc = math.nan
     elif c == 2:
-        auc = _auc(probs[:, 1], labels)
+        auc = roc_auc(probs[:, 1], labels)
     else:
         # one-vs-rest macro over classes present in this split (absent classes have no ROC)
         onehot = torch.nn.functional.one_hot(labels, c)
-        aucs = [_auc(probs[:, k], onehot[:, k]) for k in present.tolist()]
+        aucs = [roc_auc(probs[:, k], onehot[:, k]) for k in present.tolist()]
         auc = float(np.mean(aucs))
     return {"accuracy": acc, "balanced-accuracy": bacc, "auc": auc}
 
@@ -67,6 +87,9 @@ def dice_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     pred = logits.argmax(dim=1, keepdim=True)
     pred_oh = torch.nn.functional.one_hot(pred.squeeze(1).long(), c).movedim(-1, 1)
     gt_oh = torch.nn.functional.one_hot(masks.squeeze(1).long(), c).movedim(-1, 1)
+    require_monai()
+    from monai.metrics import DiceMetric
+
     metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
     per_class = _tensor(metric(pred_oh, gt_oh), "DiceMetric")  # (N, C-1)
     return per_class.nanmean(dim=1)
@@ -85,6 +108,9 @@ def hd95_score(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     gt = masks.squeeze(1).long()
     pred_oh = torch.nn.functional.one_hot(pred.long(), c).movedim(-1, 1)
     gt_oh = torch.nn.functional.one_hot(gt, c).movedim(-1, 1)
+    require_monai()
+    from monai.metrics import HausdorffDistanceMetric
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on every empty class; handled below
         metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")

@@ -21,9 +21,9 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from monai.networks import nets
 from torch import nn
 
+from medflower._preload import require_monai
 from medflower.config import ModelConfig
 from medflower.schema import ConfigError
 from medflower.smallcnn import GROUPS, SmallCNN
@@ -195,6 +195,9 @@ def build_model(
             SmallCNN,
             {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels, "norm": cfg.norm},
         )
+    require_monai()  # every other model is MONAI's (or built from its blocks): imported on first use
+    from monai.networks import nets
+
     if name in ("resnet18", "resnet34"):
         layers = [2, 2, 2, 2] if name == "resnet18" else [3, 4, 6, 3]
         small = min(img_size) < 64  # MedMNIST-sized inputs: no stem downsampling (as MedMNIST's baseline)

@@ -12,10 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from torch import nn
 
+from medflower._preload import require_monai
 from medflower.config import ExperimentConfig
 from medflower.data.base import ArraySplit
 from medflower.device import Amp, pin_memory, to_device
@@ -45,6 +44,9 @@ def make_loss(task: str) -> nn.Module:
     if task == "classification":
         return nn.CrossEntropyLoss()
     if task == "segmentation":
+        require_monai()
+        from monai.losses import DiceCELoss
+
         return DiceCELoss(to_onehot_y=True, softmax=True)
     raise ValueError(f"task must be 'classification' or 'segmentation', got {task!r}")
 
@@ -80,6 +82,9 @@ def predict(
     outs = []
     for x in _batches(split, batch_size, amp.device):
         if roi_size is not None and task == "segmentation":
+            require_monai()
+            from monai.inferers import sliding_window_inference
+
             out = logits_of(  # a tensor predictor gives a tensor; logits_of checks it for the type checker too
                 sliding_window_inference(
                     x, roi_size, sw_batch_size=4, overlap=0.25, predictor=lambda t: _autocast_logits(model, t, amp)

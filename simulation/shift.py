@@ -19,26 +19,30 @@ k-space operations act on each image's spatial axes independently.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from monai.transforms import (
-    AdjustContrast,
-    GaussianSmooth,
-    GibbsNoise,
-    KSpaceSpikeNoise,
-    RandBiasField,
-    RandGaussianNoise,
-    RandRicianNoise,
-    Resize,
-)
 
+from medflower._preload import require_monai
 from medflower.config import ExperimentConfig
 from medflower.config.shift import ShiftProfile
 from medflower.data import DatasetSplits
 
+if TYPE_CHECKING:
+    from monai.transforms import RandGaussianNoise, RandRicianNoise
+
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
 _CHUNK = 512  # images per MONAI call (bounds memory for 3D volumes)
+
+
+def _transforms() -> ModuleType:
+    """``monai.transforms``, imported on first use: a run without scanner shift never needs MONAI here."""
+    require_monai()
+    from monai import transforms
+
+    return transforms
 
 
 def _state(*key: int) -> np.random.RandomState:
@@ -73,7 +77,7 @@ class SiteScanner:
         machine = _state(seed, 7919, site_index)
         self.bias = None
         if profile.bias_field > 0:
-            self.bias = RandBiasField(
+            self.bias = _transforms().RandBiasField(
                 degree=profile.bias_degree, coeff_range=(-profile.bias_field, profile.bias_field), prob=1.0
             )
             self.bias.set_random_state(state=machine)
@@ -106,33 +110,34 @@ class SiteScanner:
 
     def _apply_stack(self, stack: np.ndarray, *, channels: int, noise_state: np.random.RandomState) -> np.ndarray:
         p = self.profile
+        mt = _transforms()
         x = torch.from_numpy((stack.astype(np.float32) - self.lo) / (self.hi - self.lo))  # (K, *spatial) in [0, 1]
         if self.bias is not None:
             x = torch.as_tensor(self.bias(x, randomize=False))
         if p.downsample > 1.0:
             low = tuple(max(2, round(s / p.downsample)) for s in self.spatial_shape)
-            x = torch.as_tensor(Resize(low, mode="area")(x))
-            x = torch.as_tensor(Resize(self.spatial_shape, mode="bilinear" if len(low) == 2 else "trilinear")(x))
+            x = torch.as_tensor(mt.Resize(low, mode="area")(x))
+            x = torch.as_tensor(mt.Resize(self.spatial_shape, mode="bilinear" if len(low) == 2 else "trilinear")(x))
         if p.gibbs_alpha > 0:
-            x = torch.as_tensor(GibbsNoise(alpha=p.gibbs_alpha)(x))
+            x = torch.as_tensor(mt.GibbsNoise(alpha=p.gibbs_alpha)(x))
         if p.kspace_spike > 0:
             # MONAI sets the spike's log-magnitude; an unnormalised FFT spreads it over every pixel
             k_intensity = float(np.log(p.kspace_spike * np.prod(self.spatial_shape)))
-            x = torch.as_tensor(KSpaceSpikeNoise(loc=self.spike_loc, k_intensity=k_intensity)(x))
+            x = torch.as_tensor(mt.KSpaceSpikeNoise(loc=self.spike_loc, k_intensity=k_intensity)(x))
         if p.blur_sigma > 0:
-            x = GaussianSmooth(sigma=p.blur_sigma)(x)
+            x = mt.GaussianSmooth(sigma=p.blur_sigma)(x)
         x = torch.as_tensor(x, dtype=torch.float32)
         if p.gamma != 1.0:
             # per image (all its channels together): MONAI's gamma works on the image's own range
             x = x.clamp_min(0.0)
-            contrast = AdjustContrast(gamma=p.gamma)
+            contrast = mt.AdjustContrast(gamma=p.gamma)
             x = torch.cat([torch.as_tensor(contrast(x[i : i + channels])) for i in range(0, len(x), channels)])
         if p.noise_std > 0:
             noise: RandRicianNoise | RandGaussianNoise
             if p.noise == "rician":
-                noise = RandRicianNoise(prob=1.0, std=p.noise_std, sample_std=False)
+                noise = mt.RandRicianNoise(prob=1.0, std=p.noise_std, sample_std=False)
             else:
-                noise = RandGaussianNoise(prob=1.0, std=p.noise_std, sample_std=False)
+                noise = mt.RandGaussianNoise(prob=1.0, std=p.noise_std, sample_std=False)
             noise.set_random_state(state=noise_state)
             x = torch.as_tensor(noise(x))
         x = x * p.intensity_scale + p.intensity_shift

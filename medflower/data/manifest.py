@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medflower._preload import require_monai
 from medflower.config import ExperimentConfig
 from medflower.config.data import DataConfig
 from medflower.data.base import ArraySplit, DataError, DatasetSplits, ModelInputError, split_indices
@@ -163,6 +164,7 @@ def read_decathlon(path: Path, cfg: DataConfig, task: str) -> RowList:
     The list is read with MONAI's ``load_decathlon_datalist``; ``test`` entries carry no labels and
     are skipped. ``labels`` (e.g. ``{"0": "background", "1": "tumour"}``) gives the class count.
     """
+    require_monai()
     from monai.data import load_decathlon_datalist  # MONAI: lazy, see readers.py (node check)
 
     if not path.is_file():

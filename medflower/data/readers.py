@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from pydicom.misc import is_dicom
 
+from medflower._preload import require_monai
 from medflower.config.data import DataConfig
 from medflower.data.base import DataError
 
@@ -121,6 +122,7 @@ def _dicom_layout(path: Path) -> tuple[int, int]:
 
 def _reader(fmt: str, samples: int = 1) -> Any:
     """The MONAI reader of ``fmt``, set to the rows x columns convention (see the module doc)."""
+    require_monai()
     from monai.data import NibabelReader, NumpyReader, PILReader, PydicomReader  # MONAI: lazy (see top)
 
     if fmt == "nifti":
@@ -151,6 +153,7 @@ def read_image(path: str | Path, *, orientation: str | None = None) -> Any:
     Raises :class:`DataError` naming the file when it is missing, empty, truncated or not readable
     by the reader its type selects.
     """
+    require_monai()
     from monai.transforms import LoadImage, Orientation  # MONAI: lazy (see top)
 
     path = Path(path)
@@ -243,6 +246,7 @@ def _adapt_channels(img: Any, channels: int | None, path: Path) -> Any:
         w = torch.tensor([0.299, 0.587, 0.114], dtype=img.dtype).reshape(3, *([1] * (img.ndim - 1)))
         return (img[:3] * w).sum(0, keepdim=True)
     if c == 1:
+        require_monai()
         from monai.transforms import RepeatChannel  # MONAI: lazy (see top)
 
         return RepeatChannel(repeats=channels)(img)
@@ -283,6 +287,7 @@ def prepare(image_path: Path, mask_path: Path | None, cfg: DataConfig, *, num_cl
 
     Mask values must be class indices below ``num_classes`` (default :func:`segmentation_classes`).
     """
+    require_monai()
     from monai import transforms as mt  # MONAI: lazy (see top)
 
     # image and mask come in the axis convention (module doc), so the grid check below compares a
@@ -356,6 +361,7 @@ def cut_slabs(array: np.ndarray, slabs: int, path: Path) -> list[np.ndarray]:
 
 def grid_patches(images: np.ndarray, masks: np.ndarray, patch_size: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """MONAI ``GridPatch``: non-overlapping patches covering each image (zero-padded at the border)."""
+    require_monai()
     from monai.transforms import GridPatch  # MONAI: lazy (see top)
 
     grid = GridPatch(patch_size=patch_size, pad_mode="constant")
@@ -375,6 +381,7 @@ def balanced_patches(
     Small lesions fill few grid patches; balanced crops keep them in about half of the training
     patches. Seeded, so every process that loads the data set draws the same patches.
     """
+    require_monai()
     from monai.transforms import RandCropByPosNegLabel  # MONAI: lazy (see top)
 
     crop = RandCropByPosNegLabel(spatial_size=patch_size, pos=1.0, neg=1.0, num_samples=per_image, allow_smaller=True)
