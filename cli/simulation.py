@@ -74,6 +74,9 @@ def _sweep(args: argparse.Namespace) -> int:
     recs = run_sweep(sweep, out, jobs=args.jobs)
     print((out / "table.md").read_text())
     print(f"{len(recs)} run(s): {out / 'runs.jsonl'}, {out / 'table.md'}, {out / 'table.csv'}")
+    from medflower.report import write_report
+
+    print(f"report: {write_report(out)}")
     return 0
 
 

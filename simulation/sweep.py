@@ -240,9 +240,13 @@ def run_sweep(
         write_tables(sweep, out)  # after each run: a killed sweep still leaves current tables
 
     if jobs <= 1:
+        from medflower.simulation.progress import RunProgress  # here: the planner needs no Flower
+
         _quiet_worker()  # this process is the worker: progress lines, not every round's
         for i, run in enumerate(todo, 1):
-            finished(run, run_one(run.exp.to_json(), str(out / run.name)), i)
+            with RunProgress(label=f"[{i}/{len(todo)}] {run.name}", num_rounds=run.exp.train.rounds):
+                wall = run_one(run.exp.to_json(), str(out / run.name))
+            finished(run, wall, i)
     elif todo:
         import multiprocessing
 

@@ -120,3 +120,14 @@ def test_cases_vary_together_and_name_the_runs(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"base": BASE, "grid": {"seed": [0]}, "cases": [{"seed": 1}]}))
     with pytest.raises(ConfigError, match=r"cases\[0\] sets seed, which grid varies too"):
         load_sweep(path)
+
+
+def test_sweep_command_writes_a_report_with_its_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, {"seed": [0, 1]})
+    out = tmp_path / "out"
+    assert main(["sweep", str(path), "-o", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    header, row = (out / "table.csv").read_text().splitlines()[:2]
+    mean_auc = float(row.split(",")[header.split(",").index("final auc mean")])
+    assert "Sweep" in page and "final auc mean" in page and f"{mean_auc:.3f}" in page  # the table, with its numbers
+    assert "report:" in capsys.readouterr().out
