@@ -101,7 +101,7 @@ def timing(model: str, repeats: int) -> None:
             torch.manual_seed(rep)
             model_ = build_experiment_model(exp)
             loader = make_loader(site.train, exp.train.batch_size, rep)
-            opt = make_optimizer(model_, exp.train)
+            opt = make_optimizer(model_, exp.privacy.local_train(exp.train))  # identity without DP
             ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
             dp = RoundPrivacy.start(exp, ctx, site=site.name, num_train=len(site.train), server_round=1)
             train_model, opt, loader = dp.wrap(model_, opt, loader)

@@ -98,7 +98,7 @@ def build_client_app(
         seed = derive_seed(exp.seed, "train", site.name, server_round)
         seed_everything(seed)
         loader = make_loader(site.train, exp.train.batch_size, seed, pin_memory=pin_memory(amp.device))
-        optimizer = make_optimizer(model, exp.train)
+        optimizer = make_optimizer(model, exp.privacy.local_train(exp.train))  # DP-SGD: its own recipe
         place = locate_ledger(context, exp, site.name) if exp.privacy.mode == "sample" else None
         dp = RoundPrivacy.start(
             exp, context, site=site.name, num_train=len(site.train), server_round=server_round, place=place

@@ -97,3 +97,40 @@ def test_sample_dp_rejects_strategies_that_edit_local_training() -> None:
             ExperimentConfig.from_dict(
                 {"partition": {"num_sites": 2}, "strategy": {"name": name}, "privacy": {"mode": "sample"}}
             )
+
+
+def _doc_defaults() -> dict[str, str]:
+    """``key -> default`` from the key table of docs/privacy.md (one key per row)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "privacy.md").read_text(encoding="utf-8")
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`privacy.") and "," not in cells[0]:
+            rows[cells[0].strip("`")] = cells[1].strip("`")
+    return rows
+
+
+def test_dp_sgd_recipe_defaults_are_what_the_docs_say() -> None:
+    """The DP-SGD training defaults chosen by the validation search (docs/privacy.md) are the code's."""
+    from medflower.config.privacy import PrivacyConfig
+
+    docs = _doc_defaults()
+    cfg = PrivacyConfig()
+    for key in ("optimizer", "lr", "momentum", "accountant", "max_grad_norm"):
+        documented = docs[f"privacy.{key}"]
+        actual = getattr(cfg, key)
+        assert (documented == actual) if isinstance(actual, str) else float(documented) == actual, key
+
+
+def test_dp_sgd_trains_with_its_own_recipe_only_under_mode_sample() -> None:
+    """Mode 'sample' swaps train.optimizer/lr for momentum SGD at privacy.lr; 'train' and other modes keep train.*."""
+    exp = _exp({"mode": "sample"}, optimizer="adam", lr=0.003)
+    local = exp.privacy.local_train(exp.train)
+    assert (local.optimizer, local.lr, local.momentum) == ("sgd", exp.privacy.lr, 0.9)
+    assert (local.batch_size, local.local_epochs, local.rounds) == (16, 1, 3)  # the plan's inputs are untouched
+    kept = _exp({"mode": "sample", "optimizer": "train"}, optimizer="adam", lr=0.003)
+    assert kept.privacy.local_train(kept.train) == kept.train
+    plain = _exp({}, optimizer="adam", lr=0.003)
+    assert plain.privacy.local_train(plain.train) == plain.train
+    with pytest.raises(ConfigError, match="privacy.optimizer"):
+        _exp({"mode": "sample", "optimizer": "adam"})
