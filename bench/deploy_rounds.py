@@ -30,31 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medflower.deploy.labnet import kill_ns_processes, netns_unavailable_reason
-from medflower.deploy.readme_check import walkthrough_blocks
+from medflower.deploy.readme_check import synthetic_export, walkthrough_blocks
 from medflower.runenv import FLOWER_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "/tmp/medflower-demo"
-
-
-def synthetic_export(folder: Path, *, n: int, seed: int) -> None:
-    """A synthetic 'folders' export: ``n`` 28x28 PNGs per class; class 1 holds a bright blob."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    for label in (0, 1):
-        d = folder / str(label)
-        d.mkdir(parents=True)
-        for i in range(n):
-            img = rng.normal(0.3, 0.1, (28, 28))
-            if label:
-                cy, cx = rng.integers(8, 20, 2)
-                img += 0.5 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
-            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "L").save(d / f"img{i:03d}.png")
 
 
 def script(base: Path, *, rounds: int, evaluate: bool) -> str:

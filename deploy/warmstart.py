@@ -133,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="import the ClientApp's dependencies once; fork a flwr-clientapp per message")
     s.add_argument("--socket", type=Path, required=True)
+    s.add_argument("--preload", default=",".join(PRELOAD), help="modules to import first (comma-separated)")
     sub.add_parser("connect", help="what deploy/bin/flwr-clientapp runs, with Flower's arguments")
-    serve(ap.parse_args(args).socket)
+    ns = ap.parse_args(args)
+    serve(ns.socket, [m for m in ns.preload.split(",") if m])
     return 0
 
 
