@@ -38,13 +38,30 @@ REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "/tmp/medflower-demo"
 
 
+# a line filter prefixing each line with the time it arrived (the hospitals' logs carry no times)
+STAMP = (
+    "import sys, time\n"
+    "for line in sys.stdin:\n"
+    "    sys.stdout.write(f'{time.time():.3f} {line}')\n"
+    "    sys.stdout.flush()"
+)
+EVENTS = {"Received successfully": "pulled", "Start `flwr-clientapp` process": "started", "Sending: ": "sent"}
+
+
 def script(base: Path, *, rounds: int, evaluate: bool) -> str:
-    """The page's blocks as one bash session, in ``base``, with the study's rounds and evaluation set."""
+    """The page's blocks as one bash session, in ``base``, with the study's rounds and evaluation set,
+    and each hospital's output time-stamped line by line."""
     body = "\n".join(b.replace(PLACEHOLDER, str(base)) for b in walkthrough_blocks())
-    for old, new in (
+    (base / "stamp.py").write_text(STAMP + "\n")
+    edits = [
         ("rounds: 2,", f"rounds: {rounds},"),
         ("fraction_evaluate: 0.0", f"fraction_evaluate: {1.0 if evaluate else 0.0}"),
-    ):
+    ]
+    edits += [
+        (f"> {base}/{h}.log 2>&1 &", f"2>&1 | python3 -u {base}/stamp.py > {base}/{h}.log &")
+        for h in ("hospital-a", "hospital-b")
+    ]
+    for old, new in edits:
         if old not in body:
             raise SystemExit(f"deploy/README.md's walkthrough no longer has {old!r} in its study")
         body = body.replace(old, new)
@@ -63,6 +80,29 @@ def per_round(summary: dict[str, Any]) -> list[dict[str, float]]:
         ]
         slowest = max(compute) if compute else float("nan")
         rows.append({"round": r["round"], "wall": r["seconds"], "compute": slowest, "overhead": r["seconds"] - slowest})
+    return rows
+
+
+def timeline(log: Path) -> list[tuple[str, float, float, float]]:
+    """Per message a hospital served: (kind, waiting for the node's pull after its previous reply,
+    pulled -> ClientApp started, started -> reply sent), from the time-stamped log."""
+    events: list[tuple[float, str, str]] = []
+    for line in log.read_text(errors="replace").splitlines():
+        stamp, _, text = line.partition(" ")
+        for needle, name in EVENTS.items():
+            if needle in text:
+                kind = text.split("Sending: ", 1)[1].split()[0] if name == "sent" else ""
+                events.append((float(stamp), name, kind))
+    rows, last_sent, pulled, started = [], None, None, None
+    for t, name, kind in events:
+        if name == "pulled":
+            pulled, started = t, None
+        elif name == "started" and pulled is not None:
+            started = t
+        elif name == "sent" and pulled is not None and started is not None:
+            wait = pulled - last_sent if last_sent is not None else float("nan")
+            rows.append((kind, wait, started - pulled, t - started))
+            last_sent, pulled = t, None
     return rows
 
 
@@ -119,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         f"mean over rounds {later[0]['round']}-{later[-1]['round']}: wall {mean['wall']:.2f}s, "
         f"compute {mean['compute']:.2f}s, overhead {mean['overhead']:.2f}s"
     )
+    print("hospital-a, per message: since its previous reply until pulled (the coordinator's work and")
+    print("the node's poll) | pulled -> ClientApp process started | started -> reply sent (compute included)")
+    for kind, wait, start, serve in timeline(base / "hospital-a.log"):
+        print(f"  {kind:9s} {wait:7.2f}s {start:7.2f}s {serve:7.2f}s")
     return 0
 
 
