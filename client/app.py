@@ -25,12 +25,14 @@ This module imports no simulation code: a hospital node never loads it.
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import Mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from torch import nn
 
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
@@ -75,6 +77,25 @@ def _global_model(
     return model, global_arrays, SiteStrategy.for_message(msg, context, exp, model, amp)
 
 
+def timing_mod() -> Mod | None:
+    """A mod adding ``compute-seconds`` (the message's handling in this ClientApp process) to every
+    reply's metrics, when the node runs with ``MEDFLOWER_SITE_TIMING=1``: bench/deploy_rounds.py's
+    measure of a site's compute, against which it counts a deployed round's overhead. Off by
+    default: a wall-clock time among the metrics would make two runs' summaries differ."""
+    if os.environ.get(keys.SITE_TIMING_ENV) != "1":
+        return None
+
+    def mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        t0 = time.perf_counter()
+        reply = call_next(msg, context)
+        if reply.has_content():
+            for rec in reply.content.metric_records.values():
+                rec[keys.COMPUTE_SECONDS] = time.perf_counter() - t0
+        return reply
+
+    return mod
+
+
 def build_client_app(
     *,
     load_site: SiteLoader,
@@ -83,7 +104,8 @@ def build_client_app(
     locate_ledger: LedgerLocator = node_ledger_place,
 ) -> ClientApp:
     """A ClientApp whose sites' data come from ``load_site(context, exp)`` (see the module doc)."""
-    app = ClientApp(mods=[guard] if guard is not None else [])
+    # the timing mod inside the guard: the handler's own time, not the guard's bookkeeping
+    app = ClientApp(mods=[m for m in (guard, timing_mod()) if m is not None])
 
     # SecAgg+ outermost: it masks what the client-DP mod (Flower's client-side clipping) lets out
     @app.train(mods=[secagg_mod, client_dp_mod])

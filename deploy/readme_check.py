@@ -86,3 +86,22 @@ def unexercised(commands: list[str], recorded: list[list[str]]) -> list[str]:
         if not any(p == prog and s == subs and flags <= f for p, s, f in sigs):
             missing.append(line)
     return missing
+
+
+def synthetic_export(folder: Path, *, n: int, seed: int) -> None:
+    """A synthetic 'folders' export for the walkthrough (tests/test_deploy_walkthrough.py,
+    bench/deploy_rounds.py): ``n`` 28x28 PNGs per class; class 1 holds a bright blob, class 0 only noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    for label in (0, 1):
+        d = folder / str(label)
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = rng.normal(0.3, 0.1, (28, 28))
+            if label:
+                cy, cx = rng.integers(8, 20, 2)
+                img += 0.5 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "L").save(d / f"img{i:03d}.png")

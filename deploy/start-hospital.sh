@@ -38,6 +38,7 @@
 # stopped and the script exits with its status; when the SuperNode exits because the coordinator
 # refused its key (not registered, or unregistered), the script says so and what to do.
 set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
 
 COORD="" COORD_NAME="" CA="" KEY="" CCERT="" CKEY="" SITE="" NODECFG="" STATE="" TRUST="" CHECK=1 PPORT="" NPORT=""
 while [ $# -gt 0 ]; do
@@ -103,6 +104,8 @@ fi
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# how often the SuperExec asks for a message to run (Flower default 1 s; 0.01-60): a round waits for it
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 export FLWR_HOME="$STATE/flwr-home"
 mkdir -p "$FLWR_HOME"
 
@@ -120,10 +123,18 @@ PROXY=$!
 # when the node exits (Flower's own message for a refused key names no cause and no action)
 NODE_LOG="$STATE/supernode.log"
 : > "$NODE_LOG"
-flower-supernode "${SUPERNODE_ARGS[@]}" > >(tee -a "$NODE_LOG") 2>&1 &
+# Warm ClientApp processes: Flower starts a new `flwr-clientapp` for every message, which imported
+# torch/MONAI/Opacus again each time (seconds per message); a process that imported them once forks
+# each one instead (deploy/warmstart.py; deploy/bin/flwr-clientapp asks it, first on the node's PATH,
+# and runs Flower's own when it does not answer). Its socket is in a private folder of this run's.
+WARM_DIR="$(mktemp -d "${TMPDIR:-/tmp}/medflower-warm.XXXXXX")"
+export MEDFLOWER_CLIENTAPP_SOCKET="$WARM_DIR/clientapp.sock"
+python3 "$HERE/warmstart.py" serve --socket "$MEDFLOWER_CLIENTAPP_SOCKET" > >(tee -a "$NODE_LOG") 2>&1 &
+WARM=$!
+PATH="$HERE/bin:$PATH" flower-supernode "${SUPERNODE_ARGS[@]}" > >(tee -a "$NODE_LOG") 2>&1 &
 NODE=$!
 
-stop() { kill -TERM "$NODE" "$PROXY" 2>/dev/null || true; }
+stop() { kill -TERM "$NODE" "$PROXY" "$WARM" 2>/dev/null || true; rm -rf "$WARM_DIR"; }
 trap 'stop; wait; exit 143' TERM INT
 set +e
 wait -n "$NODE" "$PROXY"

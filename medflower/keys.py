@@ -56,3 +56,8 @@ NODE_STATE_DIR = "state-dir"  # node_config: the hospital's state folder (privac
 # secure aggregation (SecAgg+, medflower/secagg.py); the stage ConfigRecord is Flower's "secaggplus_configs"
 SECAGG_MASKED = "secagg-masked"  # ArrayRecord in a train reply: the site's masked, quantized update (only that)
 SECAGG_WEIGHTING = "secagg-weighting"  # stage config (masked stage): "examples" or "uniform"
+
+# bench/deploy_rounds.py: a node started with this environment variable set to "1" adds
+# COMPUTE_SECONDS (its ClientApp's handling of the message) to each reply's metrics (client/app.py)
+SITE_TIMING_ENV = "MEDFLOWER_SITE_TIMING"
+COMPUTE_SECONDS = "compute-seconds"

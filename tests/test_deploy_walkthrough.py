@@ -21,11 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from medflower.deploy.labnet import kill_ns_processes, netns_unavailable_reason
-from medflower.deploy.readme_check import walkthrough_blocks
+from medflower.deploy.readme_check import synthetic_export, walkthrough_blocks
 from medflower.runenv import FLOWER_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -33,23 +32,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER = "/tmp/medflower-demo"
 PORTS = (9093, 9094, 9095)
-
-
-def _synthetic_export(folder: Path, *, n: int, seed: int) -> None:
-    """A synthetic 'folders' export: class 1 images hold a bright blob, class 0 only noise (28x28 PNG)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:28, :28]
-    for label in (0, 1):
-        d = folder / str(label)
-        d.mkdir(parents=True)
-        for i in range(n):
-            img = rng.normal(0.3, 0.1, (28, 28))
-            if label:
-                cy, cx = rng.integers(8, 20, 2)
-                img += 0.5 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
-            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), "L").save(d / f"img{i:03d}.png")
 
 
 def _busy(port: int) -> bool:
@@ -71,7 +53,7 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
         pytest.skip("nginx is not installed (the coordinator's proxy and the hospitals' sidecars)")
     base = tmp_path / "demo"
     for name, n, seed in (("hospital-a", 30, 1), ("hospital-b", 30, 2), ("coordinator-test", 20, 3)):
-        _synthetic_export(base / "data" / name, n=n, seed=seed)
+        synthetic_export(base / "data" / name, n=n, seed=seed)
     script = tmp_path / "walkthrough.sh"
     script.write_text(_script(base))
     env = {k: v for k, v in os.environ.items() if k not in ("FLWR_HOME", "MEDFLOWER_SITE_DIRECTORY")}
