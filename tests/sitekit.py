@@ -1,8 +1,10 @@
 """Test helpers: a hospital's site on disk (PNG files, a manifest, a site YAML) and its node's messages.
 
-The coordinator's experiment uses synthetic 16x16 grey images of 2 classes (so that the coordinator
-can build and test its model), and every hospital site here holds 16x16 grey PNGs of 2 classes
-listed in a manifest, so that the hospital's model is the coordinator's.
+The coordinator's experiment has no data of its own (``data.kind: none``: no global test, the model's
+sizes given in ``model:``), as a coordinator whose test set is not in the hospitals' format must not
+have one (its global test would be refused: medflower.server.globaltest), and every hospital site here
+holds 16x16 grey PNGs of 2 classes listed in a manifest, so that the hospital's model is the
+coordinator's.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ def experiment(**sections: Any) -> ExperimentConfig:
     """A small experiment: 2 sites, 2 rounds, the CNN; ``sections`` override top-level sections."""
     base: dict[str, Any] = {
         "name": "site-control",
-        "data": {"kind": "synthetic", "synthetic_samples": 60, "synthetic_size": SIZE},
+        "data": {"kind": "none"},
         "partition": {"kind": "iid", "num_sites": 2, "min_site_size": 1},
-        "model": {"name": "cnn"},
+        "model": {"name": "cnn", "in_channels": 1, "out_channels": 2, "img_size": [SIZE, SIZE]},
         "train": {"rounds": 2, "local_epochs": 1, "batch_size": 8, "lr": 0.01},
     }
     for key, value in sections.items():

@@ -21,6 +21,7 @@ from medflower import keys
 from medflower.client.app import app as hospital_app
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
+from medflower.threshold import BINS
 
 SECRETS = ("Doe^Jane", "MRN-424242", "St Elsewhere General", "PATIENT_DOE_JANE", "1.2.826.0.1.3680043")
 ALLOWED_METRIC_KEYS = {keys.NUM_EXAMPLES, keys.TRAIN_LOSS, keys.EVAL_LOSS}
@@ -106,10 +107,15 @@ def _check_reply(reply: Message, exp: ExperimentConfig, *, with_arrays: bool) ->
     content = reply.content
     expected = {keys.METRICS, keys.SITE} | ({keys.ARRAYS} if with_arrays else set())
     assert set(content.keys()) == expected
-    # scalars only, under known names
+    # scalars only, under known names; the one exception is the validation split's score histograms
+    # (binary tasks): BINS counts per true class, from which the coordinator picks the threshold
     (metrics,) = content.metric_records.values()
     assert isinstance(metrics, MetricRecord)
     for k, v in metrics.items():
+        if k.startswith(f"val-{keys.SCORE_HIST}"):
+            assert isinstance(v, list) and len(v) == BINS, (k, v)
+            assert all(isinstance(c, int) and c >= 0 for c in v), (k, v)
+            continue
         assert isinstance(v, (int, float)) and not isinstance(v, bool), (k, v)
         assert k in ALLOWED_METRIC_KEYS or k.startswith(("val-", "test-")), k
     # the site's public name and how it prepares images (medflower.data.preparation), nothing else
