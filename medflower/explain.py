@@ -33,6 +33,7 @@ from medflower.data.base import ArraySplit
 from medflower.fileio import atomic_write_text
 from medflower.report.plots import png
 from medflower.report.predictions import display_planes, load_run, read_summary, segmentation_overlays
+from medflower.strategies.registry import model_device
 from medflower.tasks import logits_of
 
 GRADCAM = "Grad-CAM (monai.visualize.GradCAM)"
@@ -100,7 +101,7 @@ class Saliency:
 def saliency(model: nn.Module, images: np.ndarray, *, method: str) -> Saliency:
     """Saliency maps of ``model``'s predicted class for ``images`` (N, C, *spatial)."""
     net = Logits(model).eval()
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(model_device(model))
     with torch.no_grad():
         probs = torch.softmax(net(x), dim=1)
     predicted = probs.argmax(dim=1)
@@ -112,7 +113,7 @@ def saliency(model: nn.Module, images: np.ndarray, *, method: str) -> Saliency:
         # MONAI's default postprocessing maps (min, max) to (1, 0), an inverted map; ours scales below
         cam = GradCAM(nn_module=net, target_layers=last_stage(net, x), postprocessing=lambda t: t)
         for i in range(len(x)):
-            maps.append(cam(x[i : i + 1], class_idx=int(predicted[i]))[0, 0].detach().numpy())
+            maps.append(cam(x[i : i + 1], class_idx=int(predicted[i]))[0, 0].detach().cpu().numpy())
     else:
         require_monai()
         from monai.visualize import OcclusionSensitivity
@@ -127,13 +128,13 @@ def saliency(model: nn.Module, images: np.ndarray, *, method: str) -> Saliency:
             k = int(predicted[i])
             # (1, classes, *spatial); MONAI's docstring also allows (1, C, *spatial, classes)
             p_k = occ_map[0, k] if occ_map.ndim == x.ndim else occ_map[0, 0, ..., k]
-            maps.append(float(probs[i, k]) - p_k.detach().numpy())  # importance: the probability lost
+            maps.append(float(probs[i, k]) - p_k.detach().cpu().numpy())  # importance: the probability lost
     out = []
     for m in maps:
         m = np.nan_to_num(np.asarray(m, dtype=np.float32))
         lo, hi = float(m.min()), float(m.max())
         out.append((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m))
-    return Saliency(np.stack(out), predicted.numpy(), probs.max(dim=1).values.numpy(), method)
+    return Saliency(np.stack(out), predicted.cpu().numpy(), probs.max(dim=1).values.cpu().numpy(), method)
 
 
 def saliency_grid(images: np.ndarray, labels: np.ndarray, sal: Saliency, *, title: str) -> bytes:

@@ -20,6 +20,7 @@ from torch import nn
 from medflower.config import ExperimentConfig
 from medflower.data import load_dataset
 from medflower.data.base import ArraySplit
+from medflower.device import resolve_device
 from medflower.modelspec import build_experiment_model
 from medflower.tasks import inference_roi, predict
 
@@ -48,11 +49,14 @@ class LoadedRun:
 
 
 def load_model(exp: ExperimentConfig, path: Path) -> nn.Module:
-    """The experiment's network with the weights in ``path`` (a torch state dict, as runs write it)."""
+    """The experiment's network with the weights in ``path`` (a torch state dict, as runs write it), on
+    ``train.device`` where this machine has it, else on the CPU with a warning: a report or a saliency
+    map must not fail because it is drawn on a machine without the run's GPU."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    model = build_experiment_model(exp)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    device = resolve_device(exp.train.device, where=f"{path}", fallback=True)
+    model = build_experiment_model(exp).to(device)
+    model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return model.eval()
 
 
