@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
+from medflower.cli import console
 
-from medflower.cli.commands import main
-
-sys.exit(main())
+console()

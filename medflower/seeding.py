@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
 from typing import Any
 
 import torch
@@ -35,7 +36,24 @@ def seed_everything(seed: int) -> None:
     the only global draws are Flower's client-level DP noise, which must stay unpredictable."""
     random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    deterministic_kernels()
+
+
+def deterministic_kernels() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without its 1.1 s import.
+
+    Why not the public call alone: it imports ``torch._inductor.config`` only to set the compiler's
+    flag, which costs about 1.1 s on a 2-core machine, in every process that seeds (the simulator, each
+    Ray worker, each deployed ClientApp process): most of a short run's fixed cost (issue 11).
+    medflower never calls ``torch.compile``, so when the compiler is not loaded the kernel flag is set
+    directly; when it is (a user's own code compiled something) the public call sets both."""
+    if torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled():
+        return
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        setter(True, warn_only=True)
 
 
 def reproducibility(exp: Any) -> dict[str, Any]:

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydicom.misc import is_dicom
 
 from medflower._preload import require_monai
 from medflower.config.data import DataConfig
@@ -79,6 +78,8 @@ def file_format(path: Path) -> str:
         return "image"
     if name.endswith(NUMPY):
         return "numpy"
+    from pydicom.misc import is_dicom  # here: pydicom's import (0.1 s) only when a file has no known suffix
+
     if path.is_file() and is_dicom(path):
         return "dicom"
     raise DataError(
