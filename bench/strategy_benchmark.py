@@ -1,0 +1,232 @@
+"""Issue 12's strategy benchmark: aggregation strategies against pooled and local-only training, with CIs.
+
+    python bench/strategy_benchmark.py run --jobs 2      # the sweeps, then the baselines (resumable)
+    python bench/strategy_benchmark.py report            # the markdown tables for bench/RESULTS.md
+
+``run`` runs ``medflower sweep`` on each of :data:`SWEEPS` (``bench/sweeps/strategies_*.yaml``: the
+strategies x Dirichlet alpha 0.1 / 0.5 / 1.0 x seeds 0-2 on BreastMNIST and RetinaMNIST, and a scanner
+shift partition on BreastMNIST), then, for every partition and seed of those sweeps, the two baselines
+``medflower compare`` defines, on the same sites and with the same epoch budget (rounds x local epochs):
+
+* **pooled**: one model trained on the union of the sites' training splits (centralised data);
+* **local-only**: one model per site on its own training split, each scored on the global test split;
+  the table shows their mean.
+
+Every model is scored on the data set's held-out test split (the federation's ``final_global_test``).
+Binary tasks are also scored at an operating threshold chosen on validation, never on test: the
+federation's is the federated Youden threshold of ``summary.json`` (``final_global_test_at_threshold``);
+a baseline's is Youden's J on its own training sites' validation splits (pooled: all of them; a local
+model: its site's), with the same fixed-bin histograms (:mod:`medflower.threshold`).
+
+Both steps resume: a finished sweep run is never redone (``medflower sweep``), and a baseline whose JSON
+file exists is skipped. ``report`` prints, per data set and partition, mean ± sd and the 95 % CI over the
+seeds, and the mean global AUC at rounds 10, 20 and 30 (whether the curves have flattened).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # a script: the checkout's medflower, installed or not
+
+from medflower.config import ExperimentConfig  # noqa: E402  (after the sys.path line above)
+from medflower.data.base import ArraySplit  # noqa: E402
+from medflower.metrics import classification_metrics  # noqa: E402
+from medflower.simulation.sweep import load_sweep, mean_ci  # noqa: E402
+from medflower.threshold import metrics_at_threshold, score_histograms, youden_threshold  # noqa: E402
+
+SWEEPS = ("strategies_breastmnist", "strategies_retinamnist", "strategies_shift")
+STRATEGY_KEYS = ("strategy.name", "strategy.params", "train.optimizer", "train.lr")
+CURVE_ROUNDS = (10, 20, 30)
+
+
+def sweep_path(stem: str) -> Path:
+    return REPO / "bench" / "sweeps" / f"{stem}.yaml"
+
+
+def partition_key(values: dict[str, Any]) -> str:
+    """A run's partition and seed: its grid values without the strategy's."""
+    return ",".join(f"{k}={values[k]}" for k in sorted(values) if k not in STRATEGY_KEYS)
+
+
+# ------------------------------------------------------------------------------------------ baselines
+def logits_of(model: torch.nn.Module, split: ArraySplit, batch: int) -> torch.Tensor:
+    model.eval()
+    x = torch.from_numpy(split.images)
+    with torch.no_grad():
+        parts = [model(x[i : i + batch]).float() for i in range(0, len(x), batch)]
+    return torch.cat(parts) if parts else torch.zeros(0, 2)
+
+
+def score(model: torch.nn.Module, exp: ExperimentConfig, test: ArraySplit, val: ArraySplit) -> dict[str, Any]:
+    """AUC and balanced accuracy on ``test``; binary: also at the Youden threshold chosen on ``val``."""
+    batch = exp.train.eval_batch_size
+    logits, labels = logits_of(model, test, batch), torch.from_numpy(test.targets.reshape(-1)).long()
+    out: dict[str, Any] = {"final": classification_metrics(logits, labels)}
+    if logits.shape[1] == 2:
+        val_logits = logits_of(model, val, batch)
+        val_h = score_histograms(val_logits, torch.from_numpy(val.targets.reshape(-1)).long())
+        chosen = youden_threshold(val_h["score-hist-0"], val_h["score-hist-1"])
+        if chosen is not None:
+            test_h = score_histograms(logits, labels)
+            out["at-threshold"] = metrics_at_threshold(test_h["score-hist-0"], test_h["score-hist-1"], chosen[0])
+    return out
+
+
+def run_baselines(exp: ExperimentConfig) -> dict[str, Any]:
+    """Pooled and local-only models for ``exp``'s sites, the federation's epoch budget, scored on test."""
+    from medflower.data import load_dataset
+    from medflower.simulation.compare import concat, train_baseline
+    from medflower.simulation.sites import build_sites
+
+    torch.set_num_threads(max(1, exp.train.num_threads))
+    test = load_dataset(exp).test
+    sites = build_sites(exp)
+    epochs = exp.train.rounds * exp.train.local_epochs
+    pooled = train_baseline(exp, concat([s.train for s in sites]), epochs=epochs, seed=exp.seed * 100003 + 7)
+    result: dict[str, Any] = {"pooled": score(pooled, exp, test, concat([s.val for s in sites])), "local": {}}
+    for i, s in enumerate(sites):
+        if len(s.train) == 0:
+            continue
+        model = train_baseline(exp, s.train, epochs=epochs, seed=exp.seed * 100003 + 11 + i)
+        result["local"][s.name] = score(model, exp, test, s.val)
+    return result
+
+
+def baselines(stem: str, out: Path) -> None:
+    sweep = load_sweep(sweep_path(stem))
+    folder = out / "baselines" / stem
+    folder.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    for run in sweep.runs:
+        key = partition_key(run.values)
+        path = folder / f"{key.replace('=', '-').replace(',', '_')}.json"
+        if key in done or path.is_file():
+            done.add(key)
+            continue
+        done.add(key)
+        print(f"{stem}: baselines for {key}", flush=True)
+        record = {"key": key, "values": {k: run.values[k] for k in run.values if k not in STRATEGY_KEYS}}
+        record |= run_baselines(run.exp)
+        path.write_text(json.dumps(record, indent=1))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    for stem in args.sweeps:
+        cmd = [sys.executable, "-m", "medflower.cli", "sweep", str(sweep_path(stem)), "-o", str(out / stem)]
+        subprocess.run([*cmd, "--jobs", str(args.jobs)], check=True, cwd=REPO)
+    for stem in args.sweeps:
+        baselines(stem, out)
+
+
+# ------------------------------------------------------------------------------------------ report
+def _cell(values: list[float]) -> str:
+    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return "–"
+    ci = mean_ci(vals)
+    if ci["ci_low"] is None:
+        return f"{ci['mean']:.3f} (n=1)"
+    return f"{ci['mean']:.3f} ± {ci['sd']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+
+
+def _get(rec: dict[str, Any], part: str, metric: str) -> float:
+    v = (rec.get(part) or {}).get(metric)
+    return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def curve(run_dir: Path, rounds: tuple[int, ...]) -> list[float]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    by_round = {r["round"]: (r.get("global_test") or {}).get("auc") for r in summary.get("rounds", [])}
+    return [float(by_round[r]) if isinstance(by_round.get(r), (int, float)) else math.nan for r in rounds]
+
+
+def report_sweep(stem: str, out: Path) -> str:
+    runs = [json.loads(line) for line in (out / stem / "runs.jsonl").read_text().splitlines() if line.strip()]
+    binary = any(r.get("at-threshold") for r in runs)
+    parts: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in runs:
+        keys = r["keys"]
+        part = ", ".join(f"{k} {keys[k]}" for k in keys if k not in STRATEGY_KEYS and k != "seed") or "—"
+        parts.setdefault(part, {}).setdefault(str(keys.get("strategy.name")), []).append(r)
+    base_recs = [json.loads(p.read_text()) for p in sorted((out / "baselines" / stem).glob("*.json"))]
+    lines = [f"### {stem.removeprefix('strategies_')}", ""]
+    head = ["model", "runs", "test AUC", "test bal. acc. (argmax)"]
+    head += ["test bal. acc. @thr (chosen on validation)"] if binary else []
+    head += [f"AUC round {r}" for r in CURVE_ROUNDS]
+    for part, strategies in parts.items():
+        lines += [f"**{part}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name, recs in strategies.items():
+            row = [name, str(len(recs)), _cell([_get(r, "final", "auc") for r in recs])]
+            row.append(_cell([_get(r, "final", "balanced-accuracy") for r in recs]))
+            if binary:
+                row.append(_cell([_get(r, "at-threshold", "balanced-accuracy") for r in recs]))
+            curves = np.array([curve(out / stem / r["run"], CURVE_ROUNDS) for r in recs])
+            row += [f"{np.nanmean(c):.3f}" if np.isfinite(c).any() else "–" for c in curves.T]
+            lines.append("| " + " | ".join(row) + " |")
+        alpha = next(
+            (v for k, v in strategies[next(iter(strategies))][0]["keys"].items() if k == "partition.alpha"), None
+        )
+        mine = [b for b in base_recs if alpha is None or b["values"].get("partition.alpha") == alpha]
+        for label, get in (
+            ("pooled (centralised)", lambda b: [b["pooled"]]),
+            ("local-only (mean of sites)", lambda b: list(b["local"].values())),
+        ):
+            per_seed = [get(b) for b in mine]
+            row = [f"*{label}*", str(len(per_seed))]
+            row.append(_cell([float(np.nanmean([_get(m, "final", "auc") for m in ms])) for ms in per_seed]))
+            row.append(
+                _cell([float(np.nanmean([_get(m, "final", "balanced-accuracy") for m in ms])) for ms in per_seed])
+            )
+            if binary:
+                row.append(
+                    _cell(
+                        [
+                            float(np.nanmean([_get(m, "at-threshold", "balanced-accuracy") for m in ms]))
+                            for ms in per_seed
+                        ]
+                    )
+                )
+            row += ["–"] * len(CURVE_ROUNDS)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    for stem in args.sweeps:
+        if (out / stem / "runs.jsonl").is_file():
+            print(report_sweep(stem, out))
+        else:
+            print(f"### {stem}: not run yet ({out / stem / 'runs.jsonl'} is missing)\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn in (("run", cmd_run), ("report", cmd_report)):
+        s = sub.add_parser(name)
+        s.add_argument("--out", default=str(REPO / "runs" / "strategies"), help="where the sweeps and baselines go")
+        s.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=SWEEPS)
+        s.set_defaults(func=fn)
+        if name == "run":
+            s.add_argument("--jobs", type=int, default=1, help="medflower sweep --jobs")
+    args = p.parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
