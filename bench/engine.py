@@ -4,9 +4,15 @@ Issue 11's bar: at 5 sites, on the synthetic and the MedMNIST workloads, ``medfl
 start to exit) takes at most 1.15x the wall time of a plain single-process PyTorch loop doing the same
 work (:mod:`bench.plain_fedavg`: same sites, network, initial weights, rounds, local epochs, optimizer,
 batch size, thread count and evaluations), with accuracy equal within noise. Both run as fresh
-processes, back to back, so each pays its own imports. The pfl-research comparison issue 11 asks for is
-not written yet: ``pfl==0.6.0`` pins ``dp-accounting<0.6``, which conflicts with the ``test`` extra's
-``dp-accounting==0.6.0``, so it needs an environment of its own; the script says that it is skipped.
+processes, back to back, so each pays its own imports.
+
+The fastest peer is the yardstick too: when pfl-research is at hand, :mod:`bench.pfl_fedavg` does the
+same work with pfl's simulator (FedAvg, same sites, network, initial weights, recipe and evaluations; its
+docstring lists where pfl differs) and the script prints medflower's wall and CPU ratios to it, and pfl's
+to the plain loop. ``pfl==0.6.0`` pins ``dp-accounting<0.6`` and the ``test`` extra pins
+``dp-accounting==0.6.0``, so pfl lives in an environment of its own (the ``bench-pfl`` extra), found by
+interpreter: ``--pfl-python PATH``, else ``$MEDFLOWER_PFL_PYTHON``, else this interpreter if it can
+import pfl. Without one the pfl comparison is skipped, and the script says how to enable it.
 
 Workload (issue 11): the ``cnn`` with width 32, Dirichlet(0.5) partition, 1 local epoch, Adam 1e-3, batch
 32, 20 rounds; 3, 5 and 20 sites; BreastMNIST and RetinaMNIST from ``../shared/data/medmnist`` (or
@@ -15,6 +21,7 @@ Workload (issue 11): the ``cnn`` with width 32, Dirichlet(0.5) partition, 1 loca
     python bench/engine.py                         # the full grid (about an hour on 2 cores)
     python bench/engine.py --quick                 # smoke run: 3 sites, 2 rounds, small synthetic set
     python bench/engine.py --workloads synthetic --sites 5 --engines local ray
+    python bench/engine.py --pfl-python /path/to/pfl-env/bin/python   # with the pfl-research yardstick
 
 Timings mean something only on a quiet machine: the script refuses to record (``--record``) while the
 1-minute load average is at or above 1.5.
@@ -23,7 +30,6 @@ Timings mean something only on a quiet machine: the script refuses to record (``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -95,6 +101,31 @@ def write_plain_inputs(exp_dict: dict[str, Any], folder: Path) -> tuple[Path, Pa
     return npz, spec
 
 
+PFL_HELP = (
+    "to enable it, give pfl an environment of its own (pfl==0.6.0 pins dp-accounting<0.6, the test extra "
+    "dp-accounting==0.6.0): `python -m venv --system-site-packages ENV && ENV/bin/pip install pfl==0.6.0` "
+    "next to torch 2.13 (or `ENV/bin/pip install -e '.[bench-pfl]'` in a fresh venv), then pass "
+    "--pfl-python ENV/bin/python or set MEDFLOWER_PFL_PYTHON"
+)
+
+
+def find_pfl(python: str | None) -> tuple[str | None, str]:
+    """The interpreter to run :mod:`bench.pfl_fedavg` with, or None, and a line saying which and why.
+
+    ``python`` is ``--pfl-python``; without it ``$MEDFLOWER_PFL_PYTHON``, else this interpreter. The
+    interpreter is asked whether it can import pfl (a look-up, not an import: no torch start-up).
+    """
+    python = python or os.environ.get("MEDFLOWER_PFL_PYTHON") or sys.executable
+    probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('pfl') is None)"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"pfl (pfl-research): cannot run {python} ({err}): its comparison is skipped; {PFL_HELP}"
+    if not found:
+        return None, f"pfl (pfl-research) is not installed for {python}: its comparison is skipped; {PFL_HELP}"
+    return python, f"pfl (pfl-research) runs with {python}: each row adds it, and the ratios to it"
+
+
 def _children_cpu() -> float:
     use = resource.getrusage(resource.RUSAGE_CHILDREN)
     return use.ru_utime + use.ru_stime
@@ -116,7 +147,9 @@ def _result(seconds: float, cpu: float, final: dict[str, float]) -> dict[str, fl
     return {"seconds": seconds, "cpu": cpu, "accuracy": final["accuracy"], "balanced": final["balanced-accuracy"]}
 
 
-def run_case(workload: str, sites: int, rounds: int, engines: list[str], *, samples: int) -> dict[str, Any]:
+def run_case(
+    workload: str, sites: int, rounds: int, engines: list[str], *, samples: int, pfl_python: str | None = None
+) -> dict[str, Any]:
     exp_dict = experiment(workload, sites, rounds, samples=samples)
     with tempfile.TemporaryDirectory(prefix="mf-engine-") as tmp:
         folder = Path(tmp)
@@ -140,21 +173,33 @@ def run_case(workload: str, sites: int, rounds: int, engines: list[str], *, samp
             seconds, cpu, _ = timed(cmd)
             final = json.loads((out / "summary.json").read_text())["final_global_test"]
             row[engine] = _result(seconds, cpu, final)
-        seconds, cpu, stdout = timed([sys.executable, str(REPO / "bench" / "plain_fedavg.py"), str(npz), str(spec)])
-        row["plain"] = _result(seconds, cpu, json.loads(stdout.strip().splitlines()[-1])["final_global_test"])
+        loops = {"plain": (sys.executable, "plain_fedavg.py")}
+        if pfl_python:
+            loops["pfl"] = (pfl_python, "pfl_fedavg.py")
+        for name, (python, script) in loops.items():
+            seconds, cpu, stdout = timed([python, str(REPO / "bench" / script), str(npz), str(spec)])
+            row[name] = _result(seconds, cpu, json.loads(stdout.strip().splitlines()[-1])["final_global_test"])
     return row
+
+
+def _ratios(r: dict[str, float], base: dict[str, float]) -> str:
+    return f"({r['seconds'] / base['seconds']:.2f}x) cpu {r['cpu']:6.1f}s ({r['cpu'] / base['cpu']:.2f}x)"
 
 
 def print_row(row: dict[str, Any], engines: list[str]) -> None:
     plain = row["plain"]
     parts = [f"{row['workload']:<12} {row['sites']:>3} sites {row['rounds']:>3} rounds"]
     parts.append(f"plain {plain['seconds']:6.1f}s cpu {plain['cpu']:6.1f}s acc {plain['accuracy']:.3f}")
+    pfl = row.get("pfl")
+    if pfl:
+        parts.append(f"pfl {pfl['seconds']:6.1f}s {_ratios(pfl, plain)} acc {pfl['accuracy']:.3f}")
     for e in engines:
         r = row[e]
-        wall, cpu = r["seconds"] / plain["seconds"], r["cpu"] / plain["cpu"]
-        parts.append(
-            f"{e} {r['seconds']:6.1f}s ({wall:.2f}x) cpu {r['cpu']:6.1f}s ({cpu:.2f}x) acc {r['accuracy']:.3f}"
-        )
+        part = f"{e} {r['seconds']:6.1f}s {_ratios(r, plain)} acc {r['accuracy']:.3f}"
+        if pfl:
+            wall, cpu = r["seconds"] / pfl["seconds"], r["cpu"] / pfl["cpu"]
+            part += f" [vs pfl: wall {wall:.2f}x cpu {cpu:.2f}x]"
+        parts.append(part)
     print(" | ".join(parts), flush=True)
 
 
@@ -166,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--engines", nargs="+", choices=("local", "ray"), default=["local"])
     p.add_argument("--record", help="write the rows as JSON to this file (refused on a loaded machine)")
+    p.add_argument(
+        "--pfl-python",
+        help="an interpreter with pfl==0.6.0 installed (default: $MEDFLOWER_PFL_PYTHON, else this one if it has pfl)",
+    )
     args = p.parse_args(argv)
     workloads, sites, rounds, samples = args.workloads, args.sites, args.rounds, 5000
     if args.quick:
@@ -173,19 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     if args.record and load >= MAX_LOAD:
         raise SystemExit(f"load average {load:.2f} >= {MAX_LOAD}: timings would measure the other jobs; not recording")
-    if importlib.util.find_spec("pfl") is None:
-        print("pfl (pfl-research) is not installed: its comparison is skipped")
-    else:
-        print("pfl is installed, but its run of this workload is not written yet: skipped")
+    pfl_python, pfl_line = find_pfl(args.pfl_python)
+    print(pfl_line)
     print(f"load average {load:.2f}; each run is a fresh process, timed from start to exit", flush=True)
     rows = []
     for workload in workloads:
         for n in sites:
-            row = run_case(workload, n, rounds, args.engines, samples=samples)
+            row = run_case(workload, n, rounds, args.engines, samples=samples, pfl_python=pfl_python)
             print_row(row, args.engines)
             rows.append(row)
     if args.record:
-        Path(args.record).write_text(json.dumps({"load_average": load, "rows": rows}, indent=2))
+        Path(args.record).write_text(
+            json.dumps({"load_average": load, "pfl_python": pfl_python, "rows": rows}, indent=2)
+        )
     return 0
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,14 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) ->
     return {"accuracy": float((pred == y).float().mean()), "balanced-accuracy": float(np.mean(recalls))}
 
 
-def main(npz_path: str, spec_path: str) -> None:
-    t0 = time.time()
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
+def load_work(npz_path: str, spec_path: str) -> tuple[dict[str, Any], list[dict[str, Split]], Split]:
+    """The recipe, every site's train/val/test split and the held-out test split; sets the thread count.
+
+    Shared with ``bench/pfl_fedavg.py`` so that both loops start from the very same tensors.
+    """
     spec = json.loads(Path(spec_path).read_text())
     data = np.load(npz_path)
     torch.set_num_threads(spec["num_threads"])
@@ -50,7 +57,22 @@ def main(npz_path: str, spec_path: str) -> None:
         }
         for i in range(spec["num_sites"])
     ]
-    test = torch.from_numpy(data["test_x"]), torch.from_numpy(data["test_y"])
+    return spec, sites, (torch.from_numpy(data["test_x"]), torch.from_numpy(data["test_y"]))
+
+
+def shuffle_seed(seed: int, rnd: int, site: int) -> int:
+    """The seed medflower's site ``site`` shuffles its training split with in round ``rnd`` (1-based)."""
+    return seed * 100003 + rnd * 101 + zlib.crc32(f"site-{site}".encode()) % 97
+
+
+def report(final: dict[str, float], t0: float) -> None:
+    """The one JSON line ``bench/engine.py`` reads: final global test metrics and the loop's own seconds."""
+    print(json.dumps({"final_global_test": final, "loop_seconds": time.time() - t0}))
+
+
+def main(npz_path: str, spec_path: str) -> None:
+    t0 = time.time()
+    spec, sites, test = load_work(npz_path, spec_path)
     torch.manual_seed(spec["seed"])
     model = SmallCNN(**spec["model"])
     loss_fn = nn.CrossEntropyLoss()
@@ -63,7 +85,7 @@ def main(npz_path: str, spec_path: str) -> None:
         for i, site in enumerate(sites):
             model.load_state_dict(global_state)
             model.train()
-            seed = spec["seed"] * 100003 + rnd * 101 + zlib.crc32(f"site-{i}".encode()) % 97  # as medflower's sites
+            seed = shuffle_seed(spec["seed"], rnd, i)
             torch.manual_seed(seed)
             loader = DataLoader(
                 TensorDataset(*site["train"]),
@@ -87,7 +109,7 @@ def main(npz_path: str, spec_path: str) -> None:
         final = _evaluate(model, *test, eval_batch)
     for site in sites:
         _evaluate(model, *site["test"], eval_batch)
-    print(json.dumps({"final_global_test": final, "loop_seconds": time.time() - t0}))
+    report(final, t0)
 
 
 if __name__ == "__main__":
