@@ -94,7 +94,8 @@ def train(exp: ExperimentConfig, *, epochs: int) -> dict[str, Any]:
         scheduler.step()
         val = classification_metrics(logits_of(model, val_x), val_y)
         curve.append({"epoch": epoch, "train_loss": stats.loss, "val_auc": val["auc"]})
-        print(f"epoch {epoch:3d}: train loss {stats.loss:.4f}  val AUC {val['auc']:.4f}  ({time.time() - t0:.0f}s)", flush=True)
+        took = time.time() - t0
+        print(f"epoch {epoch:3d}: train loss {stats.loss:.4f}  val AUC {val['auc']:.4f}  ({took:.0f}s)", flush=True)
         if val["auc"] > best[0]:
             best = (val["auc"], epoch, copy.deepcopy(model.state_dict()))
     test_x, test_y = torch.from_numpy(ds.test.images), torch.from_numpy(ds.test.targets.reshape(-1)).long()
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.dataset} {args.model} ({args.norm} norm), {args.epochs} epochs, seed {args.seed}: test AUC "
         f"{got['auc']:.3f} (published {pub['auc']:.3f}, difference {100 * (got['auc'] - pub['auc']):+.1f} points), "
-        f"accuracy {got['accuracy']:.3f} (published {pub['accuracy']:.3f}); best validation epoch {result['best_epoch']}"
+        f"accuracy {got['accuracy']:.3f} (published {pub['accuracy']:.3f}); "
+        f"best validation epoch {result['best_epoch']}"
     )
     record = {"dataset": args.dataset, "model": args.model, "norm": args.norm, "epochs": args.epochs, "seed": args.seed}
     record |= {"published": pub, **result}
