@@ -44,6 +44,10 @@ class SiteRuntime:
     def local_epochs(self) -> int:
         return self.exp.train.local_epochs
 
+    @property
+    def sgd_momentum(self) -> float:
+        return self.exp.train.momentum if self.exp.train.optimizer == "sgd" else 0.0
+
     def train(self, model: nn.Module, *, hooks: LocalHooks, epochs: int, lr: float) -> TrainStats:
         if self.site is None:
             raise RuntimeError("the site's data is not bound to the runtime (SiteStrategy.after_train binds it)")

@@ -30,7 +30,7 @@ from medflower.simulation.inprocess import InProcessGrid
 from medflower.strategies.methods.ditto import DITTO_EPOCHS, DITTO_LAMBDA, DITTO_LR, STATE_PERSONAL
 from medflower.strategies.methods.fedbn import LOCAL_KEYS, STATE_LOCAL
 from medflower.strategies.methods.fedprox import PROXIMAL_MU, proximal_term
-from medflower.strategies.methods.scaffold import SCAFFOLD_C, SCAFFOLD_DC, STATE_CI
+from medflower.strategies.methods.scaffold import SCAFFOLD_C, SCAFFOLD_DC, STATE_CI, effective_steps
 from medflower.strategies.state import load_strategy_state, strategy_state_dict
 from medflower.strategies.testing import StubGrid, arrays_of, make_reply, numpy_of
 
@@ -367,6 +367,56 @@ def test_scaffold_client_control_variate_is_option_ii(flower_identity):
     for (n, _), gn in zip(model.named_parameters(), g, strict=True):
         torch.testing.assert_close(torch.from_numpy(dc[n].numpy()), gn, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(torch.from_numpy(ctx.state[STATE_CI][n].numpy()), gn, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("steps", "mu", "expected"),
+    [
+        (4, 0.0, 4.0),  # plain SGD: K
+        (1, 0.9, 1.0),  # the first step has no history
+        (3, 0.9, 5.61),  # 1 + 1.9 + 2.71
+        (4, 0.9, 9.049),  # + 3.439: 2.26 times K, where dividing by K made SCAFFOLD diverge
+        (4, 0.5, 6.125),  # 1 + 1.5 + 1.75 + 1.875
+        (3, 1.0, 6.0),  # K (K + 1) / 2
+        (0, 0.9, 0.0),
+    ],
+)
+def test_scaffold_effective_steps_by_hand(steps, mu, expected):
+    assert effective_steps(steps, mu) == pytest.approx(expected)
+
+
+def test_scaffold_control_variate_with_momentum_is_the_gradient(flower_identity):
+    """Three SGD steps with momentum 0.9 on a loss of constant gradient ``g`` (linear in the weights):
+    each step adds ``c - c_i`` to ``g``, so y = x - lr (g + c) 5.61 and c_i+ = -c + (x - y)/(5.61 lr) = g
+    exactly; dividing by K lr = 3 lr (the diverging estimate) would give 1.87 g + 0.87 c."""
+    exp = replace(
+        exp_with("scaffold"), train=replace(exp_with("scaffold").train, optimizer="sgd", momentum=0.9, lr=0.1)
+    )
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    c = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    ctx = _context(0, exp)
+    local = SiteStrategy.for_message(
+        _message(exp, model, extra={SCAFFOLD_C: ArrayRecord(dict(c.items()))}), ctx, exp, model
+    )
+    x = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        sum((p * g[n]).sum() for n, p in model.named_parameters()).backward()
+        local.hooks.after_backward(model)
+        opt.step()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), x[n] - 0.1 * 5.61 * (g[n] + c[n]))
+    _, extra, _ = local.after_train(
+        model, TrainStats(num_examples=24, num_steps=3, loss=0.1), site=type("S", (), {"name": "site-0"})(), seed=0
+    )
+    for n in g:
+        torch.testing.assert_close(torch.from_numpy(extra[SCAFFOLD_DC][n].numpy()), g[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(ctx.state[STATE_CI][n].numpy()), g[n], rtol=1e-4, atol=1e-5)
+    adam = replace(exp, train=replace(exp.train, optimizer="adam"))
+    assert SiteStrategy.for_message(_message(adam, model), _context(0, adam), adam, model).runtime.sgd_momentum == 0
 
 
 def test_fedbn_site_keeps_its_norm_layers(flower_identity):
