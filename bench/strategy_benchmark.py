@@ -20,7 +20,7 @@ model: its site's), with the same fixed-bin histograms (:mod:`medflower.threshol
 
 Both steps resume: a finished sweep run is never redone (``medflower sweep``), and a baseline whose JSON
 file exists is skipped. ``report`` prints, per data set and partition, mean ± sd and the 95 % CI over the
-seeds, and the mean global AUC at rounds 10, 20 and 30 (whether the curves have flattened).
+seeds, and the mean global AUC at rounds 15, 30, 45 and 60 (whether the curves have flattened).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from medflower.threshold import metrics_at_threshold, score_histograms, youden_t
 
 SWEEPS = ("strategies_breastmnist", "strategies_retinamnist", "strategies_shift")
 STRATEGY_KEYS = ("strategy.name", "strategy.params", "train.optimizer", "train.lr")
-CURVE_ROUNDS = (10, 20, 30)
+CURVE_ROUNDS = (15, 30, 45, 60)
 
 
 def sweep_path(stem: str) -> Path:
