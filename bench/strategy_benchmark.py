@@ -84,7 +84,9 @@ def score(model: torch.nn.Module, exp: ExperimentConfig, test: ArraySplit, val: 
 
 
 def run_baselines(exp: ExperimentConfig) -> dict[str, Any]:
-    """Pooled and local-only models for ``exp``'s sites, the federation's epoch budget, scored on test."""
+    """Pooled and local-only models for ``exp``'s sites, the federation's epoch budget, scored on the
+    global test split and on each site's own test split (``sites``: what the federation's ``sites_test``
+    reports; a local model is scored on its own site's)."""
     from medflower.data import load_dataset
     from medflower.simulation.compare import concat, train_baseline
     from medflower.simulation.sites import build_sites
@@ -95,30 +97,47 @@ def run_baselines(exp: ExperimentConfig) -> dict[str, Any]:
     epochs = exp.train.rounds * exp.train.local_epochs
     pooled = train_baseline(exp, concat([s.train for s in sites]), epochs=epochs, seed=exp.seed * 100003 + 7)
     result: dict[str, Any] = {"pooled": score(pooled, exp, test, concat([s.val for s in sites])), "local": {}}
+    result["pooled"]["sites"] = {s.name: score(pooled, exp, s.test, s.val)["final"] for s in sites if len(s.test)}
     for i, s in enumerate(sites):
         if len(s.train) == 0:
             continue
         model = train_baseline(exp, s.train, epochs=epochs, seed=exp.seed * 100003 + 11 + i)
         result["local"][s.name] = score(model, exp, test, s.val)
+        if len(s.test):
+            result["local"][s.name]["own-site"] = score(model, exp, s.test, s.val)["final"]
     return result
 
 
-def baselines(stem: str, out: Path) -> None:
-    sweep = load_sweep(sweep_path(stem))
-    folder = out / "baselines" / stem
-    folder.mkdir(parents=True, exist_ok=True)
-    done: set[str] = set()
-    for run in sweep.runs:
-        key = partition_key(run.values)
-        path = folder / f"{key.replace('=', '-').replace(',', '_')}.json"
-        if key in done or path.is_file():
-            done.add(key)
-            continue
-        done.add(key)
-        print(f"{stem}: baselines for {key}", flush=True)
-        record = {"key": key, "values": {k: run.values[k] for k in run.values if k not in STRATEGY_KEYS}}
-        record |= run_baselines(run.exp)
-        path.write_text(json.dumps(record, indent=1))
+def _baseline_job(stem: str, index: int, path: str) -> str:
+    run = load_sweep(sweep_path(stem)).runs[index]
+    record = {
+        "key": partition_key(run.values),
+        "values": {k: run.values[k] for k in run.values if k not in STRATEGY_KEYS},
+    }
+    record |= run_baselines(run.exp)
+    Path(path).write_text(json.dumps(record, indent=1))
+    return f"{stem}: baselines for {record['key']} done"
+
+
+def baselines(stems: list[str], out: Path, *, jobs: int) -> None:
+    """Every partition and seed of ``stems``' sweeps once (resumable: a written JSON is kept)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = []
+    for stem in stems:
+        folder = out / "baselines" / stem
+        folder.mkdir(parents=True, exist_ok=True)
+        seen: set[str] = set()
+        for i, run in enumerate(load_sweep(sweep_path(stem)).runs):
+            key = partition_key(run.values)
+            path = folder / f"{key.replace('=', '-').replace(',', '_')}.json"
+            if key not in seen and not path.is_file():
+                tasks.append((stem, i, str(path)))
+            seen.add(key)
+    print(f"baselines: {len(tasks)} partition(s) to train", flush=True)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for message in pool.map(_baseline_job, *zip(*tasks, strict=True)) if tasks else []:
+            print(message, flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -126,24 +145,37 @@ def cmd_run(args: argparse.Namespace) -> None:
     for stem in args.sweeps:
         cmd = [sys.executable, "-m", "medflower.cli", "sweep", str(sweep_path(stem)), "-o", str(out / stem)]
         subprocess.run([*cmd, "--jobs", str(args.jobs)], check=True, cwd=REPO)
-    for stem in args.sweeps:
-        baselines(stem, out)
+    baselines(list(args.sweeps), out, jobs=args.jobs)
 
 
 # ------------------------------------------------------------------------------------------ report
 def _cell(values: list[float]) -> str:
+    """mean ± sd [95 % CI] over the finite values; "(n=k)" when some were undefined (NaN)."""
     vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     if not vals:
         return "–"
     ci = mean_ci(vals)
+    some = f" (n={len(vals)})" if len(vals) < len(values) else ""
     if ci["ci_low"] is None:
-        return f"{ci['mean']:.3f} (n=1)"
-    return f"{ci['mean']:.3f} ± {ci['sd']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+        return f"{ci['mean']:.3f}{some}"
+    return f"{ci['mean']:.3f} ± {ci['sd']:.3f} [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]{some}"
 
 
 def _get(rec: dict[str, Any], part: str, metric: str) -> float:
     v = (rec.get(part) or {}).get(metric)
     return float(v) if isinstance(v, (int, float)) else math.nan
+
+
+def sites_auc(run_dir: Path) -> float:
+    """Mean over sites of the final model on each site's own test split (FedBN: with the site's own
+    normalisation layers); sites whose test split holds one class have no AUC and are left out."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return _finite_mean([m.get("test-auc") for m in (summary.get("sites_test") or {}).values()])
+
+
+def _finite_mean(values: list[Any]) -> float:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else math.nan
 
 
 def curve(run_dir: Path, rounds: tuple[int, ...]) -> list[float]:
@@ -164,6 +196,7 @@ def report_sweep(stem: str, out: Path) -> str:
     lines = [f"### {stem.removeprefix('strategies_')}", ""]
     head = ["model", "runs", "test AUC", "test bal. acc. (argmax)"]
     head += ["test bal. acc. @thr (chosen on validation)"] if binary else []
+    head += ["sites' own test AUC (mean)"]
     head += [f"AUC round {r}" for r in CURVE_ROUNDS]
     for part, strategies in parts.items():
         lines += [f"**{part}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -172,6 +205,7 @@ def report_sweep(stem: str, out: Path) -> str:
             row.append(_cell([_get(r, "final", "balanced-accuracy") for r in recs]))
             if binary:
                 row.append(_cell([_get(r, "at-threshold", "balanced-accuracy") for r in recs]))
+            row.append(_cell([sites_auc(out / stem / r["run"]) for r in recs]))
             curves = np.array([curve(out / stem / r["run"], CURVE_ROUNDS) for r in recs])
             row += [f"{np.nanmean(c):.3f}" if np.isfinite(c).any() else "–" for c in curves.T]
             lines.append("| " + " | ".join(row) + " |")
@@ -179,25 +213,21 @@ def report_sweep(stem: str, out: Path) -> str:
             (v for k, v in strategies[next(iter(strategies))][0]["keys"].items() if k == "partition.alpha"), None
         )
         mine = [b for b in base_recs if alpha is None or b["values"].get("partition.alpha") == alpha]
+        own_site = {
+            "pooled (centralised)": lambda b: [m.get("auc") for m in b["pooled"].get("sites", {}).values()],
+            "local-only (mean of sites)": lambda b: [(m.get("own-site") or {}).get("auc") for m in b["local"].values()],
+        }
         for label, get in (
             ("pooled (centralised)", lambda b: [b["pooled"]]),
             ("local-only (mean of sites)", lambda b: list(b["local"].values())),
         ):
             per_seed = [get(b) for b in mine]
             row = [f"*{label}*", str(len(per_seed))]
-            row.append(_cell([float(np.nanmean([_get(m, "final", "auc") for m in ms])) for ms in per_seed]))
-            row.append(
-                _cell([float(np.nanmean([_get(m, "final", "balanced-accuracy") for m in ms])) for ms in per_seed])
-            )
-            if binary:
-                row.append(
-                    _cell(
-                        [
-                            float(np.nanmean([_get(m, "at-threshold", "balanced-accuracy") for m in ms]))
-                            for ms in per_seed
-                        ]
-                    )
-                )
+            parts_shown = [("final", "auc"), ("final", "balanced-accuracy")]
+            parts_shown += [("at-threshold", "balanced-accuracy")] if binary else []
+            for part_name, metric in parts_shown:
+                row.append(_cell([_finite_mean([_get(m, part_name, metric) for m in ms]) for ms in per_seed]))
+            row.append(_cell([_finite_mean(own_site[label](b)) for b in mine]))
             row += ["–"] * len(CURVE_ROUNDS)
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
