@@ -61,7 +61,7 @@ def experiment(dataset: str, model: str, norm: str, seed: int) -> ExperimentConf
             "seed": seed,
             "data": {"kind": "medmnist", "path": str(SHARED / "medmnist" / FILES[dataset])},
             "partition": {"kind": "iid", "num_sites": 1},
-            "model": {"name": model, "norm": norm},
+            "model": {"name": model, "norm": norm, "spatial_dims": 3 if dataset.endswith("3d") else 2},
             "train": {"rounds": 1, "batch_size": 128, "optimizer": "adam", "lr": 1e-3},
         }
     )
