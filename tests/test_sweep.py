@@ -131,3 +131,12 @@ def test_sweep_command_writes_a_report_with_its_table(tmp_path: Path, capsys: py
     mean_auc = float(row.split(",")[header.split(",").index("final auc mean")])
     assert "Sweep" in page and "final auc mean" in page and f"{mean_auc:.3f}" in page  # the table, with its numbers
     assert "report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sweep_file", sorted((Path(__file__).parents[1] / "bench" / "sweeps").glob("*.yaml")))
+def test_the_benchmark_sweeps_validate(sweep_file: Path, shared_data: Path) -> None:
+    """Every sweep bench/ runs builds every one of its experiments (they name ../shared beside the checkout)."""
+    if shared_data.resolve() != (sweep_file.parents[3] / "shared" / "data").resolve():
+        pytest.skip(f"the sweeps name ../shared/data beside the checkout; the data is at {shared_data}")
+    sweep = load_sweep(sweep_file, allow_many=True)
+    assert sweep.runs and all(run.exp.train.rounds >= 1 for run in sweep.runs)
