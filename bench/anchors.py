@@ -68,29 +68,33 @@ def experiment(dataset: str, model: str, norm: str, seed: int) -> ExperimentConf
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Logits on the CPU, computed where the model is."""
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return torch.cat([model(images[i : i + batch]).float() for i in range(0, len(images), batch)])
+        return torch.cat([model(images[i : i + batch].to(device)).float().cpu() for i in range(0, len(images), batch)])
 
 
 def train(exp: ExperimentConfig, *, epochs: int) -> dict[str, Any]:
     from medflower.client.train import make_loader, train_epochs
     from medflower.data import load_dataset
+    from medflower.device import pin_memory, resolve_amp
     from medflower.modelspec import build_experiment_model
 
+    amp = resolve_amp(exp.train.device, exp.train.precision)  # train.device auto: CUDA when present
     ds = load_dataset(exp)
     torch.manual_seed(exp.seed)
-    model = build_experiment_model(exp)
+    model = build_experiment_model(exp).to(amp.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=exp.train.lr)
     milestones = [round(0.5 * epochs), round(0.75 * epochs)]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
-    loader = make_loader(ds.train, exp.train.batch_size, exp.seed)
+    loader = make_loader(ds.train, exp.train.batch_size, exp.seed, pin_memory=pin_memory(amp.device))
     val_x, val_y = torch.from_numpy(ds.val.images), torch.from_numpy(ds.val.targets.reshape(-1)).long()
     best: tuple[float, int, dict[str, torch.Tensor]] = (-math.inf, 0, {})
     curve = []
     t0 = time.time()
     for epoch in range(1, epochs + 1):
-        stats = train_epochs(model, loader, optimizer, epochs=1, task=exp.task)
+        stats = train_epochs(model, loader, optimizer, epochs=1, task=exp.task, amp=amp)
         scheduler.step()
         val = classification_metrics(logits_of(model, val_x), val_y)
         curve.append({"epoch": epoch, "train_loss": stats.loss, "val_auc": val["auc"]})

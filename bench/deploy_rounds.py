@@ -21,6 +21,7 @@ for a before/after comparison); its replies carry no ``compute-seconds`` if it p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medflower.deploy.labnet import kill_ns_processes, netns_unavailable_reason
+from medflower.deploy.labnet import loopback_namespace, netns_unavailable_reason
 from medflower.deploy.readme_check import synthetic_export, walkthrough_blocks
 from medflower.runenv import FLOWER_ENV
 
@@ -126,20 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     env |= FLOWER_ENV | {"PYTHONUNBUFFERED": "1", "MEDFLOWER_SITE_TIMING": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(repo), *filter(None, [os.environ.get("PYTHONPATH")])])
-    argv_ = ["bash", str(sh)]
-    ns = None
-    if netns_unavailable_reason() is None:
-        ns = f"mfrounds{os.getpid()}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        argv_ = ["ip", "netns", "exec", ns, *argv_]
     t0 = time.monotonic()
-    try:
-        res = subprocess.run(argv_, cwd=repo, env=env, capture_output=True, text=True, timeout=3600)
-    finally:
-        if ns is not None:
-            kill_ns_processes(ns)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with contextlib.ExitStack() as stack:
+        prefix: list[str] = []
+        if netns_unavailable_reason() is None:
+            prefix = ["ip", "netns", "exec", stack.enter_context(loopback_namespace("mfrounds"))]
+        res = subprocess.run(
+            [*prefix, "bash", str(sh)], cwd=repo, env=env, capture_output=True, text=True, timeout=3600
+        )
     total = time.monotonic() - t0
     (base / "rounds.out").write_text(res.stdout + res.stderr)
     if res.returncode != 0:

@@ -61,10 +61,11 @@ def partition_key(values: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------ baselines
 def logits_of(model: torch.nn.Module, split: ArraySplit, batch: int) -> torch.Tensor:
+    """Logits on the CPU, computed where the model is."""
     model.eval()
-    x = torch.from_numpy(split.images)
+    x, device = torch.from_numpy(split.images), next(model.parameters()).device
     with torch.no_grad():
-        parts = [model(x[i : i + batch]).float() for i in range(0, len(x), batch)]
+        parts = [model(x[i : i + batch].to(device)).float().cpu() for i in range(0, len(x), batch)]
     return torch.cat(parts) if parts else torch.zeros(0, 2)
 
 
@@ -88,20 +89,22 @@ def run_baselines(exp: ExperimentConfig) -> dict[str, Any]:
     global test split and on each site's own test split (``sites``: what the federation's ``sites_test``
     reports; a local model is scored on its own site's)."""
     from medflower.data import load_dataset
+    from medflower.device import resolve_amp
     from medflower.simulation.compare import concat, train_baseline
     from medflower.simulation.sites import build_sites
 
+    amp = resolve_amp(exp.train.device, exp.train.precision)  # as `medflower compare`: CUDA when present
     torch.set_num_threads(max(1, exp.train.num_threads))
     test = load_dataset(exp).test
     sites = build_sites(exp)
     epochs = exp.train.rounds * exp.train.local_epochs
-    pooled = train_baseline(exp, concat([s.train for s in sites]), epochs=epochs, seed=exp.seed * 100003 + 7)
+    pooled = train_baseline(exp, concat([s.train for s in sites]), epochs=epochs, seed=exp.seed * 100003 + 7, amp=amp)
     result: dict[str, Any] = {"pooled": score(pooled, exp, test, concat([s.val for s in sites])), "local": {}}
     result["pooled"]["sites"] = {s.name: score(pooled, exp, s.test, s.val)["final"] for s in sites if len(s.test)}
     for i, s in enumerate(sites):
         if len(s.train) == 0:
             continue
-        model = train_baseline(exp, s.train, epochs=epochs, seed=exp.seed * 100003 + 11 + i)
+        model = train_baseline(exp, s.train, epochs=epochs, seed=exp.seed * 100003 + 11 + i, amp=amp)
         result["local"][s.name] = score(model, exp, test, s.val)
         if len(s.test):
             result["local"][s.name]["own-site"] = score(model, exp, s.test, s.val)["final"]

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -86,6 +86,20 @@ def kill_ns_processes(*namespaces: str, grace_s: float = 3.0) -> None:
             time.sleep(0.1)
         if not pids:
             return
+
+
+@contextlib.contextmanager
+def loopback_namespace(prefix: str) -> Iterator[str]:
+    """A fresh network namespace with only its loopback up, named ``<prefix><pid>``; on exit every
+    process left in it is stopped and the namespace deleted (a walkthrough or benchmark's sandbox)."""
+    name = f"{prefix}{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        kill_ns_processes(name)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def cmdline(pid: int) -> list[str]:

@@ -13,6 +13,7 @@ re-scoring ``model.pt`` through a hospital's own preparation (a site YAML over t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from medflower.deploy.labnet import kill_ns_processes, netns_unavailable_reason
+from medflower.deploy.labnet import loopback_namespace, netns_unavailable_reason
 from medflower.deploy.readme_check import synthetic_export, walkthrough_blocks
 from medflower.runenv import FLOWER_ENV
 
@@ -60,21 +61,14 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     env |= FLOWER_ENV | {"PYTHONUNBUFFERED": "1"}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
-    ns = None
-    argv = ["bash", str(script)]
-    if netns_unavailable_reason() is None:
-        ns = f"mfwalk{os.getpid()}"
-        subprocess.run(["ip", "netns", "add", ns], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        argv = ["ip", "netns", "exec", ns, *argv]
-    elif any(_busy(p) for p in PORTS):
+    in_namespace = netns_unavailable_reason() is None
+    if not in_namespace and any(_busy(p) for p in PORTS):
         pytest.skip(f"ports {PORTS} on 127.0.0.1 are in use and no network namespace is available (not root)")
-    try:
-        res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1100)
-    finally:
-        if ns is not None:
-            kill_ns_processes(ns)
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    with contextlib.ExitStack() as stack:
+        prefix = ["ip", "netns", "exec", stack.enter_context(loopback_namespace("mfwalk"))] if in_namespace else []
+        res = subprocess.run(
+            [*prefix, "bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=1100
+        )
     logs = "\n".join(
         f"---- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(base.glob("*.log")) if p.is_file()
     )
