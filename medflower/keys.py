@@ -21,7 +21,7 @@ TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 SITE_NAME = "site-name"
 SCORE_HIST = "score-hist-"  # MetricRecord list[int] (evaluate, val split, binary): <split>-score-hist-<class>,
-# counts of the positive-class probability in medflower.threshold.BINS bins per true class (federated threshold)
+# counts of the positive-class score in medflower.threshold.BINS log-odds bins per true class (federated threshold)
 PREPARATION = "preparation"  # ConfigRecord SITE in a reply: how the site prepared its images (no paths)
 REFUSAL = "refusal"  # ConfigRecord SITE in a reply: the site refuses this message (the rule, and why); no arrays
 

@@ -64,6 +64,20 @@ def test_cnn_with_batchnorm_is_fixed_and_per_sample_exact() -> None:
     _assert_per_sample_grads_match(model, torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 1, 0]), "classification")
 
 
+def test_tanh_cnn_is_per_sample_exact_and_bad_activation_names_the_choices() -> None:
+    """The DP recipe's tanh ("tempered sigmoid") cnn: Opacus' per-sample gradients stay exact."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="cnn", params={"activation": "tanh"})
+    model = build_model(cfg, in_channels=1, out_channels=2, img_size=(16, 16))
+    assert any(isinstance(m, torch.nn.Tanh) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
+    _assert_per_sample_grads_match(model, torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 1, 0]), "classification")
+    with pytest.raises(ConfigError, match=r"activation must be one of relu, tanh, elu, got 'sigmoid'"):
+        build_model(
+            ModelConfig(name="cnn", params={"activation": "sigmoid"}), in_channels=1, out_channels=2, img_size=(16, 16)
+        )
+
+
 def test_dpvit_is_monai_vit_and_per_sample_exact() -> None:
     torch.manual_seed(0)
     monai_vit, dp_vit = ViT(**VIT), DPViT(**VIT)

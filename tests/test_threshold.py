@@ -18,6 +18,8 @@ from medflower.server.results import summary_dict
 from medflower.server.screens import FiniteMetrics, RoundView
 from medflower.threshold import (
     BINS,
+    LOGIT_RANGE,
+    bin_edges,
     collapse_warnings,
     confusion_matrix,
     metrics_at_threshold,
@@ -25,19 +27,30 @@ from medflower.threshold import (
     youden_threshold,
 )
 
-# 4 bins (edges 0, .25, .5, .75, 1); negatives' and positives' scores per bin
+# 4 bins: log-odds edges -8, -4, 0, 4, 8, i.e. probability edges 0, sigmoid(-4), .5, sigmoid(4), 1
+# (the outer edges are 0 and 1: the outer bins hold everything beyond); negatives' and positives' counts per bin
 NEG, POS = [1, 3, 1, 0], [0, 1, 0, 3]
+E = bin_edges(4)
+
+
+def test_bin_edges_are_even_in_log_odds() -> None:
+    assert LOGIT_RANGE == 8.0 and BINS == 160
+    assert E[0] == 0.0 and E[2] == 0.5 and E[4] == 1.0
+    assert E[1] == pytest.approx(1 / (1 + math.exp(4))) and E[3] == pytest.approx(1 / (1 + math.exp(-4)))
+    edges = bin_edges()
+    assert len(edges) == BINS + 1 and edges[80] == 0.5  # 0.1 log-odds per bin: edge 80 is z = 0
+    assert edges[110] == pytest.approx(1 / (1 + math.exp(-3.0)))  # z = -8 + 110 * 0.1 = 3: p 0.9526
 
 
 def test_youden_picks_the_edge_with_the_largest_j() -> None:
-    # edge .25: sens 4/4, spec 1/5 -> J .20;  edge .5: sens 3/4, spec 4/5 -> J .55
-    # edge .75: sens 3/4, spec 5/5 -> J .75 (the largest)
+    # edge 1: sens 4/4, spec 1/5 -> J .20;  edge 2: sens 3/4, spec 4/5 -> J .55
+    # edge 3: sens 3/4, spec 5/5 -> J .75 (the largest)
     threshold, j = youden_threshold(NEG, POS)  # type: ignore[misc]
-    assert threshold == 0.75 and j == pytest.approx(0.75)
+    assert threshold == E[3] and j == pytest.approx(0.75)
 
 
 def test_youden_ties_go_to_the_edge_closest_to_one_half() -> None:
-    # edge .25: sens 4/4 spec 3/4 -> .75;  edge .5: sens 3/4 spec 4/4 -> .75;  edge .75: sens 2/4 -> .5
+    # edge 1: sens 4/4 spec 3/4 -> .75;  edge 2: sens 3/4 spec 4/4 -> .75;  edge 3: sens 2/4 -> .5
     assert youden_threshold([3, 1, 0, 0], [0, 1, 1, 2]) == (0.5, pytest.approx(0.75))
 
 
@@ -48,21 +61,24 @@ def test_youden_is_undefined_without_both_classes() -> None:
 
 
 def test_metrics_at_threshold_from_counts() -> None:
-    # at .75: TP 3, FN 1, TN 5, FP 0 -> accuracy 8/9, sensitivity .75, specificity 1, balanced .875
-    m = metrics_at_threshold(NEG, POS, 0.75)
+    # at edge 3: TP 3, FN 1, TN 5, FP 0 -> accuracy 8/9, sensitivity .75, specificity 1, balanced .875
+    m = metrics_at_threshold(NEG, POS, float(E[3]))
     assert m["accuracy"] == pytest.approx(8 / 9)
     assert (m["sensitivity"], m["specificity"], m["balanced-accuracy"]) == (0.75, 1.0, 0.875)
     with pytest.raises(ValueError, match="not an edge"):
         metrics_at_threshold(NEG, POS, 0.3)
 
 
-def test_score_histograms_bin_the_positive_probability() -> None:
-    p = torch.tensor([0.31, 0.31, 0.91, 1.0, 0.001])  # bins of 1/50: 15, 15, 45, 49 (1.0 is in the last), 0
-    logits = torch.stack([torch.zeros(5), torch.log(p / (1 - p).clamp_min(1e-12))], dim=1)
-    h = score_histograms(logits, torch.tensor([0, 1, 1, 1, 0]))
-    assert len(h["score-hist-0"]) == BINS == 50
-    assert {i: c for i, c in enumerate(h["score-hist-0"]) if c} == {15: 1, 0: 1}
-    assert {i: c for i, c in enumerate(h["score-hist-1"]) if c} == {15: 1, 45: 1, 49: 1}
+def test_score_histograms_bin_the_log_odds() -> None:
+    # log-odds z = logit_1 - logit_0; bin = floor((z + 8) / 0.1), clipped to 0..159:
+    # -0.8 -> 72;  2.31 -> 103;  3.0 -> 110;  3.09 -> 110;  20 (p ~ 1) -> 159 (the last);  -6.85 -> 11;  -30 -> 0
+    z = torch.tensor([-0.8, -0.8, 2.31, 3.0, 3.09, 20.0, -6.85, -30.0], dtype=torch.float64)
+    logits = torch.stack([torch.zeros(8, dtype=torch.float64), z], dim=1)
+    h = score_histograms(logits, torch.tensor([0, 1, 1, 1, 1, 1, 0, 0]))
+    assert len(h["score-hist-0"]) == len(h["score-hist-1"]) == BINS
+    assert {i: c for i, c in enumerate(h["score-hist-0"]) if c} == {72: 1, 11: 1, 0: 1}
+    assert {i: c for i, c in enumerate(h["score-hist-1"]) if c} == {72: 1, 103: 1, 110: 2, 159: 1}
+    # p 0.9526 and 0.9565 (z 3.0, 3.09) share a bin; p 0.91 (z 2.31) does not: 0.02-wide bins of p held all three
 
 
 def test_confusion_matrix_and_collapse_warning() -> None:
@@ -84,12 +100,12 @@ def test_summary_reports_threshold_and_one_class_collapse() -> None:
     scores the test split at the threshold the validation histograms chose (never the test's own)."""
     exp = quickstart_experiment()
     pad = [0] * (BINS - 4)
-    val = {"score-hist-0": NEG + pad, "score-hist-1": POS + pad}  # Youden on these: bin edge 3 of 50
+    val = {"score-hist-0": NEG + pad, "score-hist-1": POS + pad}  # Youden on these: bin edge 3 of BINS
     # test: negatives in bins 0-3 (edge 3/50 calls 2 of them negative), positives all above
     test = {"score-hist-0": [1, 1, 1, 1, *pad], "score-hist-1": [0, 0, 0, 6, *pad]}
     hist = History(rounds=[_hist_round(1, test, val, [[0, 4], [0, 6]])])
     s = summary_dict(exp, hist, wall_seconds=1.0)
-    assert s["selected_threshold"] == pytest.approx(3 / BINS)
+    assert s["selected_threshold"] == bin_edges()[3]
     at = s["final_global_test_at_threshold"]
     # TN 3 (bins 0-2), FP 1, TP 6, FN 0: accuracy 9/10, sensitivity 1, specificity 3/4
     assert (at["accuracy"], at["sensitivity"], at["specificity"]) == (pytest.approx(0.9), 1.0, 0.75)

@@ -136,3 +136,51 @@ def load_medmnist(path: str | Path) -> DatasetSplits:
         val=splits["val"],
         test=splits["test"],
     )
+
+
+def resize_medmnist(splits: DatasetSplits, size: tuple[int, ...], fit: str, *, source: str) -> DatasetSplits:
+    """Every image of ``splits`` brought to ``size`` (``data.size``), as the file readers do it.
+
+    MedMNIST stores each set at fixed sizes (AdrenalMNIST3D is 64³ here while MedMNIST v2's published
+    baselines are at 28³); ``fit: resize`` interpolates with MONAI's ``Resize`` (linear, anti-aliased),
+    ``pad_crop`` pads (with 0, mid-grey after the [-1, 1] scaling) or crops around the centre with
+    ``ResizeWithPadOrCrop``. The images are transformed in chunks, one image-channel per MONAI channel.
+    """
+    nd = len(splits.img_size)
+    if len(size) != nd:
+        raise DataError(f"{source}: its images are {nd}D {splits.img_size} but data.size has {len(size)} values")
+    size = tuple(int(v) for v in size)
+    if size == tuple(splits.img_size):
+        return splits
+    from medflower._preload import require_monai  # MONAI costs ~2 s to import: only when resizing
+
+    require_monai()
+    import monai.transforms as mt
+    import torch
+
+    if fit == "resize":
+        transform = mt.Resize(size, mode="bilinear" if nd == 2 else "trilinear", anti_aliasing=True)
+    else:
+        transform = mt.ResizeWithPadOrCrop(size)
+
+    def one(split: ArraySplit) -> ArraySplit:
+        chunks = []
+        for i in range(0, len(split.images), 64):
+            x = torch.from_numpy(np.ascontiguousarray(split.images[i : i + 64]))
+            n, c = x.shape[:2]
+            out = torch.as_tensor(transform(x.reshape(n * c, *x.shape[2:])))
+            chunks.append(out.reshape(n, c, *size).numpy().astype(np.float32))
+        images = np.concatenate(chunks) if chunks else np.zeros((0, splits.in_channels, *size), np.float32)
+        return ArraySplit(images, split.targets, split.groups)
+
+    return DatasetSplits(
+        name=splits.name,
+        task=splits.task,
+        num_classes=splits.num_classes,
+        in_channels=splits.in_channels,
+        img_size=size,
+        train=one(splits.train),
+        val=one(splits.val),
+        test=one(splits.test),
+        synthetic=splits.synthetic,
+    )
