@@ -4,9 +4,10 @@
     python bench/strategy_benchmark.py report            # the markdown tables for bench/RESULTS.md
 
 ``run`` runs ``medflower sweep`` on each of :data:`SWEEPS` (``bench/sweeps/strategies_*.yaml``: the
-strategies x Dirichlet alpha 0.1 / 0.5 / 1.0 x seeds 0-2 on BreastMNIST and RetinaMNIST, and a scanner
-shift partition on BreastMNIST), then, for every partition and seed of those sweeps, the two baselines
-``medflower compare`` defines, on the same sites and with the same epoch budget (rounds x local epochs):
+strategies x Dirichlet alpha 0.1 / 0.5 / 1.0 x seeds 0-2 on BreastMNIST and RetinaMNIST, a scanner
+shift partition on BreastMNIST, and Dirichlet 0.5 on the 3D sets VesselMNIST3D and AdrenalMNIST3D),
+then, for every partition and seed of those sweeps, the two baselines ``medflower compare`` defines, on
+the same sites and with the same epoch budget (rounds x local epochs):
 
 * **pooled**: one model trained on the union of the sites' training splits (centralised data);
 * **local-only**: one model per site on its own training split, each scored on the global test split;
@@ -20,7 +21,8 @@ model: its site's), with the same fixed-bin histograms (:mod:`medflower.threshol
 
 Both steps resume: a finished sweep run is never redone (``medflower sweep``), and a baseline whose JSON
 file exists is skipped. ``report`` prints, per data set and partition, mean ± sd and the 95 % CI over the
-seeds, and the mean global AUC at rounds 15, 30, 45 and 60 (whether the curves have flattened).
+seeds, and the mean global AUC at a quarter, half, three quarters and all of the rounds (60 rounds: 15, 30,
+45, 60; whether the curves have flattened).
 """
 
 from __future__ import annotations
@@ -45,9 +47,14 @@ from medflower.metrics import classification_metrics  # noqa: E402
 from medflower.simulation.sweep import load_sweep, mean_ci  # noqa: E402
 from medflower.threshold import metrics_at_threshold, score_histograms, youden_threshold  # noqa: E402
 
-SWEEPS = ("strategies_breastmnist", "strategies_retinamnist", "strategies_shift")
+SWEEPS = ("strategies_breastmnist", "strategies_retinamnist", "strategies_shift", "strategies_3d")
 STRATEGY_KEYS = ("strategy.name", "strategy.params", "train.optimizer", "train.lr")
-CURVE_ROUNDS = (15, 30, 45, 60)
+
+
+def curve_rounds(stem: str) -> tuple[int, ...]:
+    """The rounds whose global AUC the report shows: a quarter, half, three quarters and all of the run's."""
+    rounds = load_sweep(sweep_path(stem)).runs[0].exp.train.rounds
+    return tuple(sorted({max(1, round(rounds * f)) for f in (0.25, 0.5, 0.75, 1.0)}))
 
 
 def sweep_path(stem: str) -> Path:
@@ -200,7 +207,8 @@ def report_sweep(stem: str, out: Path) -> str:
     head = ["model", "runs", "test AUC", "test bal. acc. (argmax)"]
     head += ["test bal. acc. @thr (chosen on validation)"] if binary else []
     head += ["sites' own test AUC (mean)"]
-    head += [f"AUC round {r}" for r in CURVE_ROUNDS]
+    checkpoints = curve_rounds(stem)
+    head += [f"AUC round {r}" for r in checkpoints]
     for part, strategies in parts.items():
         lines += [f"**{part}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name, recs in strategies.items():
@@ -209,13 +217,13 @@ def report_sweep(stem: str, out: Path) -> str:
             if binary:
                 row.append(_cell([_get(r, "at-threshold", "balanced-accuracy") for r in recs]))
             row.append(_cell([sites_auc(out / stem / r["run"]) for r in recs]))
-            curves = np.array([curve(out / stem / r["run"], CURVE_ROUNDS) for r in recs])
+            curves = np.array([curve(out / stem / r["run"], checkpoints) for r in recs])
             row += [f"{np.nanmean(c):.3f}" if np.isfinite(c).any() else "–" for c in curves.T]
             lines.append("| " + " | ".join(row) + " |")
-        alpha = next(
-            (v for k, v in strategies[next(iter(strategies))][0]["keys"].items() if k == "partition.alpha"), None
-        )
-        mine = [b for b in base_recs if alpha is None or b["values"].get("partition.alpha") == alpha]
+        # the baselines of this partition: the same values of every key the sweep varies but the seed
+        shown = {k: v for k, v in strategies[next(iter(strategies))][0]["keys"].items() if k not in STRATEGY_KEYS}
+        shown.pop("seed", None)
+        mine = [b for b in base_recs if all(b["values"].get(k) == v for k, v in shown.items())]
         own_site = {
             "pooled (centralised)": lambda b: [m.get("auc") for m in b["pooled"].get("sites", {}).values()],
             "local-only (mean of sites)": lambda b: [(m.get("own-site") or {}).get("auc") for m in b["local"].values()],
@@ -231,7 +239,7 @@ def report_sweep(stem: str, out: Path) -> str:
             for part_name, metric in parts_shown:
                 row.append(_cell([_finite_mean([_get(m, part_name, metric) for m in ms]) for ms in per_seed]))
             row.append(_cell([_finite_mean(own_site[label](b)) for b in mine]))
-            row += ["–"] * len(CURVE_ROUNDS)
+            row += ["–"] * len(checkpoints)
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -158,6 +158,7 @@ def resize_medmnist(splits: DatasetSplits, size: tuple[int, ...], fit: str, *, s
     import monai.transforms as mt
     import torch
 
+    transform: mt.Transform
     if fit == "resize":
         transform = mt.Resize(size, mode="bilinear" if nd == 2 else "trilinear", anti_aliasing=True)
     else:
