@@ -7,7 +7,7 @@ from functools import lru_cache
 from medflower.config import ExperimentConfig
 from medflower.data.base import DataError, DatasetSplits
 from medflower.data.manifest import load_manifest_dataset
-from medflower.data.medmnist import download_medmnist, load_medmnist, resize_medmnist
+from medflower.data.medmnist import download_medmnist, load_medmnist
 from medflower.data.synthetic import synthetic_classification
 
 
@@ -37,6 +37,5 @@ def _load(exp_json: str) -> DatasetSplits:
         path = exp.resolve_path(d.path)
         if path is None:
             path = download_medmnist(d.name or "", d.root or "~/.medflower/data")
-        splits = load_medmnist(path)
-        return splits if d.size is None else resize_medmnist(splits, d.size, d.fit, source=str(path))
+        return load_medmnist(path, size=d.size, fit=d.fit)
     return load_manifest_dataset(exp)  # manifest / decathlon / folders
