@@ -140,7 +140,7 @@ def baselines(stems: list[str], out: Path, *, jobs: int) -> None:
         seen: set[str] = set()
         for i, run in enumerate(load_sweep(sweep_path(stem)).runs):
             key = partition_key(run.values)
-            path = folder / f"{key.replace('=', '-').replace(',', '_')}.json"
+            path = folder / f"{key.replace('=', '-').replace(',', '_').replace('/', '-')}.json"  # data.path keys
             if key not in seen and not path.is_file():
                 tasks.append((stem, i, str(path)))
             seen.add(key)
