@@ -137,6 +137,7 @@ def build_client_app(
             hooks=local.hooks,
             augment=make_augment(exp.train.augment, seed=seed),
             amp=amp,
+            multiplicity=exp.train.augment_multiplicity,
         )
         metrics = {keys.NUM_EXAMPLES: stats.num_examples, keys.TRAIN_LOSS: stats.loss} | dp.finish(stats)
         arrays, extra_records, extra_metrics = local.after_train(model, stats, site=site, seed=seed)

@@ -14,23 +14,25 @@ import torch
 import torch.nn.functional as F
 
 Augment = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-CHOICES = ("none", "flip", "flip+shift")
+CHOICES = ("none", "flip", "shift", "flip+shift")
 
 
 def make_augment(kind: str, *, seed: int, max_shift: int = 2) -> Augment | None:
-    """``flip``: random flip of each spatial axis per sample; ``+shift``: random shift by up to
-    ``max_shift`` pixels (zero padded). Deterministic in ``seed``."""
+    """``flip``: random flip of each spatial axis per sample; ``shift`` (alone or ``+shift``): random
+    shift by up to ``max_shift`` pixels (zero padded), for images whose orientation means something
+    (an ultrasound's probe side, a chest's left and right). Deterministic in ``seed``."""
     if kind not in CHOICES:
         raise ValueError(f"train.augment: invalid value {kind!r}; valid choices are " + ", ".join(map(repr, CHOICES)))
     if kind == "none":
         return None
     gen = torch.Generator().manual_seed(seed)
-    shift = kind.endswith("+shift")
+    shift = kind.endswith("shift")
+    flips = kind.startswith("flip")
 
     def augment(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         spatial = x.ndim - 2
         dense = y.ndim == x.ndim  # segmentation: label map with the image's grid
-        for axis in range(2, x.ndim):
+        for axis in range(2, x.ndim) if flips else ():
             flip = torch.rand(len(x), generator=gen) < 0.5
             view = (-1,) + (1,) * (x.ndim - 1)
             x = torch.where(flip.view(view), x.flip(axis), x)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medflower.client.augment import make_augment
 from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit, load_dataset
@@ -58,14 +59,24 @@ def main_metrics(task: str) -> tuple[str, ...]:
 def train_baseline(
     exp: ExperimentConfig, split: ArraySplit, *, epochs: int, seed: int, amp: Amp | None = None
 ) -> torch.nn.Module:
-    """A model trained centrally on ``split`` with the experiment's recipe (same init as the federation),
-    on ``amp``'s device and in its precision (default: float32 on the CPU)."""
+    """A model trained centrally on ``split`` with the experiment's recipe (same init as the federation,
+    same ``train.augment`` and multiplicity), on ``amp``'s device and in its precision (default: float32
+    on the CPU)."""
     amp = amp or Amp(torch.device("cpu"))
     torch.manual_seed(exp.seed)  # the server seeds the federation's initial model the same way
     model = build_experiment_model(exp).to(amp.device)
     torch.manual_seed(seed)
     loader = make_loader(split, exp.train.batch_size, seed, pin_memory=pin_memory(amp.device))
-    train_epochs(model, loader, make_optimizer(model, exp.train), epochs=epochs, task=exp.task, amp=amp)
+    train_epochs(
+        model,
+        loader,
+        make_optimizer(model, exp.train),
+        epochs=epochs,
+        task=exp.task,
+        augment=make_augment(exp.train.augment, seed=seed),
+        amp=amp,
+        multiplicity=exp.train.augment_multiplicity,
+    )
     return model
 
 

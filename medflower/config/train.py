@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from medflower.device import check_device_name
-from medflower.schema import rng_field
+from medflower.schema import ConfigError, rng_field
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,10 @@ class TrainConfig:
     momentum: float = rng_field(0.9, min=0.0, max=1.0)
     weight_decay: float = rng_field(0.0, min=0.0, max=1.0)
     # on-the-fly augmentation of training batches: random flips, and small shifts (client/augment.py)
-    augment: Literal["none", "flip", "flip+shift"] = "none"
+    augment: Literal["none", "flip", "shift", "flip+shift"] = "none"
+    # augmentation multiplicity (De et al. 2022): each training image is seen this many times per step,
+    # differently augmented, and its gradients are averaged before DP-SGD clips them (client/train.py)
+    augment_multiplicity: int = rng_field(1, min=1, max=64)
     eval_batch_size: int = rng_field(256, min=1)
     # threads each site's torch uses (simulation runs sites side by side on few cores)
     num_threads: int = rng_field(1, min=1, max=256)
@@ -32,3 +35,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        if self.augment_multiplicity > 1 and self.augment == "none":
+            raise ConfigError(
+                f"train.augment_multiplicity: {self.augment_multiplicity} copies of each image need an "
+                "augmentation to differ; set train.augment (valid choices: 'flip', 'shift', 'flip+shift')"
+            )
