@@ -5,8 +5,8 @@
 For every run it reads ``summary.json`` and computes, from validation data only:
 
 * ``val AUC (hist)``: the AUC of the pooled validation score histograms the sites sent in the last
-  round (``final_val_score_histograms``: fixed bins per class, see medflower/threshold.py; ties inside a bin count one half),
-  i.e. the federated validation AUC without any site revealing a score;
+  round (``final_val_score_histograms``: fixed bins per class, see medflower/threshold.py; ties inside
+  a bin count one half), i.e. the federated validation AUC without any site revealing a score;
 * ``val J``: Youden's J at the threshold the coordinator selected on those histograms;
 * ``loss first -> last``: the aggregated training loss of the first and last round (does it learn?).
 

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from torch import nn
 
+from medflower.client.augment import make_augment
 from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.device import Amp, host_state, inference_amp, pin_memory
@@ -58,7 +59,17 @@ class SiteRuntime:
             pin_memory=pin_memory(self.amp.device),
         )
         optimizer = make_optimizer(model, dataclasses.replace(self.exp.train, lr=lr))
-        return train_epochs(model, loader, optimizer, epochs=epochs, task=self.exp.task, hooks=hooks, amp=self.amp)
+        return train_epochs(
+            model,
+            loader,
+            optimizer,
+            epochs=epochs,
+            task=self.exp.task,
+            hooks=hooks,
+            augment=make_augment(self.exp.train.augment, seed=self.seed + PERSONAL_SEED_OFFSET),
+            amp=self.amp,
+            multiplicity=self.exp.train.augment_multiplicity,
+        )
 
     def evaluate(self, model: nn.Module, split: Any) -> dict[str, float]:
         return evaluate(
