@@ -2,6 +2,7 @@
 
     python bench/strategy_benchmark.py run --jobs 2      # the sweeps, then the baselines (resumable)
     python bench/strategy_benchmark.py report            # the markdown tables for bench/RESULTS.md
+    python bench/strategy_benchmark.py paired bench/results/strategies60/*_runs.jsonl   # each vs FedAvg, per seed
 
 ``run`` runs ``medflower sweep`` on each of :data:`SWEEPS` (``bench/sweeps/strategies_*.yaml``: the
 strategies x Dirichlet alpha 0.1 / 0.5 / 1.0 x seeds 0-2 on BreastMNIST and RetinaMNIST, a scanner
@@ -245,6 +246,52 @@ def report_sweep(stem: str, out: Path) -> str:
     return "\n".join(lines)
 
 
+def paired(runs: list[dict[str, Any]], *, reference: str = "fedavg", metric: tuple[str, str] = ("final", "auc")) -> str:
+    """Each strategy minus ``reference`` on the same seed, per partition: mean, sd and the 95 % t CI of
+    the paired differences, and whether that CI excludes 0.
+
+    Why paired: one seed fixes the partition (which site holds which images) and the initial model for
+    every strategy alike, so most of the seed-to-seed spread in the unpaired table (a partition that is
+    hard for all) cancels in the difference; two strategies whose unpaired CIs overlap can still differ
+    on every seed in the same direction. Seeds present for only one of the two are left out.
+    """
+    parts: dict[str, dict[str, dict[Any, float]]] = {}
+    for r in runs:
+        keys = r["keys"]
+        part = ", ".join(f"{k} {keys[k]}" for k in keys if k not in STRATEGY_KEYS and k != "seed") or "—"
+        parts.setdefault(part, {}).setdefault(str(keys.get("strategy.name")), {})[keys.get("seed")] = _get(r, *metric)
+    label = f"{metric[0]} {metric[1]}"
+    lines = [
+        f"| partition | strategy | seeds | Δ {label} vs {reference}: mean ± sd [95 % CI] | separated |",
+        "|---|---|---|---|---|",
+    ]
+    for part, strategies in parts.items():
+        ref = strategies.get(reference, {})
+        for name, by_seed in strategies.items():
+            if name == reference:
+                continue
+            diffs = [by_seed[sd] - ref[sd] for sd in by_seed if sd in ref and math.isfinite(by_seed[sd] - ref[sd])]
+            if len(diffs) < 2:
+                lines.append(f"| {part} | {name} | {len(diffs)} | – | – |")
+                continue
+            ci = mean_ci(diffs)
+            low, high = float(ci["ci_low"] or 0.0), float(ci["ci_high"] or 0.0)
+            verdict = "better" if low > 0 else "worse" if high < 0 else "no"
+            cell = f"{ci['mean']:+.3f} ± {ci['sd']:.3f} [{low:+.3f}, {high:+.3f}]"
+            lines.append(f"| {part} | {name} | {len(diffs)} | {cell} | {verdict} |")
+    return "\n".join(lines)
+
+
+def cmd_paired(args: argparse.Namespace) -> None:
+    for path in args.runs:
+        runs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        binary = any(r.get("at-threshold") for r in runs)
+        print(f"### {Path(path).name}\n")
+        print(paired(runs, reference=args.reference) + "\n")
+        if binary:
+            print(paired(runs, reference=args.reference, metric=("at-threshold", "balanced-accuracy")) + "\n")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     for stem in args.sweeps:
@@ -264,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         s.set_defaults(func=fn)
         if name == "run":
             s.add_argument("--jobs", type=int, default=1, help="medflower sweep --jobs")
+    s = sub.add_parser("paired", help="paired differences against one strategy, from sweeps' runs.jsonl")
+    s.add_argument("runs", nargs="+", help="runs.jsonl files (e.g. bench/results/strategies60/*_runs.jsonl)")
+    s.add_argument("--reference", default="fedavg", help="the strategy every other is compared with")
+    s.set_defaults(func=cmd_paired)
     args = p.parse_args(argv)
     args.func(args)
     return 0
