@@ -13,17 +13,14 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from scriptkit import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def engine() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_engine", REPO / "bench" / "engine.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/engine.py", "bench_engine")
 
 
 @pytest.fixture

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from scriptkit import load_script
 
 from medflower.config import ExperimentConfig
 from medflower.models import SmallCNN, count_parameters
@@ -18,11 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/gpu_check.py", "gpu_check")
 
 
 def test_without_cuda_it_says_so_and_exits_2(gpu_check, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
