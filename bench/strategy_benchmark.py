@@ -286,7 +286,8 @@ def cmd_paired(args: argparse.Namespace) -> None:
     for path in args.runs:
         runs = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
         binary = any(r.get("at-threshold") for r in runs)
-        print(f"### {Path(path).name}\n")
+        name = Path(path).parent.name if Path(path).name == "runs.jsonl" else Path(path).name
+        print(f"### {name}\n")
         print(paired(runs, reference=args.reference) + "\n")
         if binary:
             print(paired(runs, reference=args.reference, metric=("at-threshold", "balanced-accuracy")) + "\n")
