@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from medflower.config import ExperimentConfig
 from medflower.data import load_dataset
 from medflower.models import build_model
+from medflower.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -41,4 +43,42 @@ def build_experiment_model(exp: ExperimentConfig) -> nn.Module:
         from medflower.dpcompat import make_dp_compatible
 
         model = make_dp_compatible(model, exp.model, in_channels=spec.in_channels, img_size=spec.img_size)
+    return model
+
+
+def initial_model(exp: ExperimentConfig) -> nn.Module:
+    """The network a run starts from: :func:`build_experiment_model`, then ``model.init``'s weights if set.
+
+    Why a separate function: only the coordinator (and ``compare``'s baselines, which must start where the
+    federation starts) read ``model.init``; sites build the same network and receive its weights. The file
+    must fit the network exactly (every key, every shape): a partial load would silently mix pretrained
+    and random layers. Errors name the file and the keys.
+    """
+    model = build_experiment_model(exp)
+    if exp.model.init is None:
+        return model
+    path = exp.resolve_path(exp.model.init)
+    if path is None or not path.is_file():
+        raise ConfigError(f"model.init: {path} is not a file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a corrupt or non-torch file: torch raises several kinds
+        raise ConfigError(f"model.init: cannot read {path} as a torch state dict: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"model.init: {path} holds no state dict (a mapping of names to tensors)")
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or extra or shapes:
+        parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else ""]
+        parts.append(f"shapes {shapes[:5]}" if shapes else "")
+        raise ConfigError(
+            f"model.init: {path} does not fit model {exp.model.name!r} as configured: "
+            + "; ".join(p for p in parts if p)
+        )
+    model.load_state_dict(state)
     return model

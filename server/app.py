@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
-from medflower.modelspec import build_experiment_model
+from medflower.modelspec import initial_model
 from medflower.runenv import default_output_dir
 from medflower.seeding import seed_everything
 from medflower.server.build import build_round
@@ -92,7 +92,7 @@ def federate(
     seed_everything(exp.seed)  # the initial model's weights (medflower.seeding)
     torch.set_num_threads(max(1, exp.train.num_threads))
     num_sites = num_sites or exp.partition.num_sites
-    model = build_experiment_model(exp)
+    model = initial_model(exp)  # seeded random weights, or model.init's
     parts = build_round(
         exp, num_sites=num_sites, site_directory=site_directory
     )  # the method (registry), privacy stage and screens

@@ -35,7 +35,7 @@ from medflower.client.train import make_loader, make_optimizer, train_epochs
 from medflower.config import ExperimentConfig
 from medflower.data import ArraySplit, load_dataset
 from medflower.device import Amp, inference_amp, pin_memory, resolve_amp
-from medflower.modelspec import build_experiment_model
+from medflower.modelspec import build_experiment_model, initial_model
 from medflower.server.app import FINAL_MODEL_FILE
 from medflower.simulation.measure import measure_shift
 from medflower.simulation.preview import md_table, site_tables, write_json
@@ -64,7 +64,7 @@ def train_baseline(
     on the CPU)."""
     amp = amp or Amp(torch.device("cpu"))
     torch.manual_seed(exp.seed)  # the server seeds the federation's initial model the same way
-    model = build_experiment_model(exp).to(amp.device)
+    model = initial_model(exp).to(amp.device)  # and reads model.init the same way
     torch.manual_seed(seed)
     loader = make_loader(split, exp.train.batch_size, seed, pin_memory=pin_memory(amp.device))
     train_epochs(
