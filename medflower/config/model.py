@@ -39,6 +39,6 @@ class ModelConfig:
     out_channels: int | None = rng_field(None, min=1)
     img_size: tuple[int, ...] | None = None
     # the coordinator's initial weights: a state-dict file (``torch.save(model.state_dict(), f)``, e.g. a
-    # previous run's final_model.pt, or a network pretrained on public images), relative to the YAML file.
+    # previous run's model.pt, or a network pretrained on public images), relative to the YAML file.
     # None: seeded random initialisation. Only the coordinator reads it: sites receive the weights.
     init: str | None = None
