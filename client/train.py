@@ -93,6 +93,28 @@ def train_epochs(
     amp = amp or Amp(torch.device("cpu"))
     scaler = amp.scaler()
     model.train()
+    with amp.training(model):
+        steps, last_n, last_loss = _epochs(
+            model, loader, optimizer, epochs, loss_fn, hooks, augment, amp, scaler, multiplicity
+        )
+    if not np.isfinite(last_loss):
+        raise FloatingPointError(f"local training diverged (loss={last_loss}); lower train.lr")
+    return TrainStats(num_examples=last_n, num_steps=steps, loss=last_loss)
+
+
+def _epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    loss_fn: nn.Module,
+    hooks: LocalHooks,
+    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+    amp: Amp,
+    scaler: torch.amp.GradScaler | None,
+    multiplicity: int,
+) -> tuple[int, int, float]:
+    """The loop of :func:`train_epochs`: (steps, images in the last epoch, its mean loss)."""
     steps, last_n, last_loss = 0, 0, math.nan
     for _ in range(epochs):
         # summed on the device: float() per step would wait for the GPU at every batch
@@ -128,6 +150,4 @@ def train_epochs(
             total += loss.detach().double() * images
             n += images
         last_n, last_loss = n, (float(total) / n if n else math.nan)
-    if not np.isfinite(last_loss):
-        raise FloatingPointError(f"local training diverged (loss={last_loss}); lower train.lr")
-    return TrainStats(num_examples=last_n, num_steps=steps, loss=last_loss)
+    return steps, last_n, last_loss

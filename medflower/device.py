@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from flwr.common.logger import log
+from torch import nn
 
 from medflower.schema import ConfigError
 
@@ -137,6 +138,50 @@ class Amp:
     def scaler(self) -> torch.amp.GradScaler | None:
         """A new ``GradScaler`` for fp16 (one per local training run), None otherwise."""
         return torch.amp.GradScaler(self.device.type) if self.uses_scaler else None
+
+    @contextlib.contextmanager
+    def training(self, model: nn.Module) -> Iterator[None]:
+        """Train ``model`` in this precision: on a CPU in bf16, 3D convolutions torch gets wrong run in fp32.
+
+        torch 2.13's oneDNN bf16 ``conv3d`` returns a wrong weight gradient when an input has a
+        spatial extent of 2 (measured against float32: relative error 0.96, and NaN or inf in about
+        3 % of steps, for every channel count from 1 to 64; extents 1 and 3-16 and all 2D
+        convolutions are right to bf16's 0.3 %). The bottom of a 3D U-Net on a 16^3 or 32^3 volume,
+        or of a CNN on 28^3, is such a layer. While ``model`` trains here, those layers leave
+        autocast for their forward pass (so their backward pass too runs in float32); with oneDNN off
+        bf16 would be right but 100x slower. Elsewhere (fp32, fp16/bf16 on CUDA) this does nothing.
+        """
+        if not (self.precision == "bf16" and self.device.type == "cpu"):
+            yield
+            return
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv3d) and any(k > 1 for k in m.kernel_size)]
+        handles = [h for m in convs for h in _guard(m)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for m in convs:
+                m.__dict__.pop("_medflower_autocast", None)
+
+
+def _guard(conv: nn.Module) -> tuple[Any, Any]:
+    return conv.register_forward_pre_hook(_float32_when_extent_2), conv.register_forward_hook(_restore_autocast)
+
+
+def _float32_when_extent_2(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook of :meth:`Amp.training`: an input with a spatial extent of 2 runs in float32."""
+    x = args[0]
+    was = torch.is_autocast_enabled("cpu")
+    module._medflower_autocast = was  # type: ignore[assignment]
+    if not (was and isinstance(x, torch.Tensor) and 2 in x.shape[2:]):
+        return None
+    torch.set_autocast_enabled("cpu", False)
+    return (x.float(), *args[1:])
+
+
+def _restore_autocast(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    torch.set_autocast_enabled("cpu", bool(getattr(module, "_medflower_autocast", True)))
 
 
 def _check_precision(precision: str, key: str) -> None:
