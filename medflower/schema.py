@@ -8,7 +8,7 @@ full key path (``strategy.params.eta``) and, for choices, list the valid values.
 * types follow the annotations (``int``, ``float``, ``bool``, ``str``, ``Literal``, ``Optional``,
   ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses);
 * range checks come from field metadata: ``field(default=..., metadata={"min": 0, "max": 1})``;
-  ``"exclusive_min": True`` makes the lower bound strict.
+  ``"exclusive_min": True`` makes the lower bound strict, ``"exclusive_max": True`` the upper.
 """
 
 from __future__ import annotations
@@ -121,8 +121,11 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any], path: str) -> None:
             raise ConfigError(f"{path}: must be > {lo}, got {value}")
         if not meta.get("exclusive_min") and not value >= lo:
             raise ConfigError(f"{path}: must be >= {lo}, got {value}")
-    if hi is not None and not value <= hi:
-        raise ConfigError(f"{path}: must be <= {hi}, got {value}")
+    if hi is not None:
+        if meta.get("exclusive_max") and not value < hi:
+            raise ConfigError(f"{path}: must be < {hi}, got {value}")
+        if not meta.get("exclusive_max") and not value <= hi:
+            raise ConfigError(f"{path}: must be <= {hi}, got {value}")
 
 
 @functools.cache

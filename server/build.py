@@ -18,6 +18,7 @@ from medflower import keys
 from medflower.config import ExperimentConfig
 from medflower.modelspec import build_experiment_model
 from medflower.server.identity import Identity, read_directory
+from medflower.server.release import ReleasedModel
 from medflower.server.screens import FiniteMetrics, LedgerRefusals, NormBound, Screen, SiteRefusals, UpdateShape
 from medflower.server.secagg import SecAggPlus
 from medflower.strategies.methods.fedbn import norm_state_keys
@@ -49,6 +50,7 @@ class RoundParts:
     directory_path: Path | None = None  # the coordinator's site directory (deployment); None: names from replies
     identity: Identity | None = None
     secure: SecAggPlus | None = None  # secure_aggregation.mode 'secagg+': the protocol replaces send/collect
+    release: ReleasedModel = field(default_factory=lambda: ReleasedModel(decay=0.0))  # strategy.ema_decay
 
     def refresh_identity(self) -> dict[int, str]:
         """Re-read the site directory (once per round): node id -> registered name."""
@@ -64,12 +66,14 @@ class RoundParts:
         return {
             "strategy": strategy_state_dict(self.strategy),
             "privacy": self.privacy.state_dict() if self.privacy is not None else {},
+            "release": self.release.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_strategy_state(self.strategy, state["strategy"])
         if self.privacy is not None:
             self.privacy.load_state_dict(dict(state.get("privacy") or {}))
+        self.release.load_state_dict(dict(state.get("release") or {}))
 
 
 def flower_kwargs(exp: ExperimentConfig, num_sites: int) -> dict[str, Any]:
@@ -155,4 +159,5 @@ def build_round(exp: ExperimentConfig, *, num_sites: int, site_directory: Path |
         directory_path=site_directory,
         identity=identity,
         secure=secure,
+        release=ReleasedModel(decay=exp.strategy.ema_decay),
     )

@@ -11,10 +11,12 @@ normal one. This pipeline calls the same Flower strategy methods for sampling an
   non-finite aggregate keeps the global model and rolls the strategy's state back; the global
   model's dtypes are restored, since Flower's FedAdam/FedMedian return float64); the privacy
   stage's uniform weights and ledger metrics;
-* evaluate: the sites' evaluation (screened, aggregated) and the server-side test;
+* release: the model the federation releases — the global model, or its moving average
+  (``strategy.ema_decay``, :mod:`medflower.server.release`); the sites train from the global model;
+* evaluate: the sites' evaluation (screened, aggregated) and the server-side test, of the released model;
 * record: the round's record, a progress line and the checkpoint callback.
 
-After the last round every site evaluates the final model on its own test split.
+After the last round every site evaluates the final released model on its own test split.
 """
 
 from __future__ import annotations
@@ -344,7 +346,7 @@ class RoundPipeline:
 
     def record(self, rec: RoundRecord, arrays: ArrayRecord, num_rounds: int) -> None:
         self.history.rounds.append(rec)
-        self.history.arrays = arrays
+        self.history.arrays = self.parts.release.current(arrays)
         log(
             INFO,
             "[round %d/%d] %d/%d sites | train %s | site-eval %s | global-test %s | %.1fs",
@@ -381,13 +383,14 @@ class RoundPipeline:
             rec.seconds = time.time() - t0
             self.history.rounds.append(rec)
             raise
-        ev, rec.evaluate_failures = self.evaluate_sites(server_round, arrays, ConfigRecord(dict(evaluate_config)))
+        released = self.parts.release.update(arrays) if rec.aggregated else self.parts.release.current(arrays)
+        ev, rec.evaluate_failures = self.evaluate_sites(server_round, released, ConfigRecord(dict(evaluate_config)))
         rec.refusals += self.refusals(ev, what="evaluation")
         rec.sites_evaluate = _site_metrics(ev.valid, self.names)
         rec.evaluate = aggregate_evaluate(self.parts, server_round, ev.valid)
         rec.val_score_histograms = summed_histograms(ev.valid, prefix="val-")
         if self.evaluate_fn is not None:
-            rec.global_test = self.evaluate_fn(server_round, arrays)
+            rec.global_test = self.evaluate_fn(server_round, released)
         rec.seconds = time.time() - t0
         return arrays, rec
 
@@ -440,7 +443,7 @@ def run_rounds(
         progress.round_ended(rnd, num_rounds, rec)
         if on_round_end is not None:
             on_round_end(rnd, arrays, hist)
-    hist.arrays = arrays
+    hist.arrays = parts.release.current(arrays)  # what the run saves (model.pt) and the sites test
     if final_site_test:
-        pipe.final_site_test(num_rounds, arrays, evaluate_config)
+        pipe.final_site_test(num_rounds, hist.arrays, evaluate_config)
     return hist

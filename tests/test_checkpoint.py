@@ -114,6 +114,21 @@ def test_resumed_model_is_the_checkpointed_one(tmp_path: Path, flower_identity) 
         np.testing.assert_array_equal(arrays[k].numpy(), a.numpy())
 
 
+def test_a_resumed_run_continues_the_released_average(tmp_path: Path, flower_identity) -> None:
+    exp = _exp(rounds=3)
+    exp = replace(exp, strategy=replace(exp.strategy, ema_decay=0.5))
+    run_server(InlineGrid(exp), exp, tmp_path / "whole", checkpoint_dir=tmp_path / "c1")
+    with pytest.raises(Crash):
+        run_server(InlineGrid(exp, crash_at_round=3), exp, tmp_path / "cut", checkpoint_dir=tmp_path / "c2")
+    run_server(InlineGrid(exp), exp, tmp_path / "cut", checkpoint_dir=tmp_path / "c2")
+    whole = torch.load(tmp_path / "whole" / "model.pt")
+    cut = torch.load(tmp_path / "cut" / "model.pt")
+    global_ = ck.load_checkpoint(tmp_path / "c1", exp).arrays  # what the sites train from
+    for k, v in whole.items():
+        torch.testing.assert_close(cut[k], v, rtol=0, atol=0)
+    assert any(not np.array_equal(whole[k].numpy(), global_[k].numpy()) for k in whole if whole[k].is_floating_point())
+
+
 def _strategy(exp):
     from medflower.server.build import build_round
 

@@ -32,6 +32,12 @@ class StrategyConfig:
     (the reported examples, but at most the size the site declared when it was registered, else
     at most ``weight_cap_multiple`` times the round's median): one site claiming 10^9 examples
     cannot dominate. Client-level DP always weighs uniformly.
+
+    ``ema_decay`` β > 0 releases, evaluates and saves an exponential moving average of the global
+    models instead of the last one (``released = β·released + (1−β)·global`` after each round, the
+    first round's global model as its start), while the sites keep training from the global model
+    (:mod:`medflower.server.release`). Averaging the iterates damps the random walk that DP-SGD's
+    noise drives in the weights; it is post-processing, so it costs no privacy budget. 0: off.
     """
 
     name: str = field(default="fedavg", metadata={"choices": STRATEGY_NAMES})
@@ -41,6 +47,7 @@ class StrategyConfig:
     max_update_norm: float | None = rng_field(None, min=0.0, exclusive_min=True)
     weighting: Literal["examples", "uniform", "capped"] = "examples"
     weight_cap_multiple: float = rng_field(3.0, min=1.0)  # capped: at most this many times the median
+    ema_decay: float = rng_field(0.0, min=0.0, max=1.0, exclusive_max=True)
 
     def __post_init__(self) -> None:
         self.typed_params()  # validate at load time
