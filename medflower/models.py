@@ -28,7 +28,7 @@ from medflower.config import ModelConfig
 from medflower.schema import ConfigError
 from medflower.smallcnn import GROUPS, SmallCNN
 
-CLASSIFIERS = ("cnn", "resnet18", "resnet34", "densenet121", "efficientnet-b0", "vit")
+CLASSIFIERS = ("cnn", "scatternet", "resnet18", "resnet34", "densenet121", "efficientnet-b0", "vit")
 SEGMENTERS = ("unet", "basicunet", "swinunetr")
 SIZE_HINT = "set data.size (or data.patch_size for segmentation) accordingly"
 
@@ -194,6 +194,13 @@ def build_model(
         return make(
             SmallCNN,
             {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels, "norm": cfg.norm},
+        )
+    if name == "scatternet":
+        from medflower.scatternet import ScatterNet  # kymatio, an optional dependency
+
+        return make(
+            ScatterNet,
+            {"spatial_dims": sd, "in_channels": in_channels, "out_channels": out_channels, "img_size": tuple(img_size)},
         )
     require_monai()  # every other model is MONAI's (or built from its blocks): imported on first use
     from monai.networks import nets

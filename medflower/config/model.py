@@ -9,6 +9,7 @@ from medflower.schema import rng_field
 
 ModelName = Literal[
     "cnn",
+    "scatternet",
     "resnet18",
     "resnet34",
     "densenet121",
