@@ -93,61 +93,42 @@ def train_epochs(
     amp = amp or Amp(torch.device("cpu"))
     scaler = amp.scaler()
     model.train()
-    with amp.training(model):
-        steps, last_n, last_loss = _epochs(
-            model, loader, optimizer, epochs, loss_fn, hooks, augment, amp, scaler, multiplicity
-        )
+    with amp.training(model):  # bf16 on a CPU: see Amp.training
+        steps, last_n, last_loss = 0, 0, math.nan
+        for _ in range(epochs):
+            # summed on the device: float() per step would wait for the GPU at every batch
+            total, n = torch.zeros((), dtype=torch.float64, device=amp.device), 0
+            for x, y in loader:
+                if len(x) == 0:  # Poisson sampling (DP) may draw an empty batch
+                    continue
+                images = len(x)
+                if augment is not None:
+                    if multiplicity > 1:
+                        x, y = x.repeat_interleave(multiplicity, 0), y.repeat_interleave(multiplicity, 0)
+                    x, y = augment(x, y)
+                x, y = to_device(x, amp.device), to_device(y, amp.device)
+                optimizer.zero_grad(set_to_none=True)
+                with amp.autocast():
+                    loss = loss_fn(logits_of(model(x)), y)
+                    objective = loss + hooks.extra_loss(model) if hooks.extra_loss else loss
+                if scaler is None:
+                    objective.backward()
+                else:
+                    scaler.scale(objective).backward()
+                    scaler.unscale_(optimizer)
+                if multiplicity > 1:
+                    average_copies(model, multiplicity)
+                if hooks.after_backward:
+                    hooks.after_backward(model)
+                if scaler is None:
+                    optimizer.step()
+                else:
+                    scaler.step(optimizer)  # skips the step when fp16 overflowed
+                    scaler.update()
+                steps += 1
+                total += loss.detach().double() * images
+                n += images
+            last_n, last_loss = n, (float(total) / n if n else math.nan)
     if not np.isfinite(last_loss):
         raise FloatingPointError(f"local training diverged (loss={last_loss}); lower train.lr")
     return TrainStats(num_examples=last_n, num_steps=steps, loss=last_loss)
-
-
-def _epochs(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    loss_fn: nn.Module,
-    hooks: LocalHooks,
-    augment: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
-    amp: Amp,
-    scaler: torch.amp.GradScaler | None,
-    multiplicity: int,
-) -> tuple[int, int, float]:
-    """The loop of :func:`train_epochs`: (steps, images in the last epoch, its mean loss)."""
-    steps, last_n, last_loss = 0, 0, math.nan
-    for _ in range(epochs):
-        # summed on the device: float() per step would wait for the GPU at every batch
-        total, n = torch.zeros((), dtype=torch.float64, device=amp.device), 0
-        for x, y in loader:
-            if len(x) == 0:  # Poisson sampling (DP) may draw an empty batch
-                continue
-            images = len(x)
-            if augment is not None:
-                if multiplicity > 1:
-                    x, y = x.repeat_interleave(multiplicity, 0), y.repeat_interleave(multiplicity, 0)
-                x, y = augment(x, y)
-            x, y = to_device(x, amp.device), to_device(y, amp.device)
-            optimizer.zero_grad(set_to_none=True)
-            with amp.autocast():
-                loss = loss_fn(logits_of(model(x)), y)
-                objective = loss + hooks.extra_loss(model) if hooks.extra_loss else loss
-            if scaler is None:
-                objective.backward()
-            else:
-                scaler.scale(objective).backward()
-                scaler.unscale_(optimizer)
-            if multiplicity > 1:
-                average_copies(model, multiplicity)
-            if hooks.after_backward:
-                hooks.after_backward(model)
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)  # skips the step when fp16 overflowed
-                scaler.update()
-            steps += 1
-            total += loss.detach().double() * images
-            n += images
-        last_n, last_loss = n, (float(total) / n if n else math.nan)
-    return steps, last_n, last_loss

@@ -62,7 +62,8 @@ class ScatterNet(nn.Module):
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if any(s % 2**j for s in img_size) or min(img_size) < 2 ** (j + 1):
             raise ValueError(
-                f"j: the image size {list(img_size)} must be a multiple of 2^j = {2**j}, and >= {2 ** (j + 1)}"
+                f"j: the image size {list(img_size)} must be a multiple of 2^j = {2**j}, and >= {2 ** (j + 1)}; "
+                "set data.size accordingly, or model.params.j"
             )
         self.scattering = _scattering(j, img_size)
         for name in list(self.scattering._buffers):  # fixed filters: keep them out of the state dict

@@ -64,7 +64,7 @@ class ReleasedModel:
         return ArrayRecord({k: Array(np.array(v, order="C")) for k, v in self._average.items()})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "average": None if self._average is None else dict(self._average)}
+        return {"average": None if self._average is None else dict(self._average)}  # decay: from the config
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         average = state.get("average")
