@@ -43,7 +43,33 @@ def build_experiment_model(exp: ExperimentConfig) -> nn.Module:
         from medflower.dpcompat import make_dp_compatible
 
         model = make_dp_compatible(model, exp.model, in_channels=spec.in_channels, img_size=spec.img_size)
+    if exp.model.freeze:
+        freeze_parameters(model, exp.model.freeze)
     return model
+
+
+def freeze_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> None:
+    """Stop training the parameters whose state-dict names start with one of ``prefixes`` (``model.freeze``).
+
+    Why by name prefix on the built network: both sides build it, so both agree on which parameters train
+    (SCAFFOLD's control variates and FedProx's proximal term cover the trainable ones only), and the names
+    are the ones a user reads in ``model.pt``. A prefix matches whole name components (``features.1`` does
+    not match ``features.10``). A prefix that matches nothing, or one that leaves nothing to train, is a
+    ConfigError naming it. Buffers are not parameters: a frozen BatchNorm still updates its running
+    statistics in training (medflower's networks use GroupNorm, which has none).
+    """
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ConfigError(
+                f"model.freeze: {prefix!r} matches no parameter of this model; its top-level modules: {', '.join(tops)}"
+            )
+    for n, p in model.named_parameters():
+        if any(n == prefix or n.startswith(prefix + ".") for prefix in prefixes):
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"model.freeze: {list(prefixes)} freezes every parameter: nothing would train")
 
 
 def initial_model(exp: ExperimentConfig) -> nn.Module:

@@ -43,3 +43,7 @@ class ModelConfig:
     # previous run's model.pt, or a network pretrained on public images), relative to the YAML file.
     # None: seeded random initialisation. Only the coordinator reads it: sites receive the weights.
     init: str | None = None
+    # parameter-name prefixes (as in the state dict, e.g. ``features`` or ``features.0``) that stay fixed:
+    # not trained, not sent changed, not noised. With ``init`` pretrained weights this is linear probing
+    # or partial fine-tuning; under DP-SGD the noise then falls on the trained parameters only.
+    freeze: tuple[str, ...] = ()

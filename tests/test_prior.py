@@ -1,0 +1,95 @@
+"""medflower prior: synthetic dead-leaves images, SimCLR's loss by hand, a seeded trunk that fits model.init."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import DenseNet121
+
+from medflower.cli import main as cli_main
+from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
+from medflower.modelspec import build_experiment_model, initial_model
+from medflower.prior import dead_leaves, last_linear, nt_xent, pretrain_prior, trunk_prefixes
+from medflower.schema import ConfigError
+from medflower.smallcnn import SmallCNN
+
+
+@pytest.mark.parametrize("textured", [False, True])
+def test_dead_leaves_are_images_in_range_and_seeded(textured: bool) -> None:
+    a = dead_leaves(3, size=(16, 12), channels=2, generator=torch.Generator().manual_seed(1), textured=textured)
+    b = dead_leaves(3, size=(16, 12), channels=2, generator=torch.Generator().manual_seed(1), textured=textured)
+    assert a.shape == (3, 2, 16, 12)
+    assert torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1
+    assert len(a.unique()) > 10  # many shapes, not a flat image
+
+
+def test_dead_leaves_in_3d() -> None:
+    x = dead_leaves(2, size=(8, 8, 8), channels=1, generator=torch.Generator().manual_seed(0), shapes=10)
+    assert x.shape == (2, 1, 8, 8, 8)
+
+
+def test_nt_xent_by_hand() -> None:
+    """Two images, both views equal one-hot vectors, temperature 1: each view scores its partner e^1 and
+    the two others e^0, so the loss is -log(e / (e + 2)) for all four."""
+    z = torch.eye(2)
+    assert nt_xent(z, z.clone(), temperature=1.0).item() == pytest.approx(math.log(1 + 2 / math.e), rel=1e-6)
+
+
+def test_the_head_is_the_last_linear_layer_and_the_rest_is_the_trunk() -> None:
+    model = SmallCNN(spatial_dims=2, in_channels=1, out_channels=2)
+    parent, attr = last_linear(model)
+    assert parent is model and attr == "head"
+    assert trunk_prefixes(model) == ["features"]
+    dense = DenseNet121(spatial_dims=2, in_channels=1, out_channels=2)  # head nested: class_layers.out
+    assert trunk_prefixes(dense) == ["features"]  # class_layers holds no other parameter
+    with pytest.raises(ConfigError, match="no nn.Linear head"):
+        last_linear(torch.nn.Conv2d(1, 1, 3))
+
+
+def _tiny() -> ExperimentConfig:
+    exp = quickstart_experiment()
+    return replace(exp, data=replace(exp.data, synthetic_samples=60))
+
+
+def test_pretraining_is_seeded_learns_and_keeps_the_seeded_head() -> None:
+    losses: list[float] = []
+    a = pretrain_prior(_tiny(), steps=40, batch_size=32, seed=3, progress=lambda s, loss: losses.append(loss))
+    b = pretrain_prior(_tiny(), steps=40, batch_size=32, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses[-1] < losses[0] - 0.1  # NT-Xent falls (4.12 -> 3.96 here): views of one image pair up
+    torch.manual_seed(3)
+    seeded = build_experiment_model(_tiny()).state_dict()
+    assert torch.equal(a["head.weight"], seeded["head.weight"])
+    assert not torch.equal(a["features.0.weight"], seeded["features.0.weight"])
+
+
+def test_the_file_fits_model_init_and_freeze(tmp_path: Path) -> None:
+    """The CLI end to end: the file it writes starts a run whose trunk is then frozen."""
+    exp_yaml = tmp_path / "exp.yaml"
+    exp_yaml.write_text("data: {kind: synthetic, synthetic_samples: 60}\nmodel: {name: cnn}\n")
+    assert (
+        cli_main(["prior", str(exp_yaml), "-o", str(tmp_path / "prior.pt"), "--steps", "2", "--batch-size", "8"]) == 0
+    )
+    exp = _tiny()
+    exp = replace(exp, model=replace(exp.model, init=str(tmp_path / "prior.pt"), freeze=("features",)))
+    model = initial_model(exp)
+    state = torch.load(tmp_path / "prior.pt", weights_only=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+
+
+def test_segmentation_is_refused() -> None:
+    exp = _tiny()
+    with pytest.raises(ConfigError, match="classification networks only"):
+        pretrain_prior(replace(exp, task="segmentation"), steps=1)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "bench" / "priors").glob("*.yaml")))
+def test_the_benchmark_priors_are_experiments(path: Path) -> None:
+    """bench/priors/*.yaml are what `medflower prior` reads (bench/RESULTS.md), not sweeps: they must load."""
+    assert load_experiment(path).task == "classification"
