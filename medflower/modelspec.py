@@ -58,15 +58,19 @@ def freeze_parameters(model: nn.Module, prefixes: tuple[str, ...]) -> None:
     ConfigError naming it. Buffers are not parameters: a frozen BatchNorm still updates its running
     statistics in training (medflower's networks use GroupNorm, which has none).
     """
+
+    def under(name: str, prefix: str) -> bool:
+        return name == prefix or name.startswith(prefix + ".")
+
     names = [n for n, _ in model.named_parameters()]
     for prefix in prefixes:
-        if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+        if not any(under(n, prefix) for n in names):
             tops = sorted({n.split(".")[0] for n in names})
             raise ConfigError(
                 f"model.freeze: {prefix!r} matches no parameter of this model; its top-level modules: {', '.join(tops)}"
             )
     for n, p in model.named_parameters():
-        if any(n == prefix or n.startswith(prefix + ".") for prefix in prefixes):
+        if any(under(n, prefix) for prefix in prefixes):
             p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"model.freeze: {list(prefixes)} freezes every parameter: nothing would train")

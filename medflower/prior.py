@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -98,18 +99,23 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
     """SimCLR's loss: each view must pick its partner among the other 2n - 1 views (cosine / temperature)."""
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     sim = z @ z.t() / temperature
-    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool), float("-inf"))
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
     n = len(z1)
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(sim, partner)
+
+
+def _head_name(model: nn.Module) -> str:
+    """The qualified name of the model's last ``nn.Linear``: the classifier head."""
+    found = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise ConfigError("model: no nn.Linear head to set aside: the prior pretrains classification networks only")
+    return found[-1]
 
 
 def last_linear(model: nn.Module) -> tuple[nn.Module, str]:
     """The classifier head: the parent and attribute name of the model's last ``nn.Linear``."""
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise ConfigError("model: no nn.Linear head to set aside: the prior pretrains classification networks only")
-    path = found[-1][0].split(".")
+    path = _head_name(model).split(".")
     parent = model.get_submodule(".".join(path[:-1])) if len(path) > 1 else model
     return parent, path[-1]
 
@@ -117,10 +123,7 @@ def last_linear(model: nn.Module) -> tuple[nn.Module, str]:
 def trunk_prefixes(model: nn.Module) -> list[str]:
     """The ``model.freeze`` prefixes that fix everything but the head (the last linear layer): each top-level
     module without the head, and the other parameters of the one that holds it (names as in the state dict)."""
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise ConfigError("model: no nn.Linear head to set aside: the prior pretrains classification networks only")
-    head = found[-1]
+    head = _head_name(model)
     top = head.split(".")[0]
     prefixes: list[str] = []
     for name, _ in model.named_parameters():
@@ -159,7 +162,9 @@ def pretrain_prior(
     device = resolve_device(exp.train.device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # images drawn on the CPU: the same on every device
-    model = build_experiment_model(exp)
+    # the network as the run builds it, but whole: the experiment's own model.freeze (the trunk, when it is
+    # the experiment the prior is for) must not stop the trunk from pretraining
+    model = build_experiment_model(replace(exp, model=replace(exp.model, freeze=())))
     spec = model_spec(exp)
     parent, attr = last_linear(model)
     head = getattr(parent, attr)

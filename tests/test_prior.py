@@ -93,3 +93,15 @@ def test_segmentation_is_refused() -> None:
 def test_the_benchmark_priors_are_experiments(path: Path) -> None:
     """bench/priors/*.yaml are what `medflower prior` reads (bench/RESULTS.md), not sweeps: they must load."""
     assert load_experiment(path).task == "classification"
+
+
+def test_the_experiment_s_own_freeze_does_not_stop_pretraining() -> None:
+    """`medflower prior examples/breastmnist_dp_prior.yaml`: that experiment freezes the very trunk the prior
+    pretrains; the prior must be the same as for the unfrozen network."""
+    exp = _tiny()
+    frozen = replace(exp, model=replace(exp.model, freeze=("features",)))
+    a = pretrain_prior(frozen, steps=3, batch_size=8, seed=1)
+    b = pretrain_prior(exp, steps=3, batch_size=8, seed=1)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(1)
+    assert not torch.equal(a["features.0.weight"], build_experiment_model(exp).state_dict()["features.0.weight"])
