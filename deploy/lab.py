@@ -51,6 +51,10 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = Path(__file__).resolve().parent
 LAB_ENV = {**FLOWER_ENV, "PYTHONUNBUFFERED": "1"}  # every lab process; unbuffered: logs are read live
 CONNECTION = "medflower"
+# `medflower node check` waits 5 s for the TCP connection by default (a hospital's firewall question);
+# the lab shares a CI machine's cores with ClientApps importing torch, and there one connection once
+# took longer: the lab's checks wait 30 s, so only a real block fails them
+NODE_CHECK_TIMEOUT = "30"
 COORDINATOR_NAME = "coordinator"  # the DNS name in the coordinator's certificate (nginx checks names only)
 
 
@@ -489,6 +493,8 @@ class Lab:
                 "--client-key",
                 str(site.tls_key),
                 *self.data_args(data),
+                "--timeout",
+                NODE_CHECK_TIMEOUT,
             ],
             check=False,
             timeout=60,

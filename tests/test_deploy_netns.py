@@ -43,7 +43,16 @@ import pytest
 from flwr.cli.build import build_fab_from_disk
 
 from medflower import __version__
-from medflower.deploy.lab import REPO, Lab, LabError, Site, netns_unavailable_reason, proxy_unavailable_reason, wait_for
+from medflower.deploy.lab import (
+    NODE_CHECK_TIMEOUT,
+    REPO,
+    Lab,
+    LabError,
+    Site,
+    netns_unavailable_reason,
+    proxy_unavailable_reason,
+    wait_for,
+)
 from medflower.deploy.labnet import environ
 from medflower.deploy.proxy import CERT_REFUSED
 
@@ -259,6 +268,8 @@ def test_a_hospital_without_a_valid_client_certificate_cannot_connect(lab: Lab) 
             str(site.tls_key),
             "--node-config",
             SIM_PARTITION.format(1),
+            "--timeout",
+            NODE_CHECK_TIMEOUT,
         ],
         check=False,
     )
