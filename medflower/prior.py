@@ -13,6 +13,12 @@ Use them with ``model.init`` and, to train only the head (linear probing), ``mod
 
 Nothing in Flower, MONAI or Opacus generates such images or pretrains this way, hence written here. The head
 (the network's last linear layer) is set aside during pretraining and keeps its seeded random initialisation.
+
+The synthetic images reach the network in the intensity range the experiment's data preparation gives real
+images (:func:`to_data_intensity`: MedMNIST's [-1, 1], the file readers' [0, 1] or per-image z-scores): a trunk
+pretrained on [0, 1] and then fed [-1, 1] MedMNIST images lost 0.03 AUC of its linear probe on BreastMNIST
+(bench/RESULTS.md, stage 20). The mapping is fixed per ``data.kind``/``data.intensity`` (or per image), never
+fitted to the data, so the prior stays data-free.
 """
 
 from __future__ import annotations
@@ -26,11 +32,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from medflower.config import ExperimentConfig
+from medflower.config.data import FILE_KINDS, DataConfig
 from medflower.device import resolve_device
 from medflower.modelspec import build_experiment_model, model_spec
 from medflower.schema import ConfigError
 
-__all__ = ["augment", "dead_leaves", "last_linear", "nt_xent", "pretrain_prior", "trunk_prefixes"]
+__all__ = [
+    "augment",
+    "dead_leaves",
+    "last_linear",
+    "nt_xent",
+    "pretrain_prior",
+    "to_data_intensity",
+    "trunk_prefixes",
+]
 
 
 def dead_leaves(
@@ -93,6 +108,30 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     y = (y - 0.5) * (0.6 + 0.8 * torch.rand(b, generator=generator)) + 0.5
     y = y + (torch.rand(b, generator=generator) - 0.5) * 0.4
     return y + torch.randn(y.shape, generator=generator) * 0.05 * torch.rand(b, generator=generator)
+
+
+def to_data_intensity(x: torch.Tensor, data: DataConfig) -> torch.Tensor:
+    """Synthetic views (about [0, 1]) brought to the intensities ``data``'s preparation gives real images.
+
+    medmnist: uint8/127.5 - 1, so [0, 1] maps to [-1, 1] (:mod:`medflower.data.medmnist`); file kinds
+    (:mod:`medflower.data.readers`): ``minmax`` scales each image to [0, 1], ``zscore`` each image and channel
+    to mean 0, sd 1, ``window`` clips to [0, 1]; ``none`` (the stored values, whose range only the data know) and
+    the ``synthetic`` kinds' float blobs: unchanged. Per image or fixed, never a statistic of the data set: the
+    prior stays data-free.
+    """
+    if data.kind == "medmnist":
+        return x * 2.0 - 1.0
+    if data.kind not in FILE_KINDS:
+        return x
+    dims = tuple(range(2, x.dim()))
+    if data.intensity == "minmax":
+        lo, hi = x.amin(dim=(1, *dims), keepdim=True), x.amax(dim=(1, *dims), keepdim=True)
+        return (x - lo) / (hi - lo).clamp_min(1e-6)
+    if data.intensity == "zscore":
+        return (x - x.mean(dim=dims, keepdim=True)) / x.std(dim=dims, keepdim=True, unbiased=False).clamp_min(1e-6)
+    if data.intensity == "window":
+        return x.clamp(0.0, 1.0)
+    return x
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -177,7 +216,7 @@ def pretrain_prior(
     opt = torch.optim.Adam([*model.parameters(), *proj.parameters()], lr=lr)
     for step in range(steps):
         x = dead_leaves(batch_size, size=spec.img_size, channels=spec.in_channels, generator=gen, textured=textured)
-        v1, v2 = augment(x, gen).to(device), augment(x, gen).to(device)
+        v1, v2 = (to_data_intensity(augment(x, gen), exp.data).to(device) for _ in range(2))
         loss = nt_xent(proj(model(v1).flatten(1)), proj(model(v2).flatten(1)))
         opt.zero_grad()
         loss.backward()

@@ -12,8 +12,10 @@ from monai.networks.nets import DenseNet121
 
 from medflower.cli import main as cli_main
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
+from medflower.config.data import DataConfig
+from medflower.data.medmnist import _to_nchw
 from medflower.modelspec import build_experiment_model, initial_model
-from medflower.prior import dead_leaves, last_linear, nt_xent, pretrain_prior, trunk_prefixes
+from medflower.prior import dead_leaves, last_linear, nt_xent, pretrain_prior, to_data_intensity, trunk_prefixes
 from medflower.schema import ConfigError
 from medflower.smallcnn import SmallCNN
 
@@ -31,6 +33,26 @@ def test_dead_leaves_are_images_in_range_and_seeded(textured: bool) -> None:
 def test_dead_leaves_in_3d() -> None:
     x = dead_leaves(2, size=(8, 8, 8), channels=1, generator=torch.Generator().manual_seed(0), shapes=10)
     assert x.shape == (2, 1, 8, 8, 8)
+
+
+def test_synthetic_views_get_the_intensities_the_data_preparation_gives() -> None:
+    """Each data.kind / data.intensity, against the preparation real images get (MedMNIST's loader, MONAI's
+    transforms as medflower.data.readers applies them, per image)."""
+    import monai.transforms as mt
+
+    x = dead_leaves(3, size=(8, 8), channels=2, generator=torch.Generator().manual_seed(0)) * 0.8 + 0.1
+    u8 = (x * 255).round().to(torch.uint8)
+    medmnist = DataConfig(kind="medmnist", path="x.npz")
+    want = torch.from_numpy(_to_nchw(u8[:, 0].numpy(), Path("x.npz"), "train_images"))  # grey (N, rows, columns)
+    assert torch.allclose(to_data_intensity(u8[:, :1].float() / 255, medmnist), want, atol=1e-6)
+    files = lambda intensity, **kw: DataConfig(kind="folders", path="d", intensity=intensity, **kw)  # noqa: E731
+    for i in range(3):
+        got = to_data_intensity(x, files("minmax"))[i]
+        assert torch.allclose(got, torch.as_tensor(mt.ScaleIntensity(minv=0.0, maxv=1.0)(x[i])), atol=1e-6)
+        got = to_data_intensity(x, files("zscore"))[i]
+        assert torch.allclose(got, torch.as_tensor(mt.NormalizeIntensity(channel_wise=True)(x[i])), atol=1e-5)
+    assert to_data_intensity(x * 1.5 - 0.2, files("window", window=(0, 255))).min() == 0  # clipped as the reader
+    assert torch.equal(to_data_intensity(x, files("none")), x)
 
 
 def test_nt_xent_by_hand() -> None:
