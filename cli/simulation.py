@@ -93,8 +93,8 @@ def _prior(args: argparse.Namespace) -> int:
     out = Path(args.output)
     print(
         f"medflower: pretraining the trunk of model {exp.model.name!r} on synthetic dead-leaves images "
-        f"({args.steps} steps of {args.batch_size}), rendered in the intensities data.{exp.data.kind!r}'s "
-        "preparation gives; no image is read, the data set gives only the image size and channels",
+        f"({args.steps} steps of {args.batch_size}) in the intensities data.kind {exp.data.kind!r} gives real "
+        "images; no image is read, the data set gives only the image size and channels",
         flush=True,
     )
     state = pretrain_prior(

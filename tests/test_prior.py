@@ -14,7 +14,7 @@ from medflower.cli import main as cli_main
 from medflower.config import ExperimentConfig, load_experiment, quickstart_experiment
 from medflower.config.data import DataConfig
 from medflower.data.medmnist import _to_nchw
-from medflower.modelspec import build_experiment_model, initial_model
+from medflower.modelspec import build_experiment_model, initial_model, model_spec
 from medflower.prior import dead_leaves, last_linear, nt_xent, pretrain_prior, to_data_intensity, trunk_prefixes
 from medflower.schema import ConfigError
 from medflower.smallcnn import SmallCNN
@@ -88,6 +88,31 @@ def test_pretraining_is_seeded_learns_and_keeps_the_seeded_head() -> None:
     seeded = build_experiment_model(_tiny()).state_dict()
     assert torch.equal(a["head.weight"], seeded["head.weight"])
     assert not torch.equal(a["features.0.weight"], seeded["features.0.weight"])
+
+
+def test_pretraining_feeds_the_network_the_data_s_intensities(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file-kind experiment with per-image z-scores: every view the trunk sees during pretraining has mean 0
+    and sd 1 per image and channel (raw dead leaves lie in [0, 1], mean ~0.5). The network and image size come
+    from the synthetic quick start (no folder is read); only ``data`` tells the prior the intensities."""
+    import medflower.prior as prior_module
+
+    tiny = _tiny()
+    seen: list[torch.Tensor] = []
+
+    def recording(e: ExperimentConfig) -> torch.nn.Module:
+        m = build_experiment_model(replace(tiny, model=e.model))
+        m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+        return m
+
+    monkeypatch.setattr(prior_module, "build_experiment_model", recording)
+    monkeypatch.setattr(prior_module, "model_spec", lambda _e: model_spec(tiny))
+    exp = replace(tiny, data=DataConfig(kind="folders", path="unused", intensity="zscore"))
+    pretrain_prior(exp, steps=2, batch_size=8)
+    views = seen[1:]  # the first forward is the zero image that measures the trunk's width
+    assert len(views) == 4  # 2 steps x 2 views
+    for v in views:
+        assert torch.allclose(v.mean(dim=(2, 3)), torch.zeros(v.shape[:2]), atol=1e-5)
+        assert torch.allclose(v.std(dim=(2, 3), unbiased=False), torch.ones(v.shape[:2]), atol=1e-4)
 
 
 def test_the_file_fits_model_init_and_freeze(tmp_path: Path) -> None:
