@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from medflower.runenv import default_output_dir
@@ -91,6 +92,16 @@ def _prior(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.experiment)
     out = Path(args.output)
+    init = None
+    if args.init is not None:
+        try:
+            init = torch.load(args.init, map_location="cpu", weights_only=True)
+        except Exception as err:  # a corrupt or non-torch file: torch raises several kinds
+            print(f"medflower prior: --init {args.init}: cannot read it as a torch state dict: {err}", file=sys.stderr)
+            return 2
+        if not isinstance(init, dict):
+            print(f"medflower prior: --init {args.init}: holds no state dict", file=sys.stderr)
+            return 2
     print(
         f"medflower: pretraining the trunk of model {exp.model.name!r} on synthetic dead-leaves images "
         f"({args.steps} steps of {args.batch_size}) in the intensities data.kind {exp.data.kind!r} gives real "
@@ -104,11 +115,16 @@ def _prior(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         textured=args.textured,
+        init=init,
+        whiten_samples=args.whiten_samples,
+        whiten_shrinkage=args.whiten_shrinkage,
         progress=print_progress(time.time()),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
     trunk = trunk_prefixes(build_experiment_model(exp))
+    if exp.model.whiten_features:
+        print(f"the head's whitening (model.whiten_features) is fitted on {args.whiten_samples} synthetic images")
     print(
         f"wrote {out}. In the experiment: model.init: <this file> (absolute, or relative to the YAML); "
         f"to train only the head under DP-SGD (linear probing), also model.freeze: {trunk}"
@@ -190,4 +206,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="initial weights and images (default 0)")
     p.add_argument("--textured", action="store_true", help="dead leaves with oriented gratings")
+    p.add_argument(
+        "--init",
+        help="start from this earlier prior's trunk (same network; its head is not used); with --steps 0 only adds "
+        "what the experiment asks for now, e.g. model.whiten_features",
+    )
+    p.add_argument(
+        "--whiten-samples",
+        type=int,
+        default=2048,
+        help="synthetic images the whitening of model.whiten_features is fitted on (default 2048)",
+    )
+    p.add_argument(
+        "--whiten-shrinkage",
+        type=float,
+        default=0.1,
+        help="added to the whitening's eigenvalues, as a fraction of their mean (default 0.1; 0: full whitening)",
+    )
     p.set_defaults(func=_prior)

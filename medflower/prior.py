@@ -19,6 +19,11 @@ images (:func:`to_data_intensity`: MedMNIST's [-1, 1], the file readers' [0, 1] 
 pretrained on [0, 1] and then fed [-1, 1] MedMNIST images lost 0.03 AUC of its linear probe on BreastMNIST
 (bench/RESULTS.md, stage 20). The mapping is fixed per ``data.kind``/``data.intensity`` (or per image), never
 fitted to the data, so the prior stays data-free.
+
+With ``model.whiten_features`` the prior also fits the head's whitening (:class:`medflower.modelspec.WhitenedHead`)
+on the trunk's features of synthetic images (:func:`whitening`), again without reading data: DP-SGD's clipped,
+isotropically noised steps train a head on centred, unit-scale features faster than on the raw pooled tanh features,
+whose common mean dominates their norm (bench/RESULTS.md, stage 24).
 """
 
 from __future__ import annotations
@@ -34,17 +39,20 @@ from torch import nn
 from medflower.config import ExperimentConfig
 from medflower.config.data import FILE_KINDS, DataConfig
 from medflower.device import resolve_device
-from medflower.modelspec import build_experiment_model, model_spec
+from medflower.modelspec import WhitenedHead, build_experiment_model, head_name, last_linear, model_spec
 from medflower.schema import ConfigError
 
 __all__ = [
     "augment",
     "dead_leaves",
     "last_linear",
+    "load_trunk",
     "nt_xent",
     "pretrain_prior",
+    "synthetic_features",
     "to_data_intensity",
     "trunk_prefixes",
+    "whitening",
 ]
 
 
@@ -144,25 +152,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
     return F.cross_entropy(sim, partner)
 
 
-def _head_name(model: nn.Module) -> str:
-    """The qualified name of the model's last ``nn.Linear``: the classifier head."""
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise ConfigError("model: no nn.Linear head to set aside: the prior pretrains classification networks only")
-    return found[-1]
-
-
-def last_linear(model: nn.Module) -> tuple[nn.Module, str]:
-    """The classifier head: the parent and attribute name of the model's last ``nn.Linear``."""
-    path = _head_name(model).split(".")
-    parent = model.get_submodule(".".join(path[:-1])) if len(path) > 1 else model
-    return parent, path[-1]
-
-
 def trunk_prefixes(model: nn.Module) -> list[str]:
     """The ``model.freeze`` prefixes that fix everything but the head (the last linear layer): each top-level
     module without the head, and the other parameters of the one that holds it (names as in the state dict)."""
-    head = _head_name(model)
+    head = head_name(model)
     top = head.split(".")[0]
     prefixes: list[str] = []
     for name, _ in model.named_parameters():
@@ -174,6 +167,47 @@ def trunk_prefixes(model: nn.Module) -> list[str]:
     return prefixes
 
 
+# the shrinkage of the whitening's eigenvalues, as a fraction of their mean. In the pooled DP-SGD simulation of the
+# head (bench/dp_head_sim.py; bench/RESULTS.md, stage 24) 0, 0.1 and 1 tied on validation, averaged over BreastMNIST
+# and AdrenalMNIST3D (0.841, 0.841, 0.834); 0.1 amplifies least what the synthetic images barely vary in of the two best
+WHITEN_SHRINKAGE = 0.1
+
+
+def whitening(features: torch.Tensor, *, shrinkage: float = WHITEN_SHRINKAGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, transform)`` that whiten ``features`` ``(n, d)``: ``(f - mean) @ transform`` has (about) unit
+    covariance. ZCA form, ``transform = V diag((lambda + shrinkage * mean(lambda))^-1/2) V^T`` from the
+    eigendecomposition of the sample covariance: symmetric, so it keeps the features' own axes, and the
+    shrinkage (a fraction of the mean eigenvalue added to every eigenvalue) keeps directions in which the
+    synthetic images barely vary from being blown up when real images do vary there."""
+    if features.dim() != 2 or features.shape[0] < 2:
+        raise ValueError(f"features must be (n >= 2, d), got shape {tuple(features.shape)}")
+    if shrinkage < 0:
+        raise ValueError(f"shrinkage must be >= 0, got {shrinkage}")
+    f = features.double()
+    mean = f.mean(0)
+    evals, evecs = torch.linalg.eigh(torch.cov(f.T).reshape(f.shape[1], f.shape[1]))
+    evals = evals.clamp_min(0.0)
+    scale = (evals + shrinkage * evals.mean()).clamp_min(1e-12).rsqrt()
+    return mean.float(), ((evecs * scale) @ evecs.T).float()
+
+
+def synthetic_features(
+    model: nn.Module, exp: ExperimentConfig, *, samples: int, generator: torch.Generator, batch_size: int = 256
+) -> torch.Tensor:
+    """The features ``model`` (its head set aside) gives ``samples`` synthetic dead-leaves images, augmented and
+    in the data's intensities exactly as pretraining shows them: the statistics :func:`whitening` is fitted on."""
+    spec = model_spec(exp)
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, samples, batch_size):
+            n = min(batch_size, samples - start)
+            x = dead_leaves(n, size=spec.img_size, channels=spec.in_channels, generator=generator)
+            out.append(model(to_data_intensity(augment(x, generator), exp.data).to(device)).flatten(1).cpu())
+    return torch.cat(out)
+
+
 def pretrain_prior(
     exp: ExperimentConfig,
     *,
@@ -182,20 +216,33 @@ def pretrain_prior(
     lr: float = 1e-3,
     seed: int = 0,
     textured: bool = False,
+    init: dict[str, torch.Tensor] | None = None,
+    whiten_samples: int = 2048,
+    whiten_shrinkage: float = WHITEN_SHRINKAGE,
     progress: Callable[[int, float], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The state dict of ``exp``'s network with its trunk pretrained on synthetic dead-leaves images.
 
     ``steps`` Adam steps on ``batch_size`` fresh images each (two SimCLR views of every image), on
     ``train.device`` (CUDA when present); ``seed`` fixes the initial weights and every image, so on one device
-    the result is the same file each time. ``progress(step, loss)`` is called every 100 steps and at the end.
-    The file fits ``model.init`` of any experiment with the same ``model`` and data shape.
+    the result is the same file each time. ``init``: start from this state dict's trunk (an earlier prior of
+    the same network, with or without ``model.whiten_features``; its head is not used), so ``steps=0`` only
+    adds what the experiment asks for now. With ``model.whiten_features`` the head's whitening is then fitted
+    on the trunk's features of ``whiten_samples`` synthetic images (:func:`whitening`, ``whiten_shrinkage``).
+    ``progress(step, loss)`` is called every 100 steps and at the end. The file fits ``model.init`` of any
+    experiment with the same ``model`` and data shape.
     """
     if exp.task != "classification":
         raise ConfigError(f"medflower prior: task {exp.task!r}: the prior pretrains classification networks only")
-    for name, value in (("steps", steps), ("batch_size", batch_size)):
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value, least in (
+        ("steps", steps, 0),
+        ("batch_size", batch_size, 1),
+        ("whiten_samples", whiten_samples, 2),
+    ):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    if steps == 0 and init is None:
+        raise ValueError("steps must be >= 1 without init: 0 steps from random weights is no prior")
     if lr <= 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     device = resolve_device(exp.train.device)
@@ -205,6 +252,8 @@ def pretrain_prior(
     # the experiment the prior is for) must not stop the trunk from pretraining
     model = build_experiment_model(replace(exp, model=replace(exp.model, freeze=())))
     spec = model_spec(exp)
+    if init is not None:
+        load_trunk(model, init)
     parent, attr = last_linear(model)
     head = getattr(parent, attr)
     setattr(parent, attr, nn.Identity())  # the trunk's features, flattened, while pretraining
@@ -223,8 +272,35 @@ def pretrain_prior(
         opt.step()
         if progress is not None and (step % 100 == 0 or step == steps - 1):
             progress(step, loss.item())
+    if exp.model.whiten_features:  # parent is the WhitenedHead, still the identity map: raw features
+        parent.mean, parent.transform = (
+            t.to(device)
+            for t in whitening(
+                synthetic_features(model, exp, samples=whiten_samples, generator=gen), shrinkage=whiten_shrinkage
+            )
+        )
     setattr(parent, attr, head)
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def load_trunk(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy every parameter and buffer of ``model`` outside its head from ``state`` (names as in the state dict;
+    a head wrapped by ``model.whiten_features`` or not, the trunk's names are the same). A missing or
+    mis-shaped trunk entry is a ConfigError naming it: a partial load would mix pretrained and random layers."""
+    root = head_root(model)
+    own = model.state_dict()
+    trunk = {k: v for k, v in own.items() if not k.startswith(root + ".")}
+    bad = [k for k, v in trunk.items() if k not in state or state[k].shape != v.shape]
+    if bad:
+        raise ConfigError(f"init: the state dict does not hold this model's trunk: missing or mis-shaped {bad[:5]}")
+    model.load_state_dict({**own, **{k: state[k] for k in trunk}})
+
+
+def head_root(model: nn.Module) -> str:
+    """The head's name with its whitening, if any: the last linear layer, or the WhitenedHead around it."""
+    name = head_name(model)
+    parent = name.rsplit(".", 1)[0] if "." in name else ""
+    return parent if parent and isinstance(model.get_submodule(parent), WhitenedHead) else name
 
 
 def print_progress(start: float) -> Callable[[int, float], None]:

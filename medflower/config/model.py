@@ -47,3 +47,9 @@ class ModelConfig:
     # not trained, not sent changed, not noised. With ``init`` pretrained weights this is linear probing
     # or partial fine-tuning; under DP-SGD the noise then falls on the trained parameters only.
     freeze: tuple[str, ...] = ()
+    # the head sees the trunk's features through a fixed whitening (mean and inverse square root of the covariance
+    # of the trunk's features on `medflower prior`'s synthetic images; buffers, never trained). For DP linear
+    # probing: DP-SGD clips and noises every direction alike, so features with one dominant direction (their
+    # mean) and a 7x spread of scales train slowly under it. Needs a model.init written by `medflower prior`
+    # for this model (medflower.modelspec.WhitenedHead, docs/privacy.md).
+    whiten_features: bool = False

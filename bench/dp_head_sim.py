@@ -1,0 +1,138 @@
+"""Why a DP-SGD head on a prior's frozen features stops short: a pooled DP-SGD simulation, with and without noise.
+
+    python bench/dp_head_sim.py EXPERIMENT.yaml PRIOR.pt [--epochs 120] [--batch-size 96] [--lr 0.1 0.3 1 3]
+
+Builds ``EXPERIMENT``'s network, loads ``PRIOR.pt``'s trunk (a ``medflower prior`` file, whitened or not) and takes the
+trunk's features of every train / val / test image, prepared as a run prepares them. Then it trains a linear
+softmax head on all training images in one place (no federation) by DP-SGD as Opacus does it: Poisson sampling
+at rate batch/n, each per-sample gradient clipped to norm 1, Gaussian noise of the multiplier Opacus' RDP
+accountant gives for epsilon 8 (delta 1e-5) over the whole run, plain SGD at ``lr`` from a zero head. Each
+input map of the features is run at each ``lr``, 3 noise seeds, and once without noise (clipping only):
+
+- ``raw``: the features as the trunk gives them;
+- ``syn-white``: whitened by :func:`medflower.prior.whitening` fitted on the trunk's features of synthetic images
+  (what ``model.whiten_features`` does, shrinkage 0.1), and the shrinkage 0 and 1 variants;
+- ``real-std``: standardised per feature by the training images' own mean and sd, an oracle (a private run cannot
+  use these statistics without spending budget on them).
+
+It prints validation and test AUC, mean over the noise seeds, and the noise-free run's. Why: the federated
+sweeps take minutes per run; this shows in seconds whether the head is limited by the noise or by the
+optimisation (the noise-free column), and which input map trains faster. Binary tasks; not a test, not a
+benchmark of speed; the numbers of bench/RESULTS.md stage 24.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from opacus.accountants.utils import get_noise_multiplier
+
+from medflower.config import load_experiment
+from medflower.data.registry import load_dataset
+from medflower.metrics import roc_auc
+from medflower.modelspec import build_experiment_model, last_linear
+from medflower.prior import load_trunk, synthetic_features, whitening
+
+Map = Callable[[torch.Tensor], torch.Tensor]
+
+
+def dp_sgd_head(
+    x: dict[str, torch.Tensor],
+    y: dict[str, torch.Tensor],
+    *,
+    lr: float,
+    batch_size: int,
+    steps: int,
+    sigma: float,
+    seed: int,
+    clip: float = 1.0,
+) -> tuple[float, float]:
+    """(val AUC, test AUC) of a softmax head trained by DP-SGD on ``x['train']`` (closed-form per-sample grads)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, classes = len(x["train"]), int(y["train"].max()) + 1
+    xt = torch.cat([x["train"], torch.ones(n, 1)], 1)
+    w = torch.zeros(xt.shape[1], classes)
+    q = batch_size / n
+    for _ in range(steps):
+        take = torch.rand(n, generator=gen) < q
+        xb, yb = xt[take], y["train"][take]
+        err = torch.softmax(xb @ w, 1)
+        err[torch.arange(len(yb)), yb] -= 1
+        g = xb[:, :, None] * err[:, None, :]
+        g = g * (clip / g.flatten(1).norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None, None]
+        w -= lr * (g.sum(0) + torch.randn(w.shape, generator=gen) * sigma * clip) / batch_size
+    out = []
+    for k in ("val", "test"):
+        s = torch.cat([x[k], torch.ones(len(x[k]), 1)], 1) @ w
+        out.append(roc_auc(s[:, 1] - s[:, 0], y[k]))
+    return out[0], out[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiment", type=Path)
+    ap.add_argument("prior", type=Path)
+    ap.add_argument("--epochs", type=float, default=120.0, help="passes over the pooled training set (default 120)")
+    ap.add_argument("--batch-size", type=int, default=96, help="expected batch (default 96)")
+    ap.add_argument("--lr", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
+    ap.add_argument("--synthetic", type=int, default=2048, help="synthetic images for the whitening (default 2048)")
+    args = ap.parse_args()
+    exp = load_experiment(args.experiment)
+    exp = replace(exp, model=replace(exp.model, whiten_features=False, freeze=(), init=None))
+    data = load_dataset(exp)
+    model = build_experiment_model(exp)
+    load_trunk(model, torch.load(args.prior, map_location="cpu", weights_only=True))
+    parent, attr = last_linear(model)
+    setattr(parent, attr, torch.nn.Identity())
+    model.eval()
+    with torch.no_grad():
+        feats = {
+            k: torch.cat([model(t[i : i + 256]).flatten(1) for i in range(0, len(t), 256)])
+            for k in ("train", "val", "test")
+            for t in [torch.from_numpy(data.split(k).images)]
+        }
+    ys = {k: torch.from_numpy(data.split(k).targets).long().view(-1) for k in feats}
+    syn = synthetic_features(model, exp, samples=args.synthetic, generator=torch.Generator().manual_seed(123))
+    mu, sd = feats["train"].mean(0), feats["train"].std(0)
+
+    def white(shrinkage: float) -> Map:
+        m, t = whitening(syn, shrinkage=shrinkage)
+        return lambda f: (f - m) @ t
+
+    maps: dict[str, Map] = {
+        "raw": lambda f: f,
+        "syn-white (0.1)": white(0.1),
+        "syn-white (0)": white(0.0),
+        "syn-white (1)": white(1.0),
+        "real-std (oracle)": lambda f: (f - mu) / sd,
+    }
+    n = len(feats["train"])
+    steps = int(args.epochs * n / args.batch_size)
+    sigma = get_noise_multiplier(
+        target_epsilon=8.0, target_delta=1e-5, sample_rate=args.batch_size / n, steps=steps, accountant="rdp"
+    )
+    norm = feats["train"].norm(dim=1).mean().item()
+    centred = (feats["train"] - mu).norm(dim=1).mean().item()
+    print(f"{args.prior} on {exp.data.path}: {n} training images, {feats['train'].shape[1]} features")
+    print(f"mean feature norm {norm:.2f}, of the mean vector {mu.norm():.2f}, centred {centred:.2f}")
+    print(f"DP-SGD: expected batch {args.batch_size}, {steps} steps, noise multiplier {sigma:.2f} (epsilon 8)")
+    print("| input map | lr | val AUC (DP) | test AUC (DP) | val AUC (no noise) | test AUC (no noise) |")
+    print("|---|---|---|---|---|---|")
+    for name, fmap in maps.items():
+        x = {k: fmap(v) for k, v in feats.items()}
+        for lr in args.lr:
+            runs = [
+                dp_sgd_head(x, ys, lr=lr, batch_size=args.batch_size, steps=steps, sigma=sigma, seed=s)
+                for s in range(3)
+            ]
+            clean = dp_sgd_head(x, ys, lr=lr, batch_size=args.batch_size, steps=steps, sigma=0.0, seed=0)
+            val, test = (sum(r[i] for r in runs) / len(runs) for i in (0, 1))
+            print(f"| {name} | {lr:g} | {val:.3f} | {test:.3f} | {clean[0]:.3f} | {clean[1]:.3f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
