@@ -63,6 +63,12 @@ def test_whitening_refuses_what_it_cannot_fit() -> None:
         whitening(torch.ones(3, 2), shrinkage=-0.1)
 
 
+def test_client_level_dp_is_refused_naming_both_keys() -> None:
+    """Flower's client-level DP wrappers noise every array the coordinator aggregates: the whitening's too."""
+    with pytest.raises(ConfigError, match=r"model.whiten_features cannot be combined with privacy.mode 'client'"):
+        _tiny(privacy="client")
+
+
 def test_the_whitened_head_by_hand() -> None:
     lin = torch.nn.Linear(2, 1)
     with torch.no_grad():

@@ -84,6 +84,12 @@ class ExperimentConfig:
                 "would compute and clip per-sample gradients in 16 bits, whose rounding can leave a clipped "
                 "gradient above privacy.max_grad_norm and weaken the guarantee; use train.precision 'fp32'"
             )
+        if self.model.whiten_features and self.privacy.mode == "client":
+            raise ConfigError(
+                "model.whiten_features cannot be combined with privacy.mode 'client': client-level DP noises every "
+                "array of the global model, the head's fixed whitening included; use privacy.mode 'sample' "
+                "(DP-SGD noises the trained parameters only) or model.whiten_features: false"
+            )
         self.check_secure_aggregation()
 
     def check_secure_aggregation(self) -> None:

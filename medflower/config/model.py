@@ -51,5 +51,6 @@ class ModelConfig:
     # of the trunk's features on `medflower prior`'s synthetic images; buffers, never trained). For DP linear
     # probing: DP-SGD clips and noises every direction alike, so features with one dominant direction (their
     # mean) and a 7x spread of scales train slowly under it. Needs a model.init written by `medflower prior`
-    # for this model (medflower.modelspec.WhitenedHead, docs/privacy.md).
+    # for this model (medflower.modelspec.WhitenedHead, docs/privacy.md). Refused with privacy.mode 'client', whose
+    # noise falls on every array the coordinator sends, these buffers included.
     whiten_features: bool = False
