@@ -2,11 +2,12 @@
 
     python bench/prior_probe.py EXPERIMENT.yaml PRIOR.pt [--c 0.01 0.1 1 10]
 
-Builds ``EXPERIMENT``'s network exactly as a run does, loads ``PRIOR.pt`` (a ``medflower prior`` file),
-and extracts the trunk's features of every train / val / test image of the experiment's data set, prepared
-as the run prepares them. Then, on all training images in one place (no federation, no DP), it fits an
-L2-regularised logistic regression on those features for each inverse strength ``C`` (full-batch L-BFGS),
-keeps the ``C`` with the best validation AUC, and prints its validation and test AUC. It does this twice:
+Builds ``EXPERIMENT``'s network exactly as a run does, loads ``PRIOR.pt``'s trunk (a ``medflower prior`` file,
+whitened or not: a logistic regression does not care) and extracts the trunk's features of every train / val /
+test image of the experiment's data set, prepared as the run prepares them. Then, on all training images in
+one place (no federation, no DP), it fits an L2-regularised logistic regression on those features for each
+inverse strength ``C`` (full-batch L-BFGS), keeps the ``C`` with the best validation AUC, and prints its
+validation and test AUC. It does this twice:
 with the images as the data preparation gives them ("as prepared", e.g. [-1, 1] for MedMNIST) and remapped
 to [0, 1] ("as [0, 1]"), the range in which `medflower prior` rendered its synthetic images before it learned
 to render them in the data's own intensities (stage 20 in bench/RESULTS.md).
@@ -18,6 +19,7 @@ a minute instead of a sweep. Binary classification only. Not a test, not a bench
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from medflower.config import load_experiment
 from medflower.data.registry import load_dataset
 from medflower.metrics import roc_auc
 from medflower.modelspec import build_experiment_model
-from medflower.prior import last_linear
+from medflower.prior import last_linear, load_trunk
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -58,9 +60,10 @@ def main() -> None:
     ap.add_argument("--c", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     args = ap.parse_args()
     exp = load_experiment(args.experiment)
+    exp = replace(exp, model=replace(exp.model, whiten_features=False, freeze=(), init=None))
     data = load_dataset(exp)
     model = build_experiment_model(exp)
-    model.load_state_dict(torch.load(args.prior, map_location="cpu", weights_only=True))
+    load_trunk(model, torch.load(args.prior, map_location="cpu", weights_only=True))
     parent, attr = last_linear(model)
     setattr(parent, attr, torch.nn.Identity())
     model.eval()

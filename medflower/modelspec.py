@@ -157,7 +157,7 @@ def initial_model(exp: ExperimentConfig) -> nn.Module:
         parts = [f"missing {missing[:5]}" if missing else "", f"unexpected {extra[:5]}" if extra else ""]
         parts.append(f"shapes {shapes[:5]}" if shapes else "")
         hint = ""
-        if exp.model.whiten_features and any(k.endswith(("mean", "transform")) for k in missing):
+        if exp.model.whiten_features and any(k.endswith((".mean", ".transform")) for k in missing):
             hint = (
                 " (model.whiten_features needs a file written by `medflower prior` for this experiment; an earlier "
                 "prior gains the whitening with `medflower prior EXPERIMENT.yaml --init OLD.pt --steps 0 -o NEW.pt`)"

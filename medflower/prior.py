@@ -242,6 +242,8 @@ def pretrain_prior(
     ):
         if value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
+    if whiten_shrinkage < 0:  # checked before pretraining, not after it when the whitening is fitted
+        raise ValueError(f"whiten_shrinkage must be >= 0, got {whiten_shrinkage}")
     if steps == 0 and init is None:
         raise ValueError("steps must be >= 1 without init: 0 steps from random weights is no prior")
     if lr <= 0:

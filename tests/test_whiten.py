@@ -128,6 +128,14 @@ def test_zero_steps_from_an_earlier_prior_keep_its_trunk_and_add_the_whitening()
         load_trunk(build_experiment_model(_tiny()), broken)
 
 
+def test_a_negative_shrinkage_is_refused_before_any_pretraining(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medflower.prior as prior_module
+
+    monkeypatch.setattr(prior_module, "dead_leaves", lambda *a, **k: pytest.fail("pretraining started"))
+    with pytest.raises(ValueError, match="whiten_shrinkage must be >= 0, got -0.1"):
+        pretrain_prior(_tiny(), steps=5, whiten_shrinkage=-0.1)
+
+
 def test_an_unwhitened_prior_is_refused_with_the_way_to_whiten_it(tmp_path: Path) -> None:
     torch.save(build_experiment_model(_tiny(whiten=False)).state_dict(), tmp_path / "old.pt")
     with pytest.raises(ConfigError, match=r"model.init: .*missing \['head.linear.bias'.*--init OLD.pt --steps 0"):
