@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from opacus.accountants.utils import get_noise_multiplier
+from prior_probe import features, trunk_and_data  # bench/, beside this script
 
-from medflower.config import load_experiment
-from medflower.data.registry import load_dataset
 from medflower.metrics import roc_auc
-from medflower.modelspec import build_experiment_model, last_linear
-from medflower.prior import load_trunk, synthetic_features, whitening
+from medflower.prior import synthetic_features, whitening
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,20 +78,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     ap.add_argument("--synthetic", type=int, default=2048, help="synthetic images for the whitening (default 2048)")
     args = ap.parse_args()
-    exp = load_experiment(args.experiment)
-    exp = replace(exp, model=replace(exp.model, whiten_features=False, freeze=(), init=None))
-    data = load_dataset(exp)
-    model = build_experiment_model(exp)
-    load_trunk(model, torch.load(args.prior, map_location="cpu", weights_only=True))
-    parent, attr = last_linear(model)
-    setattr(parent, attr, torch.nn.Identity())
-    model.eval()
-    with torch.no_grad():
-        feats = {
-            k: torch.cat([model(t[i : i + 256]).flatten(1) for i in range(0, len(t), 256)])
-            for k in ("train", "val", "test")
-            for t in [torch.from_numpy(data.split(k).images)]
-        }
+    exp, data, model = trunk_and_data(args.experiment, args.prior)
+    feats = {k: features(model, torch.from_numpy(data.split(k).images)) for k in ("train", "val", "test")}
     ys = {k: torch.from_numpy(data.split(k).targets).long().view(-1) for k in feats}
     syn = synthetic_features(model, exp, samples=args.synthetic, generator=torch.Generator().manual_seed(123))
     mu, sd = feats["train"].mean(0), feats["train"].std(0)

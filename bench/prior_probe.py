@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from medflower.config import load_experiment
+from medflower.config import ExperimentConfig, load_experiment
+from medflower.data.base import DatasetSplits
 from medflower.data.registry import load_dataset
 from medflower.metrics import roc_auc
 from medflower.modelspec import build_experiment_model
@@ -34,6 +35,18 @@ from medflower.prior import last_linear, load_trunk
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i : i + 256]).flatten(1) for i in range(0, len(x), 256)])
+
+
+def trunk_and_data(experiment: Path, prior: Path) -> tuple[ExperimentConfig, DatasetSplits, torch.nn.Module]:
+    """The experiment (its model unwhitened, unfrozen), its data set, and its network with ``prior``'s trunk loaded
+    and the head set aside (the trunk's features come out), in eval mode. Also used by bench/dp_head_sim.py."""
+    exp = load_experiment(experiment)
+    exp = replace(exp, model=replace(exp.model, whiten_features=False, freeze=(), init=None))
+    model = build_experiment_model(exp)
+    load_trunk(model, torch.load(prior, map_location="cpu", weights_only=True))
+    parent, attr = last_linear(model)
+    setattr(parent, attr, torch.nn.Identity())
+    return exp, load_dataset(exp), model.eval()
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.nn.Linear:
@@ -59,14 +72,7 @@ def main() -> None:
     ap.add_argument("prior", type=Path)
     ap.add_argument("--c", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     args = ap.parse_args()
-    exp = load_experiment(args.experiment)
-    exp = replace(exp, model=replace(exp.model, whiten_features=False, freeze=(), init=None))
-    data = load_dataset(exp)
-    model = build_experiment_model(exp)
-    load_trunk(model, torch.load(args.prior, map_location="cpu", weights_only=True))
-    parent, attr = last_linear(model)
-    setattr(parent, attr, torch.nn.Identity())
-    model.eval()
+    exp, data, model = trunk_and_data(args.experiment, args.prior)
     xs = {k: torch.from_numpy(data.split(k).images) for k in ("train", "val", "test")}
     ys = {k: torch.from_numpy(data.split(k).targets).long() for k in ("train", "val", "test")}
     if int(max(int(y.max()) for y in ys.values())) > 1:
