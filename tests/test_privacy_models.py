@@ -126,3 +126,32 @@ def test_model_opacus_cannot_handle_is_a_clear_error() -> None:
     # MONAI's ResNet adds the residual in place, which Opacus' backward hooks cannot see through
     with pytest.raises(ConfigError, match="model.name: 'resnet18' cannot be trained with privacy.mode 'sample'"):
         build_experiment_model(_exp({"name": "resnet18"}))
+
+
+def test_cnn_readouts_by_hand_per_sample_exact_and_bad_pool_names_the_choices() -> None:
+    """``params.pool``: the head sees the last stage's spatial mean, maximum, or both (2x the features)."""
+    from medflower.smallcnn import GlobalPool
+
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 6.0]], [[-1.0, -4.0], [0.0, -3.0]]]])  # (1, 2 channels, 2, 2)
+    torch.testing.assert_close(GlobalPool("avg")(x), torch.tensor([[3.0, -2.0]]))
+    torch.testing.assert_close(GlobalPool("max")(x), torch.tensor([[6.0, 0.0]]))
+    torch.testing.assert_close(GlobalPool("avgmax")(x), torch.tensor([[3.0, -2.0, 6.0, 0.0]]))
+    torch.manual_seed(0)
+    for spatial_dims, size in ((2, (16, 16)), (3, (8, 8, 8))):
+        for pool, features in (("avg", 64), ("max", 64), ("avgmax", 128)):
+            cfg = ModelConfig(name="cnn", spatial_dims=spatial_dims, params={"activation": "tanh", "pool": pool})
+            model = build_model(cfg, in_channels=1, out_channels=2, img_size=size)
+            assert model.head.in_features == features, (spatial_dims, pool)
+    xs = torch.randn(4, 1, 16, 16)
+    _assert_per_sample_grads_match(model, torch.randn(4, 1, 8, 8, 8), torch.tensor([0, 1, 1, 0]), "classification")
+    # 'avg' is the network as it always was: the same state dict names, and a trunk loads across readouts
+    avg = build_model(ModelConfig(name="cnn"), in_channels=1, out_channels=2, img_size=(16, 16))
+    both = build_model(
+        ModelConfig(name="cnn", params={"pool": "avgmax"}), in_channels=1, out_channels=2, img_size=(16, 16)
+    )
+    trunk = {k: v for k, v in avg.state_dict().items() if k.startswith("features.")}
+    missing, unexpected = both.load_state_dict(trunk, strict=False)
+    assert sorted(missing) == ["head.bias", "head.weight"] and not unexpected
+    torch.testing.assert_close(both.features(xs)[:, :64], avg.features(xs).flatten(1))
+    with pytest.raises(ConfigError, match=r"pool must be one of avg, max, avgmax, got 'sum'"):
+        build_model(ModelConfig(name="cnn", params={"pool": "sum"}), in_channels=1, out_channels=2, img_size=(16, 16))
