@@ -8,8 +8,8 @@ test image of the experiment's data set, prepared as the run prepares them. Then
 one place (no federation, no DP), it standardises each feature by the training images' mean and sd, fits an
 L2-regularised logistic regression for each inverse strength ``C`` (full-batch L-BFGS), keeps the ``C`` with the
 best validation AUC, and prints its validation and test AUC. Standardised, because an L2 penalty on the raw pooled
-features is a penalty on their scale: before it did (stage 29), the probe under-reported VesselMNIST3D's ceiling
-(test 0.764 raw, 0.815 standardised, the same trunk). It does this twice:
+features is a penalty on their scale: until stage 29 the probe fitted raw features and under-reported
+VesselMNIST3D's ceiling (test 0.764 raw, 0.815 standardised, the same trunk). It does this twice:
 with the images as the data preparation gives them ("as prepared", e.g. [-1, 1] for MedMNIST) and remapped
 to [0, 1] ("as [0, 1]"), the range in which `medflower prior` rendered its synthetic images before it learned
 to render them in the data's own intensities (stage 20 in bench/RESULTS.md).

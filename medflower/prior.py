@@ -170,7 +170,7 @@ def trunk_prefixes(model: nn.Module) -> list[str]:
 # the shrinkage of the whitening's eigenvalues, as a fraction of their mean. In the pooled DP-SGD simulation of the
 # head (bench/dp_head_sim.py; bench/RESULTS.md, stage 24) 0, 0.1 and 1 tied on validation, averaged over BreastMNIST
 # and AdrenalMNIST3D (0.841, 0.841, 0.834). Of the two best, 0.1 blows up less the directions in which the synthetic
-# images barely vary
+# images barely vary.
 WHITEN_SHRINKAGE = 0.1
 
 
