@@ -117,6 +117,8 @@ class Lab:
         self.coord_ns = f"{self.tag}-c"
         self.admin_ns = f"{self.tag}-a"  # an administrator's workstation on the admin network
         self.coord_ip = f"{self.subnet}.1"
+        # locally administered (02:...), unicast, and the coordinator's address in its last four bytes
+        self.bridge_mac = "02:00:" + ":".join(f"{int(b):02x}" for b in self.coord_ip.split("."))
         self.admin_ip = f"{self.subnet}.5"
         self.address = f"{self.coord_ip}:{self.port}"  # what hospitals dial
         self.admin_address = f"127.0.0.1:{self.admin_port}"  # the administrator, on the coordinator host
@@ -165,6 +167,11 @@ class Lab:
         self._namespaces.append(c)
         self._ip("-n", c, "link", "set", "lo", "up")
         self._ip("-n", c, "link", "add", "br0", "type", "bridge")
+        # A bridge takes the lowest MAC of its ports unless given one: a machine added later
+        # (add_site_namespace) could then change the coordinator's MAC under the hospitals' ARP
+        # caches, and their packets to the old one are dropped until the cache expires (up to a
+        # minute of SYNs to the proxy going unanswered). So the bridge's address is fixed here.
+        self._ip("-n", c, "link", "set", "br0", "address", self.bridge_mac)
         self._ip("-n", c, "addr", "add", f"{self.coord_ip}/24", "dev", "br0")
         self._ip("-n", c, "link", "set", "br0", "up")
         self._attach(self.admin_ns, "vadm", self.admin_ip)

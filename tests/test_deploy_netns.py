@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +137,30 @@ def test_lab_cleans_up_namespaces_and_processes_even_on_failure(tmp_path: Path) 
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not names & {line.split()[0] for line in listed.splitlines() if line.strip()}
     assert proc.popen.poll() is not None
+
+
+def _bridge_mac(lab: Lab) -> str:
+    return lab.run(lab.coord_ns, ["cat", "/sys/class/net/br0/address"]).stdout.strip()
+
+
+def test_a_machine_added_later_does_not_move_the_coordinators_mac(tmp_path: Path) -> None:
+    """A Linux bridge takes its lowest port's MAC unless given one. The lab's used to: a namespace added
+    mid-module then changed the coordinator's MAC under the hospitals' ARP caches, and their connections
+    to the proxy went unanswered for up to a minute (the flaky node-check timeout)."""
+    with Lab(tmp_path, num_sites=1, tag=f"mf{os.getpid()}x1") as tiny:
+        site, port = tiny.sites[0], 9000
+        listener = f"import socket, time; s = socket.create_server(('{tiny.coord_ip}', {port})); time.sleep(300)"
+        tiny.spawn(tiny.coord_ns, [sys.executable, "-c", listener], name="listener")
+        tiny.wait_listening(site.ns, tiny.coord_ip, port)  # the site now caches the coordinator's MAC
+        before = _bridge_mac(tiny)
+        assert before == tiny.bridge_mac
+        port_name = f"vx{len(tiny._namespaces)}"  # the bridge-side end add_site_namespace creates
+        late = tiny.add_site_namespace("late")
+        # the lowest MAC there can be on the newcomer's port: the case that moved the bridge's before
+        tiny.run(tiny.coord_ns, ["ip", "link", "set", port_name, "address", "00:00:00:00:00:01"])
+        assert _bridge_mac(tiny) == before
+        for ns in (site.ns, late.ns):  # both connect at once, the first site still from its ARP cache
+            tiny.run(ns, ["timeout", "5", "bash", "-c", f"exec 3<>/dev/tcp/{tiny.coord_ip}/{port}"])
 
 
 def _summary(out: Path, lab: Lab, run_id: int) -> dict:
