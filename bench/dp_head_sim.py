@@ -13,7 +13,14 @@ input map of the features is run at each ``lr``, 3 noise seeds, and once without
 - ``syn-white``: whitened by :func:`medflower.prior.whitening` fitted on the trunk's features of synthetic images
   (what ``model.whiten_features`` does, shrinkage 0.1), and the shrinkage 0 and 1 variants;
 - ``real-std``: standardised per feature by the training images' own mean and sd, an oracle (a private run cannot
-  use these statistics without spending budget on them).
+  use these statistics without spending budget on them);
+- ``private-std``: the same standardisation from statistics released under DP, what the oracle costs when paid
+  for. ``--sites`` sites each release two Gaussian sums of their share of the training features: the features
+  clipped to the synthetic features' 99th-percentile norm (their sum gives the mean), then the squares of the
+  features minus that noisy mean, clipped to the synthetic features' median centred norm (their sum gives the
+  variance, floored at 0.1 of its mean). Each release has noise multiplier ``--stats-sigma`` on its L2
+  sensitivity, the two are composed with the DP-SGD steps in one RDP ledger, and DP-SGD's multiplier is raised
+  until the whole stays at epsilon 8. Simulated in one place (the sites' noise summed), not federated.
 
 It prints validation and test AUC, mean over the noise seeds, and the noise-free run's. Why: the federated
 sweeps take minutes per run; this shows in seconds whether the head is limited by the noise or by the
@@ -24,10 +31,14 @@ benchmark of speed; the numbers of bench/RESULTS.md stage 24.
 from __future__ import annotations
 
 import argparse
+import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from prior_probe import features, trunk_and_data  # bench/, beside this script
 
@@ -69,6 +80,43 @@ def dp_sgd_head(
     return out[0], out[1]
 
 
+def rdp_epsilon(entries: list[tuple[float, float, int]], delta: float = 1e-5) -> float:
+    """Epsilon of (noise multiplier, sampling rate, steps) entries composed in RDP, Opacus' orders."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in entries)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
+def sgd_sigma(before: list[tuple[float, float, int]], q: float, steps: int, epsilon: float = 8.0) -> float:
+    """DP-SGD's noise multiplier that brings ``before`` plus ``steps`` steps at rate ``q`` to ``epsilon``."""
+    lo, hi = 0.1, 100.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rdp_epsilon([*before, (mid, q, steps)]) > epsilon else (lo, mid)
+    return hi
+
+
+def clip_rows(x: torch.Tensor, bound: float) -> torch.Tensor:
+    return x * (bound / x.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+
+
+def private_standardisation(
+    train: torch.Tensor, syn: torch.Tensor, *, sigma: float, sites: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, sd) of ``train``'s features from two Gaussian sums, clipped at bounds read off the synthetic
+    features ``syn`` only (no data spent on choosing them); the sites' independent noises add up to
+    ``sqrt(sites)`` times one site's. The second sum's sensitivity is the squared bound: ||z**2|| <= ||z||**2."""
+    n, d = train.shape
+    c1 = float(syn.norm(dim=1).quantile(0.99))
+    c2 = float((syn - syn.mean(0)).norm(dim=1).median())
+    noise = lambda scale: torch.randn(d, generator=gen) * sigma * scale * math.sqrt(sites)  # noqa: E731
+    mean = (clip_rows(train, c1).sum(0) + noise(c1)) / n
+    var = ((clip_rows(train - mean, c2) ** 2).sum(0) + noise(c2**2)).clamp_min(0.0) / n
+    return mean, (var + 0.1 * var.mean()).clamp_min(1e-12).sqrt()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiment", type=Path)
@@ -77,6 +125,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=96, help="expected batch (default 96)")
     ap.add_argument("--lr", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0])
     ap.add_argument("--synthetic", type=int, default=2048, help="synthetic images for the whitening (default 2048)")
+    ap.add_argument("--stats-sigma", type=float, nargs="*", default=[4.0], help="private-std noise multipliers")
+    ap.add_argument("--sites", type=int, default=3, help="sites adding noise to private-std's sums (default 3)")
     args = ap.parse_args()
     exp, data, model = trunk_and_data(args.experiment, args.prior)
     feats = {k: features(model, torch.from_numpy(data.split(k).images)) for k in ("train", "val", "test")}
@@ -88,35 +138,46 @@ def main() -> None:
         m, t = whitening(syn, shrinkage=shrinkage)
         return lambda f: (f - m) @ t
 
-    maps: dict[str, Map] = {
-        "raw": lambda f: f,
-        "syn-white (0.1)": white(0.1),
-        "syn-white (0)": white(0.0),
-        "syn-white (1)": white(1.0),
-        "real-std (oracle)": lambda f: (f - mu) / sd,
-    }
     n = len(feats["train"])
     steps = int(args.epochs * n / args.batch_size)
-    sigma = get_noise_multiplier(
-        target_epsilon=8.0, target_delta=1e-5, sample_rate=args.batch_size / n, steps=steps, accountant="rdp"
-    )
+    q = args.batch_size / n
+    # Opacus' search for the maps that spend nothing on statistics (as in stages 24-29)
+    sigma = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=q, steps=steps, accountant="rdp")
+    # each input map with the DP-SGD noise multiplier left to it by whatever its statistics spent
+    maps: dict[str, tuple[Map, float]] = {
+        "raw": (lambda f: f, sigma),
+        "syn-white (0.1)": (white(0.1), sigma),
+        "syn-white (0)": (white(0.0), sigma),
+        "syn-white (1)": (white(1.0), sigma),
+        "real-std (oracle)": (lambda f: (f - mu) / sd, sigma),
+    }
+    for s in args.stats_sigma:
+        m, v = private_standardisation(
+            feats["train"], syn, sigma=s, sites=args.sites, gen=torch.Generator().manual_seed(7)
+        )
+        stats = [(s, 1.0, 2)]  # two full-data Gaussian releases
+        maps[f"private-std (stats sigma {s:g}, eps {rdp_epsilon(stats):.2f} alone)"] = (
+            lambda f, m=m, v=v: (f - m) / v,
+            sgd_sigma(stats, q, steps),
+        )
     norm = feats["train"].norm(dim=1).mean().item()
     centred = (feats["train"] - mu).norm(dim=1).mean().item()
     print(f"{args.prior} on {exp.data.path}: {n} training images, {feats['train'].shape[1]} features")
     print(f"mean feature norm {norm:.2f}, of the mean vector {mu.norm():.2f}, centred {centred:.2f}")
     print(f"DP-SGD: expected batch {args.batch_size}, {steps} steps, noise multiplier {sigma:.2f} (epsilon 8)")
-    print("| input map | lr | val AUC (DP) | test AUC (DP) | val AUC (no noise) | test AUC (no noise) |")
-    print("|---|---|---|---|---|---|")
-    for name, fmap in maps.items():
+    print("| input map | DP-SGD sigma | lr | val AUC (DP) | test AUC (DP) | val AUC (no noise) | test AUC (no noise) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (fmap, map_sigma) in maps.items():
         x = {k: fmap(v) for k, v in feats.items()}
         for lr in args.lr:
             runs = [
-                dp_sgd_head(x, ys, lr=lr, batch_size=args.batch_size, steps=steps, sigma=sigma, seed=s)
+                dp_sgd_head(x, ys, lr=lr, batch_size=args.batch_size, steps=steps, sigma=map_sigma, seed=s)
                 for s in range(3)
             ]
             clean = dp_sgd_head(x, ys, lr=lr, batch_size=args.batch_size, steps=steps, sigma=0.0, seed=0)
             val, test = (sum(r[i] for r in runs) / len(runs) for i in (0, 1))
-            print(f"| {name} | {lr:g} | {val:.3f} | {test:.3f} | {clean[0]:.3f} | {clean[1]:.3f} |", flush=True)
+            row = f"| {name} | {map_sigma:.3f} | {lr:g} | {val:.3f} | {test:.3f} | {clean[0]:.3f} | {clean[1]:.3f} |"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
