@@ -37,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from prior_probe import features, trunk_and_data  # bench/, beside this script
@@ -81,12 +80,13 @@ def dp_sgd_head(
 
 
 def rdp_epsilon(entries: list[tuple[float, float, int]], delta: float = 1e-5) -> float:
-    """Epsilon of (noise multiplier, sampling rate, steps) entries composed in RDP, Opacus' orders."""
-    orders = RDPAccountant.DEFAULT_ALPHAS
-    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in entries)
+    """Epsilon of (noise multiplier, sampling rate, steps) entries composed by Opacus' RDP accountant (the
+    history a site's ledger keeps, medflower.client.privacy)."""
+    acc = RDPAccountant()
+    acc.history = list(entries)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+        return float(acc.get_epsilon(delta=delta))
 
 
 def sgd_sigma(before: list[tuple[float, float, int]], q: float, steps: int, epsilon: float = 8.0) -> float:
@@ -107,7 +107,9 @@ def private_standardisation(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, sd) of ``train``'s features from two Gaussian sums, clipped at bounds read off the synthetic
     features ``syn`` only (no data spent on choosing them); the sites' independent noises add up to
-    ``sqrt(sites)`` times one site's. The second sum's sensitivity is the squared bound: ||z**2|| <= ||z||**2."""
+    ``sqrt(sites)`` times one site's. The second sum's sensitivity is the squared bound: ||z**2|| <= ||z||**2.
+    The count is not noised: it is public here as in medflower's DP-SGD plan, which sets the sampling rate from
+    each site's number of training images."""
     n, d = train.shape
     c1 = float(syn.norm(dim=1).quantile(0.99))
     c2 = float((syn - syn.mean(0)).norm(dim=1).median())
