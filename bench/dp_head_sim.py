@@ -21,6 +21,9 @@ input map of the features is run at each ``lr``, 3 noise seeds, and once without
   variance, floored at 0.1 of its mean). Each release has noise multiplier ``--stats-sigma`` on its L2
   sensitivity, the two are composed with the DP-SGD steps in one RDP ledger, and DP-SGD's multiplier is raised
   until the whole stays at epsilon 8. Simulated in one place (the sites' noise summed), not federated.
+- ``white+private-std``: ``syn-white (0.1)``, then the same private standardisation of the whitened features, with
+  medflower's own functions and bounds (:mod:`medflower.featurestats`: the bounds read off the whitened synthetic
+  features): what ``privacy.feature_stats_noise`` does in a federation (stage 31).
 
 It prints validation and test AUC, mean over the noise seeds, and the noise-free run's. Why: the federated
 sweeps take minutes per run; this shows in seconds whether the head is limited by the noise or by the
@@ -41,6 +44,7 @@ from opacus.accountants.rdp import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 from prior_probe import features, trunk_and_data  # bench/, beside this script
 
+from medflower.featurestats import clipping_bounds, noised_sum, spread_from
 from medflower.metrics import roc_auc
 from medflower.prior import synthetic_features, whitening
 
@@ -119,6 +123,27 @@ def private_standardisation(
     return mean, (var + 0.1 * var.mean()).clamp_min(1e-12).sqrt()
 
 
+def white_private_standardisation(
+    white: Map, train: torch.Tensor, syn: torch.Tensor, *, sigma: float, sites: int, gen: torch.Generator
+) -> Map:
+    """``white`` followed by a standardisation from the two releases of :mod:`medflower.featurestats`, as
+    ``privacy.feature_stats_noise`` makes them: bounds from the whitened synthetic features, one release per site
+    (their noises add up), the federation's mean, then the squared deviations from it."""
+    wt, ws = white(train), white(syn)
+    b_mean, b_var = clipping_bounds(ws)
+    parts = torch.arange(len(wt)) % sites  # the sites' shares (which image goes where does not matter to a sum)
+
+    def release(stage: str, bound: float, centre: torch.Tensor | None = None) -> torch.Tensor:
+        return sum(  # type: ignore[return-value]
+            noised_sum(wt[parts == k], stage=stage, bound=bound, noise_multiplier=sigma, generator=gen, centre=centre)
+            for k in range(sites)
+        )
+
+    centre = release("mean", b_mean) / len(wt)
+    scale = spread_from(release("var", b_var, centre) / len(wt))
+    return lambda f: ((white(f).double() - centre) / scale).float()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("experiment", type=Path)
@@ -162,6 +187,11 @@ def main() -> None:
             lambda f, m=m, v=v: (f - m) / v,
             sgd_sigma(stats, q, steps),
         )
+    for s in args.stats_sigma:
+        fmap = white_private_standardisation(
+            white(0.1), feats["train"], syn, sigma=s, sites=args.sites, gen=torch.Generator().manual_seed(7)
+        )
+        maps[f"white+private-std (stats sigma {s:g})"] = (fmap, sgd_sigma([(s, 1.0, 2)], q, steps))
     norm = feats["train"].norm(dim=1).mean().item()
     centred = (feats["train"] - mu).norm(dim=1).mean().item()
     print(f"{args.prior} on {exp.data.path}: {n} training images, {feats['train'].shape[1]} features")

@@ -38,6 +38,7 @@ from torch import nn
 import medflower._preload  # noqa: F401  (before any MONAI import: see its docstring)
 from medflower import keys, records
 from medflower.client.augment import make_augment
+from medflower.client.featurestats import release_feature_stats
 from medflower.client.hospital import hospital_guard, hospital_ledger_place, load_hospital_site
 from medflower.client.privacy import RoundPrivacy, client_dp_mod
 from medflower.client.replies import experiment_of, site_reply
@@ -170,6 +171,19 @@ def build_client_app(
         metrics |= {(keys.EVAL_LOSS if k == "loss" else f"{split_name}-{k}"): v for k, v in res.items()}
         metrics |= local.personal_metrics(split, split_name)  # Ditto: personal-<split>-<metric>
         return site_reply(msg, site.name, metrics, None, site.info.get("preparation"))
+
+    @app.query()
+    def feature_stats(msg: Message, context: Context) -> Message:
+        """The head's input statistics under DP, before round 1 (privacy.feature_stats_noise)."""
+        exp = experiment_of(msg)
+        torch.set_num_threads(exp.train.num_threads)
+        site = load_site(context, exp)
+        amp = resolve_amp(exp.train.device, exp.train.precision, where=f"site {site.name!r}")
+        model = build_experiment_model(exp)
+        model.load_state_dict(records.arrays(msg, keys.ARRAYS).to_torch_state_dict())
+        model.to(amp.device)
+        place = locate_ledger(context, exp, site.name) if exp.privacy.mode == "sample" else None
+        return release_feature_stats(msg, context, exp=exp, site=site, model=model, place=place, device=amp.device)
 
     return app
 

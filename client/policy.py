@@ -35,7 +35,7 @@ from medflower.strategies.registry import METHODS, method_names
 PERSONAL_MODEL_METHODS: tuple[str, ...] = tuple(m.name for m in METHODS.values() if m.personal_model)
 
 EVAL_SPLITS = ("val", "test")  # what a coordinator may ask a site to evaluate on (never its training split)
-MESSAGE_KINDS = ("train", "evaluate")
+MESSAGE_KINDS = ("train", "evaluate", "query")  # query: the DP feature statistics (client/featurestats.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +93,7 @@ class Refusal:
 class Request:
     """What a message asks of the site, read from the message itself (nothing from the site's data)."""
 
-    kind: str  # "train" | "evaluate" (Flower's message type, without an action)
+    kind: str  # "train" | "evaluate" | "query" (Flower's message type, without an action)
     server_round: int
     eval_split: str = "val"
     run_id: int = 0
@@ -154,7 +154,11 @@ def refusal_for(policy: SitePolicy, exp: ExperimentConfig, request: Request, nod
     of :class:`SitePolicy`, the state folder that DP needs, rounds, and the test split last.
     """
     if request.kind not in MESSAGE_KINDS:
-        return Refusal("message", f"this site answers train and evaluate messages, not {request.kind!r}")
+        return Refusal("message", f"this site answers train, evaluate and query messages, not {request.kind!r}")
+    if request.kind == "query" and exp.privacy.feature_stats_noise is None:
+        return Refusal(
+            "message", "this site answers a query only for the DP feature statistics (privacy.feature_stats_noise)"
+        )
     if request.kind == "evaluate" and request.eval_split not in EVAL_SPLITS:
         return Refusal("message", f"evaluation split {request.eval_split!r} is not one of {', '.join(EVAL_SPLITS)}")
     requests = simulation_only_requests(exp)

@@ -30,6 +30,7 @@ What goes wrong elsewhere, and what this module does instead:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import secrets
@@ -53,6 +54,7 @@ from medflower import keys
 from medflower.client.state import LedgerPlace
 from medflower.client.train import LocalHooks, TrainStats
 from medflower.config import ExperimentConfig
+from medflower.config.privacy import MAX_NOISE_MULTIPLIER
 from medflower.fileio import atomic_write_text
 from medflower.schema import ConfigError
 from medflower.strategies.registry import model_device
@@ -93,9 +95,18 @@ def _add_steps(history: list[tuple[float, float, int]], sigma: float, q: float, 
 
 @lru_cache(maxsize=128)
 def plan_noise_multiplier(
-    *, target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int, accountant: str
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str,
+    before: tuple[tuple[float, float, int], ...] = (),
 ) -> float:
-    """The noise multiplier that spends exactly the budget over ``total_steps`` (the whole run)."""
+    """The noise multiplier that spends exactly the budget over ``total_steps`` (the whole run), after the
+    releases in ``before`` (accountant history entries: the feature statistics, medflower/featurestats.py)."""
+    if before:
+        return _plan_after(target_epsilon, target_delta, sample_rate, total_steps, accountant, before)
     from opacus.accountants.utils import get_noise_multiplier  # here: see the note at the top
 
     with warnings.catch_warnings():
@@ -116,6 +127,44 @@ def plan_noise_multiplier(
                 f"{total_steps} DP-SGD steps at sampling rate {sample_rate:.4g} by any noise multiplier "
                 f"({err}); raise the epsilon, or lower train.rounds / train.local_epochs"
             ) from err
+
+
+def _plan_after(
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str,
+    before: tuple[tuple[float, float, int], ...],
+) -> float:
+    """Bisection for the smallest noise multiplier whose ``total_steps`` after ``before`` stay within the budget
+    (Opacus' ``get_noise_multiplier`` knows no earlier history). The result never exceeds the target."""
+
+    def eps(sigma: float) -> float:
+        history = list(before)
+        _add_steps(history, sigma, sample_rate, total_steps)
+        return _epsilon_of(accountant, history, target_delta)
+
+    if eps(MAX_NOISE_MULTIPLIER) > target_epsilon:
+        spent = _epsilon_of(accountant, list(before), target_delta)
+        raise ConfigError(
+            f"privacy.feature_stats_noise: the feature statistics alone spend epsilon {spent:.3f} at delta "
+            f"{target_delta}, leaving DP-SGD nothing of {target_epsilon}; raise privacy.feature_stats_noise"
+        )
+    lo, hi = 0.0, 1.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    return hi
+
+
+def feature_stats_history(exp: ExperimentConfig) -> tuple[tuple[float, float, int], ...]:
+    """The ledger entries the run's feature statistics charge before round 1 (none when off): two Gaussian
+    releases of the whole training set (sampling rate 1), at ``privacy.feature_stats_noise``."""
+    sigma = exp.privacy.feature_stats_noise
+    return () if sigma is None else ((float(sigma), 1.0, 2),)
 
 
 class PrivacyLedger:
@@ -384,9 +433,22 @@ def site_plan(
     q = 1.0 / steps_per_epoch  # Opacus' convention: expected batch = num_train / steps_per_epoch
     steps_round = exp.train.local_epochs * steps_per_epoch
     planned = exp.train.rounds * steps_round
-    sigma = p.noise_multiplier or plan_noise_multiplier(
-        target_epsilon=eps, target_delta=delta, sample_rate=q, total_steps=planned, accountant=p.accountant
+    plan = functools.partial(
+        plan_noise_multiplier,
+        target_epsilon=eps,
+        target_delta=delta,
+        sample_rate=q,
+        total_steps=planned,
+        accountant=p.accountant,
     )
+    try:
+        sigma = p.noise_multiplier or plan(before=feature_stats_history(exp))
+    except ConfigError:
+        if not feature_stats_history(exp):
+            raise
+        # the statistics alone exceed this site's (stricter) budget: it refused to release them
+        # (client/featurestats.py), so its DP-SGD gets the whole budget
+        sigma = plan(before=())
     return SitePlan(eps, delta, sigma, q, steps_per_epoch, steps_round, planned)
 
 

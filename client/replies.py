@@ -36,7 +36,7 @@ def experiment_of(msg: Message) -> ExperimentConfig:
 def site_reply(
     msg: Message,
     site_name: str,
-    metrics: Mapping[str, float | int | list[int]],
+    metrics: Mapping[str, float | int | list[int] | list[float]],
     arrays: ArrayRecord | None,
     preparation: str | None = None,
 ) -> Message:

@@ -61,3 +61,11 @@ SECAGG_WEIGHTING = "secagg-weighting"  # stage config (masked stage): "examples"
 # COMPUTE_SECONDS (its ClientApp's handling of the message) to each reply's metrics (client/app.py)
 SITE_TIMING_ENV = "MEDFLOWER_SITE_TIMING"
 COMPUTE_SECONDS = "compute-seconds"
+
+# the head's input statistics released under DP before round 1 (privacy.feature_stats_noise; medflower/featurestats.py).
+# A "query" message; ConfigRecord keys (server -> client):
+FEATURE_STATS_STAGE = "feature-stats-stage"  # "mean" (clipped features) or "var" (clipped squared deviations)
+FEATURE_STATS_BOUND = "feature-stats-bound"  # the L2 bound each image's row is clipped to
+FEATURE_STATS_CENTRE = "feature-stats-centre"  # list[float], stage "var": the federation's (noisy) mean
+# MetricRecord key (client -> server): list[float], the site's noised sum (with NUM_EXAMPLES, its public count)
+FEATURE_SUM = "feature-sum"

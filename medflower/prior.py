@@ -29,7 +29,7 @@ whose common mean dominates their norm (bench/RESULTS.md, stage 24).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
@@ -192,20 +192,30 @@ def whitening(features: torch.Tensor, *, shrinkage: float = WHITEN_SHRINKAGE) ->
     return mean.float(), ((evecs * scale) @ evecs.T).float()
 
 
+def synthetic_batches(
+    exp: ExperimentConfig, *, samples: int, generator: torch.Generator, batch_size: int = 256
+) -> Iterator[torch.Tensor]:
+    """``samples`` synthetic dead-leaves images in batches, augmented and in the data's intensities exactly as
+    pretraining shows them (on the CPU): what :func:`synthetic_features` and the feature statistics' clipping
+    bounds (:mod:`medflower.featurestats`) are read off, without reading any data."""
+    spec = model_spec(exp)
+    for start in range(0, samples, batch_size):
+        n = min(batch_size, samples - start)
+        x = dead_leaves(n, size=spec.img_size, channels=spec.in_channels, generator=generator)
+        yield to_data_intensity(augment(x, generator), exp.data)
+
+
 def synthetic_features(
     model: nn.Module, exp: ExperimentConfig, *, samples: int, generator: torch.Generator, batch_size: int = 256
 ) -> torch.Tensor:
     """The features ``model`` (its head set aside) gives ``samples`` synthetic dead-leaves images, augmented and
     in the data's intensities exactly as pretraining shows them: the statistics :func:`whitening` is fitted on."""
-    spec = model_spec(exp)
     device = next(model.parameters()).device
     out = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, samples, batch_size):
-            n = min(batch_size, samples - start)
-            x = dead_leaves(n, size=spec.img_size, channels=spec.in_channels, generator=generator)
-            out.append(model(to_data_intensity(augment(x, generator), exp.data).to(device)).flatten(1).cpu())
+        for x in synthetic_batches(exp, samples=samples, generator=generator, batch_size=batch_size):
+            out.append(model(x.to(device)).flatten(1).cpu())
     return torch.cat(out)
 
 

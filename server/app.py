@@ -29,6 +29,7 @@ from medflower.runenv import default_output_dir
 from medflower.seeding import seed_everything
 from medflower.server.build import build_round
 from medflower.server.checkpoint import RUN_CHECKPOINT_DIR, resume_or_start
+from medflower.server.featurestats import standardise_head
 from medflower.server.globaltest import GlobalTest, PreparationMismatch
 from medflower.server.identity import read_directory
 from medflower.server.loop import History, RoundAborted, run_rounds
@@ -111,6 +112,11 @@ def federate(
             log(INFO, "registered: %s (node %d, key sha256 %s)", site.name, site.node_id, site.key_sha256[:16])
     wait_for_sites(grid, expected=num_sites, policy=exp.participation, names=names)
     relax_availability(parts.base, exp.participation)  # later rounds go ahead without a dropped site
+    if exp.privacy.feature_stats_noise is not None and start == 1:  # a resumed run's model already carries them
+        registered = parts.refresh_identity() if site_directory is not None else None
+        arrays, hist.feature_stats = standardise_head(
+            grid, exp, arrays, timeout=exp.participation.round_timeout, registered=registered
+        )
     try:
         hist = run_rounds(
             grid,

@@ -76,6 +76,7 @@ class History:
     site_names: dict[int, str] = field(default_factory=dict)  # node id -> site name (names silent sites)
     test_refusals: list[dict[str, Any]] = field(default_factory=list)  # sites that refused the final test
     global_test_note: str = ""  # why there is no server-side test (no data; the run refused), if so
+    feature_stats: dict[str, Any] = field(default_factory=dict)  # privacy.feature_stats_noise (server/featurestats.py)
 
 
 def metrics_dict(rec: MetricRecord | None) -> dict[str, float]:

@@ -114,6 +114,7 @@ def summary_dict(exp: ExperimentConfig, hist: History, *, wall_seconds: float) -
             # rows: true class, columns: predicted (also final_global_test["confusion-matrix"])
             "final_global_test_confusion": final.get("confusion-matrix"),
             "global_test_note": hist.global_test_note,
+            **({"feature_stats": hist.feature_stats} if hist.feature_stats else {}),
             "sites_test": hist.sites_test,
             "sites_test_refusals": hist.test_refusals,
             "wall_seconds": wall_seconds,

@@ -180,6 +180,15 @@ CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], dict[str,
     ("attack", {}, {"attack": {"kind": "sign_flip", "sites": ["site-0"]}}, {}, {}, "simulation-only"),
     ("train split", {}, {}, {"kind": "evaluate", "eval_split": "train"}, {}, "message"),
     ("query", {}, {}, {"kind": "query"}, {}, "message"),
+    ("other kind", {}, {}, {"kind": "push"}, {}, "message"),
+    (
+        "query, feature statistics",
+        {},
+        {"privacy": {**DP, "feature_stats_noise": 4.0}, "model": {"name": "cnn", "whiten_features": True}},
+        {"kind": "query", "server_round": 0},
+        {},
+        None,
+    ),
 ]
 
 

@@ -90,6 +90,20 @@ class ExperimentConfig:
                 "array of the global model, the head's fixed whitening included; use privacy.mode 'sample' "
                 "(DP-SGD noises the trained parameters only) or model.whiten_features: false"
             )
+        if self.privacy.feature_stats_noise is not None and (
+            self.privacy.mode != "sample" or not self.model.whiten_features
+        ):
+            raise ConfigError(
+                "privacy.feature_stats_noise standardises the head's input (model.whiten_features) with statistics "
+                "the sites release under DP-SGD's ledger: it needs privacy.mode 'sample' and model.whiten_features: "
+                f"true (got privacy.mode {self.privacy.mode!r}, model.whiten_features {self.model.whiten_features})"
+            )
+        if self.privacy.feature_stats_noise is not None and self.secure_aggregation.enabled:
+            raise ConfigError(
+                "privacy.feature_stats_noise cannot be combined with secure_aggregation.mode 'secagg+': each site's "
+                "noised feature sums reach the coordinator unmasked, and secure aggregation promises it sees sums "
+                "over sites only; remove privacy.feature_stats_noise (the synthetic whitening alone) or the masking"
+            )
         self.check_secure_aggregation()
 
     def check_secure_aggregation(self) -> None:

@@ -61,6 +61,11 @@ class PrivacyConfig:
     optimizer: Literal["sgd", "train"] = "sgd"
     lr: float = rng_field(DP_DEFAULT_LR, min=0.0, exclusive_min=True, max=10.0)  # privacy.optimizer 'sgd' only
     momentum: float = rng_field(0.9, min=0.0, max=1.0)  # privacy.optimizer 'sgd' only
+    # with model.whiten_features: the head's input is standardised by feature statistics each site releases
+    # under DP before round 1 (two Gaussian sums; medflower/featurestats.py), at this noise multiplier. Their cost
+    # is charged to the site's ledger and DP-SGD's noise is planned around it, so the run stays within budget.
+    # None: off (the synthetic whitening alone)
+    feature_stats_noise: float | None = rng_field(None, min=0.0, exclusive_min=True)
     sites: dict[str, SitePrivacy] = field(default_factory=dict)
     # --- mode 'client' (Flower's DP wrappers)
     clipping: Literal["fixed", "adaptive"] = "fixed"
