@@ -45,7 +45,8 @@ DP_DELTA = "dp-delta"  # MetricRecord: the delta that epsilon is stated at
 DP_TARGET_EPSILON = "dp-target-epsilon"  # MetricRecord: the site's (strictest) budget
 DP_EPSILON_NEXT = "dp-epsilon-next"  # MetricRecord: epsilon after one more round of the same size
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"  # MetricRecord
-DP_STEPS = "dp-steps"  # MetricRecord: DP-SGD steps in the site's ledger (whole run)
+DP_STEPS = "dp-steps"  # MetricRecord: entries in the site's ledger (whole run): DP-SGD steps
+# (plus the 2 releases of privacy.feature_stats_noise, client/featurestats.py)
 DP_EXHAUSTED = "dp-budget-exhausted"  # MetricRecord 0/1: 1 = the site refused to train (budget)
 DP_CLIPPING_NORM = "dp-clipping-norm"  # MetricRecord (server, mode client): the clipping norm used
 NODE_DP_TARGET_EPSILON = "dp-target-epsilon"  # node_config: the hospital's own (stricter) epsilon
