@@ -31,6 +31,7 @@ from flwr.serverapp import Grid
 
 from medflower import keys, progress
 from medflower.config import ExperimentConfig
+from medflower.device import resolve_device
 from medflower.featurestats import (
     SYNTHETIC_SAMPLES,
     clipping_bounds,
@@ -137,11 +138,16 @@ def standardise_head(
     sigma = exp.privacy.feature_stats_noise
     if sigma is None:
         raise ValueError("standardise_head needs privacy.feature_stats_noise")
+    # the coordinator's device, as for its global evaluation (a CUDA device it lacks: its CPU, with a warning)
+    device = resolve_device(exp.train.device, where="coordinator (feature statistics' bounds)", fallback=True)
     model = build_experiment_model(exp)
     model.load_state_dict(arrays.to_torch_state_dict())
+    model.to(device)
     head = whitened_head(model)
-    gen = torch.Generator().manual_seed(derive_seed(exp.seed, "feature-stats-bounds"))
-    synthetic = whitened_inputs(model, synthetic_batches(exp, samples=SYNTHETIC_SAMPLES, generator=gen))
+    gen = torch.Generator().manual_seed(
+        derive_seed(exp.seed, "feature-stats-bounds")
+    )  # CPU: the images are drawn there
+    synthetic = whitened_inputs(model, synthetic_batches(exp, samples=SYNTHETIC_SAMPLES, generator=gen), device=device)
     bound_mean, bound_var = clipping_bounds(synthetic)
     width = synthetic.shape[1]
     names = dict(registered or {})
@@ -182,7 +188,7 @@ def standardise_head(
         log(WARNING, "feature statistics: %s", report["note"])
         return arrays, report
     scale = spread_from(total / count)
-    mean, transform = fold_standardisation(head.mean, head.transform, centre, scale)
+    mean, transform = fold_standardisation(head.mean.cpu(), head.transform.cpu(), centre, scale)
     prefix = next(name for name, m in model.named_modules() if isinstance(m, WhitenedHead))
     state = arrays.to_torch_state_dict()
     state[f"{prefix}.mean"], state[f"{prefix}.transform"] = mean, transform
